@@ -1,0 +1,208 @@
+"""Typed, validated configuration of one engine (one DP rank).
+
+``EngineConfig`` composes a ``ModelConfig`` (read from the checkpoint's
+config.json), a ``CacheConfig`` and a ``SchedulerConfig``; each checks its own
+fields and raises ``ValueError`` naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype, checkpoint_dtype: str | None) -> torch.dtype:
+    """Map a user dtype name to torch; "auto" takes the checkpoint's (fp32 if unknown)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return _DTYPES.get(checkpoint_dtype or "float32", torch.float32)
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:
+        # transformers>=5 writes "rope_parameters"; older checkpoints use
+        # "rope_theta" + "rope_scaling". Accept both.
+        params = dict(hf.get("rope_parameters") or {})
+        scaling = dict(hf.get("rope_scaling") or {})
+        params.update(scaling)
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported yet")
+        return cls(
+            theta=float(theta),
+            rope_type=rope_type,
+            factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the engine needs from a Hugging Face config.json."""
+
+    path: str
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope: RopeConfig
+    dtype: torch.dtype
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto") -> ModelConfig:
+        folder = Path(path)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"model: no config.json in {folder} (expected a local HF folder)")
+        hf = json.loads(config_file.read_text())
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ValueError(f"model: {config_file} names no architectures")
+        heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        model_type = hf.get("model_type", "")
+        return cls(
+            path=str(folder),
+            architecture=archs[0],
+            model_type=model_type,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama-family configs say so explicitly.
+            attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            rope=RopeConfig.from_hf(hf),
+            dtype=parse_dtype(dtype, hf.get("torch_dtype") or hf.get("dtype")),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_eos_ids(folder, hf),
+        )
+
+
+def _eos_ids(folder: Path, hf: dict[str, Any]) -> tuple[int, ...]:
+    """eos ids from generation_config.json (preferred, may be a list) or config.json."""
+    eos: Any = hf.get("eos_token_id")
+    gen_file = folder / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id", eos)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_space_gib: float = 1.0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(
+                f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.cpu_kv_cache_space_gib <= 0:
+            raise ValueError(
+                f"cpu_kv_cache_space_gib must be > 0, got {self.cpu_kv_cache_space_gib}"
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"
+    seed: int = 0
+    load_format: str = "auto"  # auto | dummy
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(
+                f"load_format must be auto, safetensors or dummy; got {self.load_format!r}"
+            )
+        if self.scheduler.max_model_len > self.model.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({self.scheduler.max_model_len}) is larger than the model's "
+                f"max_position_embeddings ({self.model.max_position_embeddings})"
+            )
+
+
+def resolve_device(name: str | None) -> str:
+    """"auto"/None -> cuda when available, else cpu; validates explicit names."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        return name
+    if name != "cpu":
+        raise ValueError(f"device must be auto, cpu or cuda[:N]; got {name!r}")
+    return name

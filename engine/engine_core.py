@@ -1,0 +1,129 @@
+"""One DP rank's engine: requests in, per-step token diffs out.
+
+``EngineCore.step`` schedules a batch, runs the model, appends the sampled
+tokens and applies token-level stops (eos, stop token ids, max_tokens,
+max_model_len). Text-level stops (stop strings) are the output processor's:
+it aborts a request here when one matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.outputs import EngineCoreOutput, TokenLogprobs
+from engine.sampler import make_generator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.sequences: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError if the prompt cannot be served; nothing is allocated."""
+        num_tokens = len(prompt_token_ids)
+        if num_tokens == 0:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        if num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_tokens} tokens but max_model_len is {self.max_model_len}: "
+                f"at most {self.max_model_len - 1} prompt tokens leave room for one new token"
+            )
+        vocab_size = self.config.model.vocab_size
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+        if bad:
+            raise ValueError(
+                f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}"
+            )
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids)
+        if not params.eos_token_ids and self.config.model.eos_token_ids:
+            params = dataclasses.replace(params, eos_token_ids=self.config.model.eos_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = make_generator(params.seed, self.runner.device)
+        seq = Sequence(request_id, prompt_token_ids, params, next(self._arrivals), generator)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        outputs = []
+        for request_id in request_ids:
+            seq = self.sequences.pop(request_id, None)
+            if seq is None:
+                continue
+            self.scheduler.finish(seq, "abort")
+            outputs.append(EngineCoreOutput(request_id, [], finish_reason="abort"))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.sequences)
+
+    def step(self) -> list[EngineCoreOutput]:
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return []
+        sampled = iter(self.runner.execute(schedule.scheduled))
+        outputs = []
+        for item in schedule.scheduled:
+            seq = item.seq
+            samples = item.samples
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(seq)
+            if samples:
+                token_id, logprobs = next(sampled)
+                outputs.append(self._append_token(seq, token_id, logprobs))
+        return outputs
+
+    def _append_token(
+        self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None
+    ) -> EngineCoreOutput:
+        seq.token_ids.append(token_id)
+        out = EngineCoreOutput(
+            seq.request_id,
+            [token_id],
+            new_logprobs=None if logprobs is None else [logprobs],
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+        finish = self._check_stop(seq, token_id)
+        if finish is not None:
+            reason, stop_reason = finish
+            self.scheduler.finish(seq, reason, stop_reason)
+            del self.sequences[seq.request_id]
+            out.finish_reason, out.stop_reason = reason, stop_reason
+        return out
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> tuple[str, int | None] | None:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token_id in params.stop_token_ids:
+                return "stop", token_id
+            if not params.ignore_eos and token_id in params.eos_token_ids:
+                return "stop", None
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return "length", None
+        if seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None

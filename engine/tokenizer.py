@@ -1,0 +1,35 @@
+"""Tokenizer loading from a local HF folder (tokenizer.json + tokenizer_config.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    folder = Path(path)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        raise ValueError(f"tokenizer: no tokenizer.json in {folder}")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+) -> tuple[str, list[int]]:
+    """Render ``messages`` with the chat template; returns (text, token ids).
+
+    The template itself adds any bos token, so encoding adds no special tokens.
+    """
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; pass chat_template")
+    text = tokenizer.apply_chat_template(
+        messages,
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=False,
+    )
+    return text, tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,95 @@
+"""Load HF safetensors checkpoints (single file or sharded) into a model.
+
+Each checkpoint tensor is routed to the parameter that owns it; stacked
+parameters (qkv_proj, gate_up_proj) are found through the model's
+``packed_modules_mapping`` and each parameter's ``weight_loader`` copies in
+its tensor-parallel shard.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# Checkpoint entries that are buffers we recompute, never parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({folder / name for name in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model: no *.safetensors files in {folder}")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"model: checkpoint index names missing files: {', '.join(missing)}")
+    return files
+
+
+def iterate_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in checkpoint_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                yield name, f.get_tensor(name)
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """Fill every parameter of ``model`` from the checkpoint in ``folder``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    loaded: set[str] = set()
+    for name, tensor in iterate_checkpoint(folder):
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        target, shard_id = _resolve(name, packed)
+        param = params.get(target)
+        if param is None:
+            raise ValueError(f"model: checkpoint tensor {name!r} matches no parameter")
+        tensor = tensor.to(param.dtype)
+        loader = getattr(param, "weight_loader", None)
+        if loader is None:
+            param.data.copy_(tensor)
+        elif shard_id is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard_id)
+        loaded.add(target)
+    _check_all_loaded(params, loaded, tied)
+
+
+def _resolve(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
+    for fragment, (stacked, shard_id) in packed.items():
+        if f".{fragment}." in name:
+            return name.replace(f".{fragment}.", f".{stacked}."), shard_id
+    return name, None
+
+
+def _check_all_loaded(params: dict[str, nn.Parameter], loaded: set[str], tied: bool) -> None:
+    missing = [n for n in params if n not in loaded and not (tied and n == "lm_head.weight")]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"model: checkpoint lacks {len(missing)} parameters: {shown}")
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights at real sizes, for benchmarks; norms stay at one."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+            continue
+        values = torch.empty(param.shape, dtype=torch.float32).uniform_(
+            -0.02, 0.02, generator=generator
+        )
+        param.data.copy_(values)

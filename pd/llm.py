@@ -1,0 +1,177 @@
+"""Offline inference: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_device,
+)
+from engine.engine_core import EngineCore
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import encode_chat, load_tokenizer
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """One engine in this process, for batch generation without a server.
+
+    Arguments follow vLLM's ``LLM``; sizes left as None are derived from the
+    model (``max_model_len``) and the device's memory (number of KV blocks).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        num_gpu_blocks_override: int | None = None,
+        block_size: int = 16,
+        device: str = "auto",
+        seed: int = 0,
+        enable_prefix_caching: bool = True,
+        gpu_memory_utilization: float = 0.9,
+        cpu_kv_cache_space_gib: float = 1.0,
+        load_format: str = "auto",
+        tensor_parallel_size: int = 1,
+    ):
+        if tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1: not supported yet")
+        model_config = ModelConfig.from_pretrained(model, dtype)
+        max_model_len = max_model_len or model_config.max_position_embeddings
+        self.config = EngineConfig(
+            model=model_config,
+            cache=CacheConfig(
+                block_size=block_size,
+                num_gpu_blocks_override=num_gpu_blocks_override,
+                gpu_memory_utilization=gpu_memory_utilization,
+                cpu_kv_cache_space_gib=cpu_kv_cache_space_gib,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens or max(8192, max_model_len),
+                max_model_len=max_model_len,
+            ),
+            device=resolve_device(device),
+            seed=seed,
+            load_format=load_format,
+        )
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.engine = EngineCore(self.config)
+        self._request_ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (text, token ids, or {"prompt"|"prompt_token_ids": ...});
+        returns one finished output per prompt, in order."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = self._params_for(prompt_list, sampling_params)
+        encoded = [self._encode(p) for p in prompt_list]
+        for _, token_ids in encoded:  # validate everything before anything is queued
+            self.engine.validate_prompt(token_ids)
+        return self._run(encoded, params_list)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            {"prompt_token_ids": ids, "prompt": text}
+            for text, ids in (
+                encode_chat(self.tokenizer, conv, add_generation_prompt, chat_template)
+                for conv in conversations
+            )
+        ]
+        return self.generate(prompts, sampling_params)
+
+    def _params_for(
+        self,
+        prompts: list[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * len(prompts)
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * len(prompts)
+        params = list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(
+                f"sampling_params has {len(params)} entries for {len(prompts)} prompts"
+            )
+        return params
+
+    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._encode(prompt["prompt"])
+            raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        return None, list(prompt)
+
+    def _run(
+        self, encoded: list[tuple[str | None, list[int]]], params_list: list[SamplingParams]
+    ) -> list[RequestOutput]:
+        processor = OutputProcessor(self.tokenizer)
+        order: list[str] = []
+        added: list[str] = []
+        try:
+            for (text, token_ids), params in zip(encoded, params_list, strict=True):
+                request_id = str(next(self._request_ids))
+                for child_id in processor.add_request(request_id, text, token_ids, params):
+                    self.engine.add_request(child_id, token_ids, params_for_child(params))
+                    added.append(child_id)
+                order.append(request_id)
+            finished = self._drain(processor)
+        except BaseException:
+            self.engine.abort_requests(added)  # nothing stays allocated after an error
+            raise
+        return [finished[request_id] for request_id in order]
+
+    def _drain(self, processor: OutputProcessor) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        while processor.has_unfinished():
+            processed = processor.process(self.engine.step())
+            if processed.to_abort:
+                self.engine.abort_requests(processed.to_abort)
+            for output in processed.request_outputs:
+                if output.finished:
+                    finished[output.request_id] = output
+        return finished
+
+
+def params_for_child(params: SamplingParams) -> SamplingParams:
+    return params
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if all(isinstance(p, int) for p in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
