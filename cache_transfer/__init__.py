@@ -1,0 +1,1 @@
+"""KV-cache movement between prefill and decode ranks. Not built yet."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -78,6 +79,12 @@ class SamplingParams:
                 raise ValueError(f"stop must be non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, low=0)
+
+    def for_child(self, index: int) -> SamplingParams:
+        """Params of the ``index``-th of ``n`` completions: one sample each, and a
+        distinct seed so that seeded completions differ yet stay reproducible."""
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def is_greedy(self) -> bool:

@@ -140,8 +140,9 @@ class LLM:
         try:
             for (text, token_ids), params in zip(encoded, params_list, strict=True):
                 request_id = str(next(self._request_ids))
-                for child_id in processor.add_request(request_id, text, token_ids, params):
-                    self.engine.add_request(child_id, token_ids, params_for_child(params))
+                children = processor.add_request(request_id, text, token_ids, params)
+                for index, child_id in enumerate(children):
+                    self.engine.add_request(child_id, token_ids, params.for_child(index))
                     added.append(child_id)
                 order.append(request_id)
             finished = self._drain(processor)
@@ -160,10 +161,6 @@ class LLM:
                 if output.finished:
                     finished[output.request_id] = output
         return finished
-
-
-def params_for_child(params: SamplingParams) -> SamplingParams:
-    return params
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -1,0 +1,1 @@
+"""Cluster scheduling: `local` (one instance) and `splitwise` (Redis). Not built yet."""

@@ -1,0 +1,66 @@
+"""Shared fixtures and marker handling for the whole test suite."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+INFINIBAND_SYSFS = Path("/sys/class/infiniband")
+
+TinyModelFactory = Callable[..., Path]
+
+
+@cache
+def has_cuda() -> bool:
+    import torch  # NOTE: imported lazily so that torch-free test runs stay fast.
+
+    return torch.cuda.is_available()
+
+
+@cache
+def has_rdma_device() -> bool:
+    """True where `ibv_devices` would list a device (the sysfs class is non-empty)."""
+    return INFINIBAND_SYSFS.is_dir() and any(INFINIBAND_SYSFS.iterdir())
+
+
+_MARKER_SKIPS: dict[str, tuple[Callable[[], bool], str]] = {
+    "gpu": (has_cuda, "needs CUDA"),
+    "rdma": (has_rdma_device, "no RDMA device (ibv_devices lists none)"),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker, (is_available, reason) in _MARKER_SKIPS.items():
+            if item.get_closest_marker(marker) is not None and not is_available():
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
+    """Factory: ``tiny_model(arch="llama", **kwargs) -> Path`` of a generated model.
+
+    Takes the keyword arguments of ``scripts.make_tiny_model.make_tiny_model``.
+    Each distinct argument set (after defaults) is generated once per session;
+    treat the returned folder as read-only, it is shared between tests.
+    """
+    from scripts.make_tiny_model import make_tiny_model
+
+    signature = inspect.signature(make_tiny_model)
+    models: dict[tuple[tuple[str, Any], ...], Path] = {}
+
+    def make(arch: str = "llama", **kwargs: Any) -> Path:
+        bound = signature.bind(None, arch=arch, **kwargs)
+        bound.apply_defaults()
+        key = tuple((k, v) for k, v in bound.arguments.items() if k != "out_dir")
+        if key not in models:
+            out_dir = tmp_path_factory.mktemp(f"tiny-{arch}")
+            models[key] = make_tiny_model(out_dir, **dict(key))
+        return models[key]
+
+    return make
