@@ -196,7 +196,7 @@ class EngineConfig:
 
 
 def resolve_device(name: str | None) -> str:
-    """"auto"/None -> cuda when available, else cpu; validates explicit names."""
+    """Map "auto"/None to cuda when available, else cpu; validate explicit names."""
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):

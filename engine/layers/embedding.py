@@ -18,9 +18,7 @@ class VocabParallelEmbedding(nn.Module):
         # The last rank's slice is padded so that every rank has the same size.
         self.num_local = -(-num_embeddings // self.tp_size)
         self.vocab_start = self.tp_rank * self.num_local
-        self.weight = nn.Parameter(
-            torch.empty(self.num_local, embedding_dim), requires_grad=False
-        )
+        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_dim), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
