@@ -6,7 +6,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.detokenizer import IncrementalDetokenizer, decode_token
-from engine.outputs import CompletionOutput, EngineCoreOutput, RequestOutput, TokenLogprobs
+from engine.outputs import (
+    CompletionOutput,
+    EngineCoreOutput,
+    OutputKind,
+    RequestOutput,
+    TokenLogprobs,
+)
 from engine.sampling_params import SamplingParams
 from engine.stop_strings import StopStringMatcher
 
@@ -111,7 +117,7 @@ class _ParentRequest:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    is_delta: bool
+    kind: OutputKind
     child_ids: list[str]
     completions: list[_Completion]
     num_cached_tokens: int = 0
@@ -120,8 +126,12 @@ class _ParentRequest:
     def finished(self) -> bool:
         return all(completion.finished for completion in self.completions)
 
+    @property
+    def is_delta(self) -> bool:
+        return self.kind is OutputKind.DELTA
+
     def make_output(self, changed: list[int]) -> RequestOutput:
-        """Delta mode reports the changed completions; cumulative mode all of them."""
+        """Delta mode reports the changed completions; the other modes all of them."""
         indices = sorted(set(changed)) if self.is_delta else range(len(self.completions))
         return RequestOutput(
             request_id=self.request_id,
@@ -154,7 +164,7 @@ class OutputProcessor:
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        delta: bool = False,
+        kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> list[str]:
         """Registers a request; returns the child request ids to submit to the engine."""
         child_ids = (
@@ -165,7 +175,7 @@ class OutputProcessor:
             _Completion(i, self._tokenizer, prompt_token_ids, params) for i in range(params.n)
         ]
         parent = _ParentRequest(
-            request_id, prompt, list(prompt_token_ids), delta, child_ids, completions
+            request_id, prompt, list(prompt_token_ids), kind, child_ids, completions
         )
         self._parents[request_id] = parent
         for i, child_id in enumerate(child_ids):
@@ -191,6 +201,8 @@ class OutputProcessor:
             changed.setdefault(parent.request_id, []).append(index)
         for request_id, indices in changed.items():
             parent = self._parents[request_id]
+            if parent.kind is OutputKind.FINAL_ONLY and not parent.finished:
+                continue
             result.request_outputs.append(parent.make_output(indices))
             if parent.finished:
                 del self._parents[request_id]

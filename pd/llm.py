@@ -14,7 +14,7 @@ from engine.config import (
 )
 from engine.engine_core import EngineCore
 from engine.output_processor import OutputProcessor
-from engine.outputs import RequestOutput
+from engine.outputs import OutputKind, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import encode_chat, load_tokenizer
 
@@ -140,7 +140,9 @@ class LLM:
         try:
             for (text, token_ids), params in zip(encoded, params_list, strict=True):
                 request_id = str(next(self._request_ids))
-                children = processor.add_request(request_id, text, token_ids, params)
+                children = processor.add_request(
+                    request_id, text, token_ids, params, OutputKind.FINAL_ONLY
+                )
                 for index, child_id in enumerate(children):
                     self.engine.add_request(child_id, token_ids, params.for_child(index))
                     added.append(child_id)

@@ -5,6 +5,7 @@ import random
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from engine import detokenizer as detokenizer_module
 from engine.detokenizer import IncrementalDetokenizer, decode_token
 
 FFFD = "\ufffd"
@@ -119,13 +120,13 @@ def test_decode_window_stays_small(
     token_ids = tokenizer.encode(" ".join(sample_texts) * 20)
     assert len(token_ids) > 3000
     window_lens: list[int] = []
-    decode = tokenizer.decode
+    decode = detokenizer_module.fast_decode
 
-    def recording_decode(ids: list[int], **kwargs: bool) -> str:
+    def recording_decode(tok: PreTrainedTokenizerFast, ids: list[int], skip: bool) -> str:
         window_lens.append(len(ids))
-        return decode(ids, **kwargs)
+        return decode(tok, ids, skip)
 
-    monkeypatch.setattr(tokenizer, "decode", recording_decode)
+    monkeypatch.setattr(detokenizer_module, "fast_decode", recording_decode)
     detokenizer = IncrementalDetokenizer(tokenizer, [])
     text = "".join(detokenizer.add_tokens([token_id]) for token_id in token_ids)
     monkeypatch.undo()

@@ -4,7 +4,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from engine.output_processor import OutputProcessor
-from engine.outputs import EngineCoreOutput, Logprob, RequestOutput
+from engine.outputs import EngineCoreOutput, Logprob, OutputKind, RequestOutput
 from engine.sampling_params import SamplingParams
 
 PROMPT = "Say something:"
@@ -18,7 +18,8 @@ def _add(
     **params: object,
 ) -> list[str]:
     prompt_ids = tokenizer.encode(PROMPT)
-    return processor.add_request(request_id, PROMPT, prompt_ids, SamplingParams(**params), delta)
+    kind = OutputKind.DELTA if delta else OutputKind.CUMULATIVE
+    return processor.add_request(request_id, PROMPT, prompt_ids, SamplingParams(**params), kind)
 
 
 def _step(child_id: str, token_ids: list[int], **kwargs: object) -> EngineCoreOutput:
@@ -208,3 +209,17 @@ def test_num_cached_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
     _add(processor, tokenizer)
     step = _step("r", [5], num_cached_tokens=3, finish_reason="length")
     assert processor.process([step]).request_outputs[0].num_cached_tokens == 3
+
+
+def test_final_only_reports_once_at_the_end(tokenizer: PreTrainedTokenizerFast) -> None:
+    processor = OutputProcessor(tokenizer)
+    token_ids = tokenizer.encode("Café 世界")
+    processor.add_request("f", PROMPT, [1, 2], SamplingParams(max_tokens=99), OutputKind.FINAL_ONLY)
+    reported = []
+    for i, token_id in enumerate(token_ids):
+        last = i == len(token_ids) - 1
+        output = EngineCoreOutput("f", [token_id], finish_reason="length" if last else None)
+        reported.extend(processor.process([output]).request_outputs)
+    assert len(reported) == 1 and reported[0].finished
+    assert reported[0].outputs[0].text == "Café 世界"
+    assert reported[0].outputs[0].token_ids == token_ids
