@@ -47,13 +47,17 @@ class Attention(nn.Module):
         q_pad = q[meta.query_index].transpose(1, 2)  # [B, Hq, Q, D]
         k_ctx = k_cache[meta.key_slots].transpose(1, 2)  # [B, Hk, C, D]
         v_ctx = v_cache[meta.key_slots].transpose(1, 2)
+        is_gqa = self.num_kv_heads != self.num_heads
+        if is_gqa and q.is_cuda:
+            # NOTE: CUDA's memory-efficient SDPA takes a mask but not enable_gqa
+            # (that pair falls back to the math kernel, which materialises the
+            # scores), so KV heads are repeated instead.
+            groups = self.num_heads // self.num_kv_heads
+            k_ctx = k_ctx.repeat_interleave(groups, dim=1)
+            v_ctx = v_ctx.repeat_interleave(groups, dim=1)
+            is_gqa = False
         out = F.scaled_dot_product_attention(
-            q_pad,
-            k_ctx,
-            v_ctx,
-            attn_mask=meta.attn_mask,
-            scale=self.scale,
-            enable_gqa=self.num_kv_heads != self.num_heads,
+            q_pad, k_ctx, v_ctx, attn_mask=meta.attn_mask, scale=self.scale, enable_gqa=is_gqa
         )  # [B, Hq, Q, D]
         out = out.transpose(1, 2).reshape(num_seqs * max_q, self.num_heads * self.head_dim)
         return out[meta.output_index]

@@ -8,12 +8,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+def hf_greedy(
+    model_dir: Path,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
     outputs = []
     with torch.inference_mode():
         for ids in prompts:
-            input_ids = torch.tensor([ids])
+            input_ids = torch.tensor([ids], device=device)
             generated = model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
