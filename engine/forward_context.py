@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,17 @@ class AttentionMetadata:
     attn_mask: torch.Tensor  # [B, 1, Q, C] bool: True where a query may attend
     output_index: torch.Tensor  # [T] int64: row of each real token in the [B*Q] padded output
     logits_index: torch.Tensor  # [S] int64: token index whose logits are sampled
+    _group_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def grouped_mask(self, groups: int) -> torch.Tensor:
+        """``attn_mask`` repeated ``groups`` times along Q ([B, 1, G * Q, C]), for
+        GQA with query-head groups folded into the query dimension; built once
+        per step and shared by every layer."""
+        if groups == 1:
+            return self.attn_mask
+        if groups not in self._group_masks:
+            self._group_masks[groups] = self.attn_mask.repeat(1, 1, groups, 1)
+        return self._group_masks[groups]
 
 
 _current: AttentionMetadata | None = None

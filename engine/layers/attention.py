@@ -22,6 +22,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.num_groups = num_heads // num_kv_heads  # query heads per KV head
         # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the model runner.
         self.kv_cache: torch.Tensor | None = None
 
@@ -44,20 +45,17 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_seqs, max_q = meta.query_index.shape
-        q_pad = q[meta.query_index].transpose(1, 2)  # [B, Hq, Q, D]
+        groups, num_kv_heads, head_dim = self.num_groups, self.num_kv_heads, self.head_dim
+        # GQA without copying K/V: query head h uses KV head h // groups, so the
+        # groups of one KV head are folded into the query dimension:
+        # [B, Q, Hk * G, D] -> [B, Hk, G * Q, D], each fold repeating the mask.
+        q_pad = q[meta.query_index].view(num_seqs, max_q, num_kv_heads, groups, head_dim)
+        q_pad = q_pad.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, groups * max_q, -1)
+        mask = meta.grouped_mask(groups)
         k_ctx = k_cache[meta.key_slots].transpose(1, 2)  # [B, Hk, C, D]
         v_ctx = v_cache[meta.key_slots].transpose(1, 2)
-        is_gqa = self.num_kv_heads != self.num_heads
-        if is_gqa and q.is_cuda:
-            # NOTE: CUDA's memory-efficient SDPA takes a mask but not enable_gqa
-            # (that pair falls back to the math kernel, which materialises the
-            # scores), so KV heads are repeated instead.
-            groups = self.num_heads // self.num_kv_heads
-            k_ctx = k_ctx.repeat_interleave(groups, dim=1)
-            v_ctx = v_ctx.repeat_interleave(groups, dim=1)
-            is_gqa = False
-        out = F.scaled_dot_product_attention(
-            q_pad, k_ctx, v_ctx, attn_mask=meta.attn_mask, scale=self.scale, enable_gqa=is_gqa
-        )  # [B, Hq, Q, D]
-        out = out.transpose(1, 2).reshape(num_seqs * max_q, self.num_heads * self.head_dim)
+        out = F.scaled_dot_product_attention(q_pad, k_ctx, v_ctx, attn_mask=mask, scale=self.scale)
+        # [B, Hk, G * Q, D] -> [B, Q, Hk * G * D] -> real tokens [T, Hq * D]
+        out = out.view(num_seqs, num_kv_heads, groups, max_q, head_dim).permute(0, 3, 1, 2, 4)
+        out = out.reshape(num_seqs * max_q, self.num_heads * head_dim)
         return out[meta.output_index]

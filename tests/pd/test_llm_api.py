@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -198,3 +200,24 @@ def test_generation_stops_at_max_model_len(llm):
     prompt = list(range(1, 121))
     out = llm.generate([prompt], greedy(max_tokens=100))[0].outputs[0]
     assert len(out.token_ids) == 8 and out.finish_reason == "length"
+
+
+def test_dummy_load_format_needs_no_checkpoint(tiny_model, tmp_path):
+    source = tiny_model("qwen3")
+    for path in source.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, tmp_path / path.name)
+    dummy = LLM(model=str(tmp_path), load_format="dummy", max_model_len=64)
+    out = dummy.generate(PROMPTS[0], greedy(max_tokens=5))[0]
+    assert len(out.outputs[0].token_ids) == 5
+    with pytest.raises(ValueError, match="safetensors"):
+        LLM(model=str(tmp_path), max_model_len=64)
+
+
+def test_unsupported_options_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="not supported yet"):
+        LLM(model=str(tiny_model("qwen2")), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="device"):
+        LLM(model=str(tiny_model("qwen2")), device="tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(model=str(tiny_model("qwen2")), dtype="int3")

@@ -102,3 +102,24 @@ def test_prefix_cache_hits_keep_outputs(model_and_reference):
     assert all(o.num_cached_tokens >= num_full_blocks * manager.block_size for o in outputs)
     _assert_same(outputs, reference)
     _assert_no_leak(llm)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"arch": "llama", "rope_scaling": "llama3"},
+        {"arch": "llama", "rope_scaling": "linear"},
+        {"arch": "qwen3", "tie_word_embeddings": True},
+        {"arch": "qwen2", "num_shards": 2},
+    ],
+    ids=["llama3-rope", "linear-rope", "tied", "sharded"],
+)
+def test_model_variants_match_hf(tiny_model, variant):
+    model_dir = tiny_model(**variant)
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=512)
+    long_prompt = llm.tokenizer.encode(PROMPTS[7] + " " + PROMPTS[4] + " " + PROMPTS[7])
+    token_ids = [llm.tokenizer.encode(p) for p in PROMPTS[:3]] + [long_prompt]
+    assert len(long_prompt) > 256  # past llama3's original_max_position_embeddings
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], GREEDY)
+    _assert_same(outputs, hf_greedy(model_dir, token_ids, MAX_NEW))
+    _assert_no_leak(llm)
