@@ -7,5 +7,5 @@ cd "$root"
 ruff check .
 ruff format --check .
 python -m pytest -m "not slow" "$@"
-# Exit code 5 means "no tests collected": fine for an empty slow step.
+# Exit code 5 means "no tests collected" (e.g. a -k that selects no slow test).
 python -m pytest -m slow "$@" || [ $? -eq 5 ]

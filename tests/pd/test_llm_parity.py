@@ -8,6 +8,8 @@ import pytest
 from pd import LLM, SamplingParams
 from tests.pd.hf_reference import hf_greedy
 
+pytestmark = pytest.mark.slow  # the longest suite; CI runs it in its own step
+
 MAX_NEW = 32
 PROMPTS = [
     "Hello",
