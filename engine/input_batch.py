@@ -32,25 +32,37 @@ def build_model_inputs(
         start = item.seq.num_computed_tokens
         input_ids.extend(item.seq.token_ids[start : start + item.num_new_tokens])
     max_blocks = max(len(item.seq.block_ids) for item in scheduled)
-    tables = [s.seq.block_ids + [0] * (max_blocks - len(s.seq.block_ids)) for s in scheduled]
+    tables: list[int] = []
+    for item in scheduled:
+        tables.extend(item.seq.block_ids)
+        tables.extend([0] * (max_blocks - len(item.seq.block_ids)))
     sampling_rows = [i for i, item in enumerate(scheduled) if item.samples]
-
-    def on_device(values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        pin = device.type == "cuda"
-        return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
-
-    starts = on_device([item.seq.num_computed_tokens for item in scheduled])  # [B]
-    q_lens = on_device([item.num_new_tokens for item in scheduled])  # [B]
-    block_tables = on_device(tables)  # [B, max_blocks]
+    starts = [item.seq.num_computed_tokens for item in scheduled]
+    q_lens = [item.num_new_tokens for item in scheduled]
+    # One host-to-device copy for all of the step's vectors, sliced on the device.
+    parts = _to_device([input_ids, starts, q_lens, sampling_rows, tables], device)
+    input_ids_t, starts_t, q_lens_t, sampling_rows_t, tables_t = parts
     sizes = (
         len(input_ids),
-        max(item.num_new_tokens for item in scheduled),
-        max(item.seq.num_computed_tokens + item.num_new_tokens for item in scheduled),
+        max(q_lens),
+        max(start + q_len for start, q_len in zip(starts, q_lens, strict=True)),
     )
     metadata, positions = _attention_metadata(
-        starts, q_lens, block_tables, block_size, on_device(sampling_rows), sizes
+        starts_t,
+        q_lens_t,
+        tables_t.view(len(scheduled), max_blocks),
+        block_size,
+        sampling_rows_t,
+        sizes,
     )
-    return ModelInputs(on_device(input_ids), positions, metadata, sampling_rows)
+    return ModelInputs(input_ids_t, positions, metadata, sampling_rows)
+
+
+def _to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    packed = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    return list(packed.split([len(part) for part in parts]))
 
 
 def _slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.config import EngineConfig
 from engine.forward_context import forward_context
@@ -20,6 +21,13 @@ from engine.weight_loader import init_dummy_weights, load_weights
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+# NOTE: cuDNN's SDPA builds a graph per shape, and the context length changes
+# every decode step; the other backends take our masks without that cost.
+_SDPA_BACKENDS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 class ModelRunner:
@@ -140,7 +148,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[int]]:
         inputs = build_model_inputs(scheduled, self.block_size, self.device)
-        with forward_context(inputs.metadata):
+        with forward_context(inputs.metadata), sdpa_kernel(_SDPA_BACKENDS):
             hidden = self.model(inputs.input_ids, inputs.positions)
             logits = self.model.compute_logits(hidden)
         return logits, inputs.sampling_rows

@@ -47,21 +47,19 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inverse_frequencies(head_dim, rope)
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
-        # cache: [max_position, head_dim] = [cos | sin] halves, float32
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], -1), False)
+        freqs = torch.cat([freqs, freqs], dim=-1)  # HF repeats them over both halves
+        # [max_position, head_dim] each, float32
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D], positions: [T]."""
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # HF: x * cos + rotate_half(x) * sin, with cos/sin repeated over both halves.
-    cos = torch.cat([cos, cos], dim=-1)
-    sin = torch.cat([sin, sin], dim=-1)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+        """q: [T, Hq, D], k: [T, Hk, D], positions: [T]; q and k rotate as one tensor."""
+        cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin_cache[positions].unsqueeze(1)
+        qk = torch.cat([q, k], dim=1)
+        x1, x2 = qk.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)  # HF's rotate_half
+        qk = (qk * cos + rotated * sin).to(q.dtype)
+        return qk.split([q.size(1), k.size(1)], dim=1)
