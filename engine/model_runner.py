@@ -7,6 +7,7 @@ import logging
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.forward_context import forward_context
 from engine.input_batch import build_model_inputs
@@ -15,7 +16,9 @@ from engine.layers.attention import Attention
 from engine.models.registry import get_model_class
 from engine.outputs import TokenLogprobs
 from engine.sampler import Sampler, SamplingBatch, to_token_logprobs
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence
+from engine.sequence import Sequence
 from engine.weight_loader import init_dummy_weights, load_weights
 
 logger = logging.getLogger(__name__)
@@ -123,10 +126,6 @@ class ModelRunner:
     def _profile_activation_bytes(self) -> int:
         """Peak memory of one forward at the full token budget, measured with a
         throw-away KV cache just large enough for it."""
-        from engine.block_manager import BlockManager
-        from engine.sampling_params import SamplingParams
-        from engine.sequence import Sequence
-
         sched = self.config.scheduler
         num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len - 1)
         manager = BlockManager(-(-num_tokens // self.block_size), self.block_size, False)

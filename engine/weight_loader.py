@@ -83,13 +83,16 @@ def _check_all_loaded(params: dict[str, nn.Parameter], loaded: set[str], tied: b
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights at real sizes, for benchmarks; norms stay at one."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights at real sizes, for benchmarks; norms stay at one.
+
+    Drawn on each parameter's own device, so large models need no host copy.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
             continue
-        values = torch.empty(param.shape, dtype=torch.float32).uniform_(
-            -0.02, 0.02, generator=generator
-        )
-        param.data.copy_(values)
+        device = param.device
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        param.data.uniform_(-0.02, 0.02, generator=generators[device])
