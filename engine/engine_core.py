@@ -84,6 +84,13 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         schedule = self.scheduler.schedule()
         if schedule.is_empty:
+            if self.sequences:
+                # Cannot happen while the pool holds one max_model_len sequence
+                # (checked at start-up); failing beats a caller spinning forever.
+                raise RuntimeError(
+                    f"scheduler made no progress with {len(self.sequences)} unfinished "
+                    f"requests and {self.block_manager.num_free_blocks} free blocks"
+                )
             return []
         sampled = iter(self.runner.execute(schedule.scheduled))
         outputs = []

@@ -13,6 +13,15 @@ def make_seq(tokens: list[int], request_id: str = "r") -> Sequence:
     return Sequence(request_id, tokens, SamplingParams(), arrival=0)
 
 
+def warm_and_free(manager: BlockManager, tokens: list[int]) -> None:
+    """Compute ``tokens`` once and free them: their full blocks stay cached."""
+    seq = make_seq(tokens, "warm")
+    manager.allocate(seq, len(tokens))
+    seq.num_computed_tokens = len(tokens)
+    manager.cache_computed_blocks(seq)
+    manager.free(seq)
+
+
 def test_allocate_append_free_returns_every_block():
     manager = BlockManager(num_blocks=8, block_size=4)
     seq = make_seq(list(range(10)))
@@ -71,11 +80,7 @@ def test_prefix_hits_share_blocks_and_leave_one_token_to_compute():
 
 def test_freed_cached_blocks_are_reused_until_evicted_lru():
     manager = BlockManager(num_blocks=4, block_size=2)
-    old = make_seq([1, 2, 3, 4], "old")
-    manager.allocate(old, 4)
-    old.num_computed_tokens = 4
-    manager.cache_computed_blocks(old)
-    manager.free(old)
+    warm_and_free(manager, [1, 2, 3, 4])
     assert manager.num_free_blocks == 4 and len(manager.cached) == 2
     again = make_seq([1, 2, 3, 4, 5], "again")
     manager.allocate(again, 1)
@@ -90,11 +95,7 @@ def test_freed_cached_blocks_are_reused_until_evicted_lru():
 
 def test_hit_blocks_in_the_free_queue_are_not_double_counted():
     manager = BlockManager(num_blocks=3, block_size=2)
-    warm = make_seq([1, 2, 3, 4], "warm")
-    manager.allocate(warm, 4)
-    warm.num_computed_tokens = 4
-    manager.cache_computed_blocks(warm)
-    manager.free(warm)
+    warm_and_free(manager, [1, 2, 3, 4])
     # 2 cached hits (free, ref 0) + 2 new blocks: needs 4 of 3 blocks.
     seq = make_seq([1, 2, 3, 4, 5, 6, 7], "seq")
     assert not manager.can_allocate(seq, 3)
