@@ -206,3 +206,42 @@ def resolve_device(name: str | None) -> str:
     if name != "cpu":
         raise ValueError(f"device must be auto, cpu or cuda[:N]; got {name!r}")
     return name
+
+
+def make_engine_config(
+    model: str,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int | None = None,
+    num_gpu_blocks_override: int | None = None,
+    block_size: int = 16,
+    device: str = "auto",
+    seed: int = 0,
+    enable_prefix_caching: bool = True,
+    gpu_memory_utilization: float = 0.9,
+    cpu_kv_cache_space_gib: float = 1.0,
+    load_format: str = "auto",
+) -> EngineConfig:
+    """One engine's config from flat user options (the ``LLM`` arguments and
+    the ``pd-serve`` flags); sizes left as None are derived from the model."""
+    model_config = ModelConfig.from_pretrained(model, dtype)
+    max_model_len = max_model_len or model_config.max_position_embeddings
+    return EngineConfig(
+        model=model_config,
+        cache=CacheConfig(
+            block_size=block_size,
+            num_gpu_blocks_override=num_gpu_blocks_override,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cpu_kv_cache_space_gib=cpu_kv_cache_space_gib,
+            enable_prefix_caching=enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens or max(8192, max_model_len),
+            max_model_len=max_model_len,
+        ),
+        device=resolve_device(device),
+        seed=seed,
+        load_format=load_format,
+    )

@@ -5,13 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from engine.config import (
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    SchedulerConfig,
-    resolve_device,
-)
+from engine.config import make_engine_config
 from engine.engine_core import EngineCore
 from engine.output_processor import OutputProcessor
 from engine.outputs import OutputKind, RequestOutput
@@ -48,24 +42,19 @@ class LLM:
     ):
         if tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1: not supported yet")
-        model_config = ModelConfig.from_pretrained(model, dtype)
-        max_model_len = max_model_len or model_config.max_position_embeddings
-        self.config = EngineConfig(
-            model=model_config,
-            cache=CacheConfig(
-                block_size=block_size,
-                num_gpu_blocks_override=num_gpu_blocks_override,
-                gpu_memory_utilization=gpu_memory_utilization,
-                cpu_kv_cache_space_gib=cpu_kv_cache_space_gib,
-                enable_prefix_caching=enable_prefix_caching,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens or max(8192, max_model_len),
-                max_model_len=max_model_len,
-            ),
-            device=resolve_device(device),
+        self.config = make_engine_config(
+            model,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            num_gpu_blocks_override=num_gpu_blocks_override,
+            block_size=block_size,
+            device=device,
             seed=seed,
+            enable_prefix_caching=enable_prefix_caching,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cpu_kv_cache_space_gib=cpu_kv_cache_space_gib,
             load_format=load_format,
         )
         self.tokenizer = load_tokenizer(tokenizer or model)

@@ -1,0 +1,88 @@
+"""The OpenAI-compatible HTTP app: routes, auth, health, metrics.
+
+Handlers live in serving_completion.py and serving_chat.py; this file wires
+them to FastAPI and owns what is common: the API key, the waiting-queue bound,
+and errors in OpenAI's JSON shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import pd
+from pd.api.errors import APIError, install_error_handlers
+from pd.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from pd.api.serving_chat import create_chat_completion
+from pd.api.serving_completion import create_completion
+from pd.api.state import ServerState
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="pd-serve", version=pd.__version__, docs_url=None, redoc_url=None)
+    app.state.pd = state
+    install_error_handlers(app)
+    started = int(time.time())
+    auth = [Depends(_check_api_key)] if state.args.api_key else []
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine is None or state.engine.dead_reason is not None:
+            reason = "engine not running" if state.engine is None else state.engine.dead_reason
+            return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": pd.__version__}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, created=started) for name in state.model_names])
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        _admit(state, body.model)
+        return await create_completion(state, body, raw)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
+        _admit(state, body.model)
+        return await create_chat_completion(state, body, raw)
+
+    if state.args.metrics_port is None:
+        state.metrics.add_metrics_route(app)
+    return app
+
+
+async def _check_api_key(request: Request) -> None:
+    expected = request.app.state.pd.args.api_key
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise APIError(401, "invalid or missing API key", type="authentication_error")
+
+
+def _admit(state: ServerState, model: str) -> None:
+    """Refuse what cannot be served before any work is done."""
+    if model not in state.model_names:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; served: {', '.join(state.model_names)}",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+    engine = state.engine
+    if engine is None or engine.dead_reason is not None:
+        raise APIError(503, "the engine is not running", type="server_error")
+    if engine.num_not_started >= state.args.max_waiting_requests:
+        raise APIError(
+            503,
+            f"server busy: {engine.num_not_started} requests are waiting; retry shortly",
+            type="overloaded_error",
+            headers={"Retry-After": "1"},
+        )

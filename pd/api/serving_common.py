@@ -1,0 +1,146 @@
+"""What the completion and chat handlers share: prompt checks, running a request
+against the engine, server-sent events, and aborting when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from pd.api.errors import APIError
+from pd.api.state import ServerState
+from pd.engine_client import EngineDeadError, RequestRejected
+
+T = TypeVar("T")
+_DISCONNECT_POLL_S = 0.25
+
+
+def check_lengths(
+    state: ServerState, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str
+) -> None:
+    """OpenAI's rule: prompt plus requested completion must fit the context."""
+    limit = state.max_model_len
+    if num_prompt_tokens >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the prompt has "
+            f"{num_prompt_tokens} tokens, which leaves no room for a completion.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+            f"{max_tokens} for the completion). Reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+
+def room_left(state: ServerState, num_prompt_tokens: int) -> int:
+    return max(1, state.max_model_len - num_prompt_tokens)
+
+
+def sampling_params(
+    build: Callable[[int], SamplingParams], default_max_tokens: int
+) -> SamplingParams:
+    try:
+        return build(default_max_tokens)
+    except ValueError as error:
+        raise APIError(400, str(error)) from error
+
+
+async def generate(
+    state: ServerState,
+    prompt: str | None,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    stream: bool,
+) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs for one prompt, with engine failures as API errors."""
+    assert state.engine is not None
+    generator = state.engine.generate(prompt, prompt_token_ids, params, stream)
+    async with contextlib.aclosing(generator):
+        try:
+            async for output in generator:
+                yield output
+        except RequestRejected as error:
+            raise APIError(400, str(error)) from error
+        except EngineDeadError as error:
+            raise APIError(503, f"engine unavailable: {error}", type="server_error") from error
+
+
+async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async iterators as their items arrive: (source index, item)."""
+    if len(iterators) == 1:
+        async with contextlib.aclosing(iterators[0]):
+            async for item in iterators[0]:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, iterator: AsyncIterator[T]) -> None:
+        try:
+            async with contextlib.aclosing(iterator):
+                async for item in iterator:
+                    await queue.put((index, item))
+            await queue.put((index, done))
+        except BaseException as error:
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Server-sent events, ending with ``[DONE]``; an error mid-stream becomes an
+    error event (the status line has already gone out)."""
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                yield f"data: {event.model_dump_json(exclude_none=False)}\n\n"
+        except APIError as error:
+            body = {"error": {"message": error.message, "type": error.type, "code": error.code}}
+            yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client goes away first, cancel it (which aborts its
+    requests in the engine) and raise."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "client closed the request", type="invalid_request_error")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

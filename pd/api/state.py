@@ -1,0 +1,38 @@
+"""What the API server's handlers share: flags, tokenizer, engine client, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pd.args import ServeArgs
+from pd.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from pd.engine_client import EngineClient, RequestTimings
+
+
+@dataclass
+class ServerState:
+    args: ServeArgs
+    tokenizer: Any
+    model_names: list[str]
+    metrics: ServerMetrics
+    engine: EngineClient | None = None
+    max_model_len: int = 0
+
+    @classmethod
+    def create(cls, args: ServeArgs, tokenizer: Any) -> ServerState:
+        names = list(args.served_model_name or [args.model])
+        metrics = ServerMetrics(names[0])
+        return cls(args=args, tokenizer=tokenizer, model_names=names, metrics=metrics)
+
+    def timings(self) -> RequestTimings:
+        from pd.engine_client import RequestTimings
+
+        return RequestTimings(
+            on_first_token=self.metrics.observe_first_token,
+            on_inter_token=self.metrics.observe_inter_token,
+            on_finished=self.metrics.observe_finished,
+            on_stats=self.metrics.set_engine_stats,
+        )

@@ -1,0 +1,133 @@
+"""Prometheus metrics of one API server, named as users scrape them from vLLM (``pd:``).
+
+The metrics live in their own ``CollectorRegistry``, so that several servers in one
+process (tests) never share or collide on series.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)  # fmt: skip
+INTER_TOKEN_BUCKETS = (
+    0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.001, 0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0,
+    20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+
+
+class ServerMetrics:
+    """The metrics of one served model; every series carries ``model_name``."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.model_name = model_name
+        self.registry = CollectorRegistry() if registry is None else registry
+        self._make_gauges()
+        self._make_counters()
+        self._make_histograms()
+
+    def _make_gauges(self) -> None:
+        def gauge(name: str, doc: str) -> Gauge:
+            metric = Gauge(name, doc, ["model_name"], registry=self.registry)
+            return metric.labels(self.model_name)
+
+        self._num_running = gauge("pd:num_requests_running", "Requests in the running batch.")
+        self._num_waiting = gauge("pd:num_requests_waiting", "Requests waiting to be scheduled.")
+        self._kv_usage = gauge("pd:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).")
+        self._num_free_blocks = gauge("pd:num_gpu_blocks_free", "KV cache blocks free.")
+
+    def _make_counters(self) -> None:
+        def counter(name: str, doc: str) -> Counter:
+            metric = Counter(name, doc, ["model_name"], registry=self.registry)
+            return metric.labels(self.model_name)
+
+        self._prompt_tokens = counter("pd:prompt_tokens_total", "Prompt tokens processed.")
+        self._generation_tokens = counter("pd:generation_tokens_total", "Tokens generated.")
+        success = Counter(
+            "pd:request_success_total",
+            "Finished requests, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self._finished = {r: success.labels(self.model_name, r) for r in FINISHED_REASONS}
+
+    def _make_histograms(self) -> None:
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            metric = Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+            return metric.labels(self.model_name)
+
+        self._ttft = histogram(
+            "pd:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS
+        )
+        self._inter_token = histogram(
+            "pd:inter_token_latency_seconds",
+            "Time between consecutive output tokens (time per output token).",
+            INTER_TOKEN_BUCKETS,
+        )
+        self._e2e = histogram(
+            "pd:e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS
+        )
+
+    def observe_first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self._inter_token.observe(seconds)
+
+    def observe_finished(
+        self,
+        reason: str,
+        e2e_seconds: float,
+        num_prompt_tokens: int,
+        num_generation_tokens: int,
+    ) -> None:
+        """One finished request; ``reason`` is one of ``FINISHED_REASONS``."""
+        if reason not in self._finished:
+            raise ValueError(f"finish reason must be one of {FINISHED_REASONS}, got {reason!r}")
+        self._finished[reason].inc()
+        self._e2e.observe(e2e_seconds)
+        self._prompt_tokens.inc(num_prompt_tokens)
+        self._generation_tokens.inc(num_generation_tokens)
+
+    def set_engine_stats(
+        self, running: int, waiting: int, free_blocks: int, total_blocks: int
+    ) -> None:
+        self._num_running.set(running)
+        self._num_waiting.set(waiting)
+        self._num_free_blocks.set(free_blocks)
+        usage = 1.0 - free_blocks / total_blocks if total_blocks > 0 else 0.0
+        self._kv_usage.set(min(max(usage, 0.0), 1.0))
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def add_metrics_route(self, app: FastAPI, path: str = "/metrics") -> None:
+        async def metrics() -> Response:
+            payload, content_type = self.render()
+            return Response(payload, media_type=content_type)
+
+        app.add_api_route(path, metrics, methods=["GET"], include_in_schema=False)
+
+    def make_metrics_app(self) -> FastAPI:
+        """A bare app serving ``GET /metrics``, for a separate ``--metrics-port``."""
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        self.add_metrics_route(app)
+        return app

@@ -1,0 +1,153 @@
+"""``pd-serve``: one instance = an API server (this process) + an engine-core
+process per DP rank (one for now), joined over ZMQ on the engine-worker-queue port.
+
+Start-up: parse and validate flags, start the engine process, load the
+tokenizer, wait until the engine reports its model loaded, and only then open
+the API port. SIGTERM/SIGINT drain in-flight requests (bounded) and exit 0;
+a dead engine process fails in-flight requests, and the server exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import sys
+
+from pd.args import ServeArgs, parse_args, pick_free_port
+
+logger = logging.getLogger("pd.serve")
+
+_READY_TIMEOUT_S = 1800.0  # model loading can be slow on big checkpoints
+_DRAIN_TIMEOUT_S = 30
+_ENGINE_STOP_TIMEOUT_S = 10.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(asyncio.run(serve(args)))
+
+
+def engine_kwargs(args: ServeArgs) -> dict:
+    return {
+        "model": args.model,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "num_gpu_blocks_override": args.num_gpu_blocks_override,
+        "block_size": args.block_size,
+        "device": args.device,
+        "seed": args.seed,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "load_format": args.load_format,
+    }
+
+
+def start_engine(args: ServeArgs) -> tuple[multiprocessing.Process, str]:
+    from pd.engine_process import run_engine_process
+
+    port = args.engine_worker_queue_ports[0]
+    port = port or pick_free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_engine_process,
+        args=(engine_kwargs(args), address, args.log_level),
+        name="pd-engine-0",
+        daemon=True,
+    )
+    process.start()
+    logger.info("engine core (DP rank 0) pid %d on %s", process.pid, address)
+    return process, address
+
+
+async def serve(args: ServeArgs) -> int:
+    import uvicorn
+
+    from engine.tokenizer import load_tokenizer
+    from pd.api.server import build_app
+    from pd.api.state import ServerState
+    from pd.engine_client import EngineClient, EngineDeadError
+
+    process, address = start_engine(args)
+    try:
+        state = ServerState.create(args, load_tokenizer(args.model))
+        client = EngineClient(address, state.tokenizer, state.timings())
+        state.engine = client
+        info = await client.wait_ready(process.is_alive, _READY_TIMEOUT_S)
+    except (EngineDeadError, ValueError, OSError) as error:
+        logger.error("start-up failed: %s", error)
+        _stop_engine(process)
+        return 1
+    state.max_model_len = info.max_model_len
+    servers = _make_servers(args, build_app(state), state, uvicorn)
+    # NOTE: uvicorn captures SIGINT/SIGTERM while serving, drains, restores the
+    # previous handlers and raises the signal again; ours make that a no-op, so
+    # a drained shutdown exits 0 instead of dying by the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    watcher = asyncio.create_task(_watch(process, client, servers))
+    try:
+        await asyncio.gather(*(server.serve() for server in servers))
+    finally:
+        watcher.cancel()
+        await client.shutdown()
+        _stop_engine(process)
+    return 1 if client.dead_reason else 0
+
+
+def _make_servers(args: ServeArgs, app, state, uvicorn) -> list:
+    port = args.api_port or pick_free_port(args.host)
+    servers = [_server(uvicorn, app, args.host, port, args.log_level)]
+    logger.info("OpenAI API on http://%s:%d/v1 (model %s)", args.host, port, state.model_names[0])
+    if args.metrics_port is not None:
+        metrics_port = args.metrics_port or pick_free_port(args.host)
+        metrics_app = state.metrics.make_metrics_app()
+        servers.append(_server(uvicorn, metrics_app, args.host, metrics_port, args.log_level))
+        logger.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
+    return servers
+
+
+def _server(uvicorn, app, host: str, port: int, log_level: str):
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=_DRAIN_TIMEOUT_S,
+        access_log=False,
+    )
+    return uvicorn.Server(config)
+
+
+async def _watch(process: multiprocessing.Process, client, servers: list) -> None:
+    """Say when every server listens; stop them all when one stops (a signal
+    reaches one of them) or when the engine process dies."""
+    announced = False
+    while process.is_alive() and not any(server.should_exit for server in servers):
+        if not announced and all(server.started for server in servers):
+            config = servers[0].config
+            print(f"pd-serve ready: http://{config.host}:{config.port}/v1", flush=True)
+            announced = True
+        await asyncio.sleep(0.2)
+    if not process.is_alive():
+        client.mark_dead(f"engine process exited with code {process.exitcode}")
+    for server in servers:
+        server.should_exit = True
+
+
+def _stop_engine(process: multiprocessing.Process) -> None:
+    if process.is_alive():
+        process.join(_ENGINE_STOP_TIMEOUT_S)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+if __name__ == "__main__":
+    main()
