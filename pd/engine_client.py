@@ -150,8 +150,14 @@ class EngineClient:
                     return
         finally:
             self._forget(request_id)
-            if not finished and self.dead_reason is None:
-                await self._abort(child_ids)
+            if not finished:
+                reason = "abort" if self.dead_reason is None else "error"
+                elapsed = time.monotonic() - entry.arrival
+                self.timings.on_finished(
+                    reason, elapsed, entry.num_prompt_tokens, entry.num_generated
+                )
+                if self.dead_reason is None:
+                    await self._abort(child_ids)
 
     async def _abort(self, child_ids: list[str]) -> None:
         await self.socket.send(encode(Kind.ABORT, child_ids))

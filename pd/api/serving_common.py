@@ -115,13 +115,18 @@ async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# Characters JSON leaves unescaped but str.splitlines() (and so many SSE
+# clients' line readers) treats as line breaks; escaped, a data line stays one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 async def sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     """Server-sent events, ending with ``[DONE]``; an error mid-stream becomes an
     error event (the status line has already gone out)."""
     async with contextlib.aclosing(events):
         try:
             async for event in events:
-                yield f"data: {event.model_dump_json(exclude_none=False)}\n\n"
+                yield f"data: {event.model_dump_json().translate(_LINE_BREAKS)}\n\n"
         except APIError as error:
             body = {"error": {"message": error.message, "type": error.type, "code": error.code}}
             yield f"data: {json.dumps(body)}\n\n"

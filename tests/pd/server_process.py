@@ -1,0 +1,91 @@
+"""Start a real ``pd-serve`` process for tests and stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from pd.args import pick_free_port
+
+_READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample of a metric from /metrics (labels: e.g. 'finished_reason="abort"')."""
+        text = httpx.get(f"{self.root_url}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + "{") and labels in line:
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(f"{name}{{{labels}}} not in /metrics")
+
+    def engine_pid(self) -> int:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        pids = [int(p) for p in children.read_text().split()]
+        for pid in pids:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            # The engine is the spawned child; multiprocessing's resource
+            # tracker is a child too.
+            if b"multiprocessing.spawn" in cmdline:
+                return pid
+        raise RuntimeError(f"no engine child among {pids}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(model_dir: Path, log_path: Path, *extra: str) -> ServerProcess:
+    port = pick_free_port()
+    command = [
+        sys.executable, "-m", "pd.serve",
+        "--model", str(model_dir),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--device", "cpu",
+        "--dtype", "float32",
+        "--max-model-len", "256",
+        *extra,
+    ]  # fmt: skip
+    log = log_path.open("w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(process, port, log_path)
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"pd-serve exited with {process.returncode}:\n{server.log()}")
+        if "pd-serve ready" in server.log():
+            return server
+        time.sleep(0.2)
+    server.stop()
+    raise TimeoutError(f"pd-serve was not ready in {_READY_TIMEOUT_S} s:\n{server.log()}")
