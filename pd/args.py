@@ -43,6 +43,8 @@ _SCHEDULER_DEFAULTS = {
     "scheduler_port": 6379,
     "scheduler_db": 0,
     "scheduler_topic": "default",
+    "scheduler_ttl": 900,
+    "scheduler_expire_period": 3000,
 }
 
 
@@ -287,13 +289,11 @@ def _add_scheduler_flags(group: argparse._ArgumentGroup) -> None:
         group,
         "--scheduler-ttl",
         "seconds a queued request or unread result may live (default: 900)",
-        default=900,
     )
     _add_size(
         group,
         "--scheduler-expire-period",
         "milliseconds an instance stays registered without a refresh (default: 3000)",
-        default=3000,
     )
     group.add_argument(
         "--router", type=parse_host_port, metavar="HOST:PORT", help="register with pd-router"

@@ -184,7 +184,7 @@ def _listening_ports(args: ServeArgs, given: frozenset[str]) -> Iterator[tuple[s
 
 def check_supported(args: ServeArgs, given: frozenset[str]) -> None:
     """Reject features whose implementation lands in a later issue (never ignore them)."""
-    scheduler_flags = ("host", "port", "db", "password", "topic")
+    scheduler_flags = ("host", "port", "db", "password", "topic", "ttl", "expire_period")
     unsupported = [
         (
             args.tensor_parallel_size > 1,
@@ -213,7 +213,11 @@ def check_supported(args: ServeArgs, given: frozenset[str]) -> None:
         ("pd_comm_ports" in given, "the P/D control service", "--pd-comm-port"),
         ("cache_queue_ports" in given, "the KV transfer queue", "--cache-queue-port"),
         *(
-            (f"scheduler_{name}" in given, "the Redis scheduler", f"--scheduler-{name}")
+            (
+                f"scheduler_{name}" in given,
+                "the Redis scheduler",
+                f"--scheduler-{name.replace('_', '-')}",
+            )
             for name in scheduler_flags
         ),
         (args.metrics_ports is not None, "one metrics server per DP rank", "--metrics-ports"),

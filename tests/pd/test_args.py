@@ -86,7 +86,7 @@ def test_every_supported_flag_parses():
             "--load-format dummy --no-enable-prefix-caching --seed 7 "
             "--gpu-memory-utilization 0.5 --max-waiting-requests 3 "
             "--engine-worker-queue-port 25611 "
-            "--scheduler-name local --scheduler-ttl 60 --scheduler-expire-period 500 "
+            "--scheduler-name local "
             "--ports 0 --api-key sk-x --log-level DEBUG --tensor-parallel-size 1 "
             "--data-parallel-size 1 --splitwise-role mixed"
         )
@@ -99,7 +99,6 @@ def test_every_supported_flag_parses():
     assert args.enable_prefix_caching is False
     assert (args.gpu_memory_utilization, args.max_waiting_requests) == (0.5, 3)
     assert args.engine_worker_queue_ports == [25611]
-    assert (args.scheduler_ttl, args.scheduler_expire_period) == (60, 500)
     assert (args.api_key, args.log_level) == ("sk-x", "debug")
 
 
@@ -213,6 +212,8 @@ NOT_SUPPORTED = [
     (["--scheduler-db", "0"], "the Redis scheduler (--scheduler-db)"),
     (["--scheduler-password", "pw"], "the Redis scheduler (--scheduler-password)"),
     (["--scheduler-topic", "test"], "the Redis scheduler (--scheduler-topic)"),
+    (["--scheduler-ttl", "9000"], "the Redis scheduler (--scheduler-ttl)"),
+    (["--scheduler-expire-period", "500"], "the Redis scheduler (--scheduler-expire-period)"),
     (["--metrics-ports", "3101"], "one metrics server per DP rank (--metrics-ports)"),
 ]
 
