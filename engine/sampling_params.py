@@ -108,11 +108,16 @@ def _check_number(name: str, value: object, low: float | None = None) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _check_int(
     name: str, value: object, low: int | None = None, high: int | None = None, hint: str = ""
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not -_INT64_MAX <= value <= _INT64_MAX:  # it has to cross process boundaries
+        raise ValueError(f"{name} must fit in 64 bits, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         suffix = f" ({hint})" if hint else ""

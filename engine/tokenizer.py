@@ -14,6 +14,23 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+) -> str:
+    """``messages`` rendered with the chat template, as text."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; pass chat_template")
+    return tokenizer.apply_chat_template(
+        messages,
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=False,
+    )
+
+
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict],
@@ -24,12 +41,5 @@ def encode_chat(
 
     The template itself adds any bos token, so encoding adds no special tokens.
     """
-    if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; pass chat_template")
-    text = tokenizer.apply_chat_template(
-        messages,
-        chat_template=chat_template,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
-    )
+    text = render_chat(tokenizer, messages, add_generation_prompt, chat_template)
     return text, tokenizer.encode(text, add_special_tokens=False)

@@ -133,13 +133,15 @@ class EngineClient:
         kind = OutputKind.DELTA if stream else OutputKind.FINAL_ONLY
         child_ids = self.processor.add_request(request_id, prompt, prompt_token_ids, params, kind)
         entry = _Stream(child_ids=child_ids, num_prompt_tokens=len(prompt_token_ids))
-        self.streams[request_id] = entry
-        for index, child_id in enumerate(child_ids):
-            self.child_to_parent[child_id] = request_id
-            add = AddRequest(child_id, prompt_token_ids, params.for_child(index))
-            await self.socket.send(encode(Kind.ADD, add))
         finished = False
         try:
+            # NOTE: registered inside the try, so that whatever fails below (even
+            # encoding) still releases the request.
+            self.streams[request_id] = entry
+            for index, child_id in enumerate(child_ids):
+                self.child_to_parent[child_id] = request_id
+                add = AddRequest(child_id, prompt_token_ids, params.for_child(index))
+                await self.socket.send(encode(Kind.ADD, add))
             while True:
                 item = await entry.queue.get()
                 if isinstance(item, Exception):

@@ -41,7 +41,11 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, created=started) for name in state.model_names])
+        cards = [
+            ModelCard(id=name, created=started, max_model_len=state.max_model_len)
+            for name in state.model_names
+        ]
+        return ModelList(data=cards)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, raw: Request) -> Response:

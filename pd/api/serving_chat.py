@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.tokenizer import encode_chat
+from engine.tokenizer import render_chat
 from pd.api.errors import APIError
 from pd.api.protocol import (
     AssistantMessage,
@@ -27,6 +27,7 @@ from pd.api.serving_common import (
     room_left,
     sampling_params,
     sse,
+    tokenize,
     unless_disconnected,
 )
 from pd.api.state import ServerState
@@ -36,9 +37,10 @@ async def create_chat_completion(
     state: ServerState, body: ChatCompletionRequest, raw: Request
 ) -> Response:
     try:
-        text, token_ids = encode_chat(state.tokenizer, body.template_messages())
+        text = render_chat(state.tokenizer, body.template_messages())
     except ValueError as error:
         raise APIError(400, str(error), param="messages") from error
+    token_ids = await tokenize(state, text, "messages", add_special_tokens=False)
     check_lengths(state, len(token_ids), body.max_completion_tokens or body.max_tokens, "messages")
     params = sampling_params(body.to_sampling_params, room_left(state, len(token_ids)))
     outputs = generate(state, text, token_ids, params, body.stream)

@@ -46,6 +46,21 @@ def check_lengths(
         )
 
 
+async def tokenize(state: ServerState, text: str, prompt_param: str, **kwargs) -> list[int]:
+    """Token ids of ``text``, computed off the event loop; a text too long to fit
+    ``max_model_len`` whatever its tokens is refused without tokenizing it."""
+    limit = state.max_model_len * state.max_chars_per_token
+    if len(text) > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {state.max_model_len} tokens; the prompt "
+            f"has {len(text)} characters, more than {state.max_model_len} tokens can hold.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    return await asyncio.to_thread(state.tokenizer.encode, text, **kwargs)
+
+
 def room_left(state: ServerState, num_prompt_tokens: int) -> int:
     return max(1, state.max_model_len - num_prompt_tokens)
 

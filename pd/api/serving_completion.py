@@ -26,6 +26,7 @@ from pd.api.serving_common import (
     room_left,
     sampling_params,
     sse,
+    tokenize,
     unless_disconnected,
 )
 from pd.api.state import ServerState
@@ -58,18 +59,18 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
         raise APIError(
             400, "echo with logprobs is not supported yet (needs prompt logprobs)", param="echo"
         )
-    plan = _plan(state, body)
+    plan = await _plan(state, body)
     if body.stream:
         return StreamingResponse(sse(_stream(state, plan)), media_type="text/event-stream")
     response = await unless_disconnected(raw, _complete(state, plan))
     return JSONResponse(response.model_dump())
 
 
-def _plan(state: ServerState, body: CompletionRequest) -> _Plan:
+async def _plan(state: ServerState, body: CompletionRequest) -> _Plan:
     prompts = []
     for prompt in body.prompts():
         if isinstance(prompt, str):
-            prompts.append(_Prompt(prompt, state.tokenizer.encode(prompt)))
+            prompts.append(_Prompt(prompt, await tokenize(state, prompt, "prompt")))
         else:
             _check_vocab(state, prompt)
             prompts.append(_Prompt(None, list(prompt)))

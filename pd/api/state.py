@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,13 @@ class ServerState:
         names = list(args.served_model_name or [args.model])
         metrics = ServerMetrics(names[0])
         return cls(args=args, tokenizer=tokenizer, model_names=names, metrics=metrics)
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """An upper bound on the characters one token decodes to (twice the longest
+        vocabulary entry, for normalizers), so that a text of more than
+        ``max_model_len * max_chars_per_token`` characters is surely too long."""
+        return 2 * max(len(piece) for piece in self.tokenizer.get_vocab())
 
     def timings(self) -> RequestTimings:
         from pd.engine_client import RequestTimings
