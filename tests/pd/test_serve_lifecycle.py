@@ -48,12 +48,12 @@ def test_stream_disconnect_aborts_and_frees_blocks(server):
         httpx.Client(timeout=30) as client,
         client.stream("POST", f"{server.base_url}/completions", json={**body, **LONG}) as reply,
     ):
-        chunks = []
-        for line in reply.iter_lines():
-            if line.startswith("data: "):
-                chunks.append(json.loads(line[6:]))
-            if len(chunks) == 3:
-                break
+        # NOTE: next() keeps the response open; leaving a for loop over
+        # iter_lines() would close the generator and so the connection.
+        lines = reply.iter_lines()
+        num_chunks = 0
+        while num_chunks < 3:
+            num_chunks += next(lines).startswith("data: ")
         wait_until(lambda: not all_blocks_free(server), 2)  # the request holds blocks
     # Leaving the block closed the connection mid-stream.
     elapsed = wait_until(
@@ -65,7 +65,8 @@ def test_stream_disconnect_aborts_and_frees_blocks(server):
 
 def test_non_streaming_disconnect_aborts_too(server):
     aborted = server.metric("pd:request_success_total", 'finished_reason="abort"')
-    body = {"model": server_model(server), "prompt": "Again, a long one", **LONG}
+    # n=4 makes the work last well past the client's 0.5 s timeout.
+    body = {"model": server_model(server), "prompt": "Again, a long one", "n": 4, **LONG}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/completions", json=body, timeout=0.5)
     wait_until(
