@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -34,6 +34,15 @@ class EngineDeadError(RuntimeError):
 
 class RequestRejected(ValueError):
     """The engine refused the request (e.g. a prompt it cannot serve)."""
+
+
+class EngineOverloaded(RuntimeError):
+    """More requests are waiting for their first token than the server allows."""
+
+
+def _log_send_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("sending to the engine failed: %s", future.exception())
 
 
 @dataclass
@@ -116,53 +125,59 @@ class EngineClient:
 
     # -- requests -------------------------------------------------------------
 
-    async def generate(
+    def open(
         self,
         prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
         stream: bool,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs: deltas when ``stream``, else one final output.
+        max_not_started: int | None = None,
+    ) -> RequestStream:
+        """Admit and submit a request; iterate the returned stream for its outputs
+        (deltas when ``stream``, else one final output).
 
-        Leaving the iteration early (the client went away) aborts the request."""
+        NOTE: synchronous on purpose: the waiting bound is checked and the request
+        registered with no await in between, so simultaneous arrivals cannot all
+        pass the check. Closing the stream early aborts the request.
+        """
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
-        request_id = request_id or uuid.uuid4().hex
+        if max_not_started is not None and self.num_not_started >= max_not_started:
+            raise EngineOverloaded(f"server busy: {self.num_not_started} requests are waiting")
+        request_id = uuid.uuid4().hex
         kind = OutputKind.DELTA if stream else OutputKind.FINAL_ONLY
         child_ids = self.processor.add_request(request_id, prompt, prompt_token_ids, params, kind)
         entry = _Stream(child_ids=child_ids, num_prompt_tokens=len(prompt_token_ids))
-        finished = False
+        self.streams[request_id] = entry
+        for child_id in child_ids:
+            self.child_to_parent[child_id] = request_id
+        handle = RequestStream(self, request_id, entry)
         try:
-            # NOTE: registered inside the try, so that whatever fails below (even
-            # encoding) still releases the request.
-            self.streams[request_id] = entry
-            for index, child_id in enumerate(child_ids):
-                self.child_to_parent[child_id] = request_id
-                add = AddRequest(child_id, prompt_token_ids, params.for_child(index))
-                await self.socket.send(encode(Kind.ADD, add))
-            while True:
-                item = await entry.queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._forget(request_id)
-            if not finished:
-                reason = "abort" if self.dead_reason is None else "error"
-                elapsed = time.monotonic() - entry.arrival
-                self.timings.on_finished(
-                    reason, elapsed, entry.num_prompt_tokens, entry.num_generated
-                )
-                if self.dead_reason is None:
-                    await self._abort(child_ids)
+            frames = [
+                encode(Kind.ADD, AddRequest(child_id, prompt_token_ids, params.for_child(i)))
+                for i, child_id in enumerate(child_ids)
+            ]
+        except BaseException:
+            handle.release(submitted=False)
+            raise
+        for frame in frames:
+            self._send_nowait(frame)
+        return handle
 
-    async def _abort(self, child_ids: list[str]) -> None:
-        await self.socket.send(encode(Kind.ABORT, child_ids))
+    def _send_nowait(self, frame: bytes) -> None:
+        # zmq.asyncio sends at once when it can and queues in order otherwise.
+        future = self.socket.send(frame)
+        future.add_done_callback(_log_send_failure)
+
+    def _release(self, request_id: str, entry: _Stream, finished: bool, submitted: bool) -> None:
+        self._forget(request_id)
+        if finished:
+            return
+        reason = "abort" if self.dead_reason is None else "error"
+        elapsed = time.monotonic() - entry.arrival
+        self.timings.on_finished(reason, elapsed, entry.num_prompt_tokens, entry.num_generated)
+        if submitted and self.dead_reason is None:
+            self._send_nowait(encode(Kind.ABORT, entry.child_ids))
 
     def _forget(self, request_id: str) -> None:
         entry = self.streams.pop(request_id, None)
@@ -196,7 +211,7 @@ class EngineClient:
             self._observe(output, now)
         processed = self.processor.process(outputs)
         if processed.to_abort:
-            await self._abort(processed.to_abort)
+            self._send_nowait(encode(Kind.ABORT, processed.to_abort))
         for request_output in processed.request_outputs:
             entry = self.streams.get(request_output.request_id)
             if entry is not None:
@@ -225,3 +240,47 @@ class EngineClient:
         entry = self.streams.get(self.child_to_parent.get(child_id, ""))
         if entry is not None:
             entry.queue.put_nowait(RequestRejected(message))
+
+
+class RequestStream:
+    """The outputs of one submitted request, as an async iterator.
+
+    ``aclose()`` releases the request (aborting it in the engine unless it
+    finished); a stream dropped without closing is released on the event loop
+    when it is garbage-collected, so a response that never started cannot leak.
+    """
+
+    def __init__(self, client: EngineClient, request_id: str, entry: _Stream):
+        self._client = client
+        self._request_id = request_id
+        self._entry = entry
+        self._loop = asyncio.get_running_loop()
+        self._finished = False
+        self._released = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._released:
+            raise StopAsyncIteration
+        item = await self._entry.queue.get()
+        if isinstance(item, Exception):
+            self.release()
+            raise item
+        if item.finished:
+            self._finished = True
+            self.release()
+        return item
+
+    async def aclose(self) -> None:
+        self.release()
+
+    def release(self, submitted: bool = True) -> None:
+        if not self._released:
+            self._released = True
+            self._client._release(self._request_id, self._entry, self._finished, submitted)
+
+    def __del__(self) -> None:
+        if not self._released and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.release)

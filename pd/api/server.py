@@ -83,10 +83,5 @@ def _admit(state: ServerState, model: str) -> None:
     engine = state.engine
     if engine is None or engine.dead_reason is not None:
         raise APIError(503, "the engine is not running", type="server_error")
-    if engine.num_not_started >= state.args.max_waiting_requests:
-        raise APIError(
-            503,
-            f"server busy: {engine.num_not_started} requests are waiting; retry shortly",
-            type="overloaded_error",
-            headers={"Retry-After": "1"},
-        )
+    # The waiting-queue bound is checked when the request is submitted
+    # (EngineClient.open), atomically with its registration.

@@ -23,7 +23,8 @@ from pd.api.protocol import (
 )
 from pd.api.serving_common import (
     check_lengths,
-    generate,
+    open_request,
+    outputs,
     room_left,
     sampling_params,
     sse,
@@ -43,11 +44,15 @@ async def create_chat_completion(
     token_ids = await tokenize(state, text, "messages", add_special_tokens=False)
     check_lengths(state, len(token_ids), body.max_completion_tokens or body.max_tokens, "messages")
     params = sampling_params(body.to_sampling_params, room_left(state, len(token_ids)))
-    outputs = generate(state, text, token_ids, params, body.stream)
+    request = open_request(state, text, token_ids, params, body.stream)
     if body.stream:
-        events = _stream(body, len(token_ids), outputs)
+        events = _stream(body, len(token_ids), outputs(request))
         return StreamingResponse(sse(events), media_type="text/event-stream")
-    response = await unless_disconnected(raw, _complete(body, len(token_ids), outputs))
+    try:
+        complete = _complete(body, len(token_ids), outputs(request))
+        response = await unless_disconnected(raw, complete)
+    finally:
+        await request.aclose()
     return JSONResponse(response.model_dump())
 
 
@@ -60,10 +65,10 @@ def _logprobs(body: ChatCompletionRequest, completion: CompletionOutput):
 async def _complete(
     body: ChatCompletionRequest,
     num_prompt_tokens: int,
-    outputs: AsyncIterator[RequestOutput],
+    results: AsyncIterator[RequestOutput],
 ) -> ChatCompletionResponse:
     final = None
-    async for output in outputs:
+    async for output in results:
         final = output
     assert final is not None and final.finished
     choices = [
@@ -87,7 +92,7 @@ async def _complete(
 async def _stream(
     body: ChatCompletionRequest,
     num_prompt_tokens: int,
-    outputs: AsyncIterator[RequestOutput],
+    results: AsyncIterator[RequestOutput],
 ) -> AsyncIterator[ChatCompletionChunk]:
     response_id = ChatCompletionChunk(model=body.model, choices=[]).id
 
@@ -102,7 +107,7 @@ async def _stream(
         ]
     )
     num_completion_tokens = 0
-    async for output in outputs:
+    async for output in results:
         for completion in output.outputs:
             num_completion_tokens += len(completion.token_ids)
             logprobs = _logprobs(body, completion)

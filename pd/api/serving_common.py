@@ -16,7 +16,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from pd.api.errors import APIError
 from pd.api.state import ServerState
-from pd.engine_client import EngineDeadError, RequestRejected
+from pd.engine_client import EngineDeadError, EngineOverloaded, RequestRejected, RequestStream
 
 T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.25
@@ -74,24 +74,38 @@ def sampling_params(
         raise APIError(400, str(error)) from error
 
 
-async def generate(
+def open_request(
     state: ServerState,
     prompt: str | None,
     prompt_token_ids: list[int],
     params: SamplingParams,
     stream: bool,
-) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one prompt, with engine failures as API errors."""
+) -> RequestStream:
+    """Submit a request now (synchronously, so the waiting bound holds exactly)."""
     assert state.engine is not None
-    generator = state.engine.generate(prompt, prompt_token_ids, params, stream)
-    async with contextlib.aclosing(generator):
-        try:
-            async for output in generator:
-                yield output
-        except RequestRejected as error:
-            raise APIError(400, str(error)) from error
-        except EngineDeadError as error:
-            raise APIError(503, f"engine unavailable: {error}", type="server_error") from error
+    try:
+        return state.engine.open(
+            prompt, prompt_token_ids, params, stream, state.args.max_waiting_requests
+        )
+    except EngineOverloaded as error:
+        raise APIError(
+            503, f"{error}; retry shortly", type="overloaded_error", headers={"Retry-After": "1"}
+        ) from error
+    except EngineDeadError as error:
+        raise APIError(503, f"engine unavailable: {error}", type="server_error") from error
+
+
+async def outputs(stream: RequestStream) -> AsyncIterator[RequestOutput]:
+    """A request's outputs with engine failures as API errors; closing releases it."""
+    try:
+        async for output in stream:
+            yield output
+    except RequestRejected as error:
+        raise APIError(400, str(error)) from error
+    except EngineDeadError as error:
+        raise APIError(503, f"engine unavailable: {error}", type="server_error") from error
+    finally:
+        await stream.aclose()
 
 
 async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

@@ -21,8 +21,9 @@ from pd.api.protocol import (
 )
 from pd.api.serving_common import (
     check_lengths,
-    generate,
     merge,
+    open_request,
+    outputs,
     room_left,
     sampling_params,
     sse,
@@ -30,6 +31,7 @@ from pd.api.serving_common import (
     unless_disconnected,
 )
 from pd.api.state import ServerState
+from pd.engine_client import RequestStream
 
 
 @dataclass
@@ -60,9 +62,15 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
             400, "echo with logprobs is not supported yet (needs prompt logprobs)", param="echo"
         )
     plan = await _plan(state, body)
+    requests = _open(state, plan, body.stream)
     if body.stream:
-        return StreamingResponse(sse(_stream(state, plan)), media_type="text/event-stream")
-    response = await unless_disconnected(raw, _complete(state, plan))
+        events = _stream(state, plan, requests)
+        return StreamingResponse(sse(events), media_type="text/event-stream")
+    try:
+        response = await unless_disconnected(raw, _complete(state, plan, requests))
+    finally:
+        for request in requests:
+            await request.aclose()
     return JSONResponse(response.model_dump())
 
 
@@ -97,18 +105,26 @@ def _echo_text(state: ServerState, prompt: _Prompt) -> str:
     return state.tokenizer.decode(prompt.token_ids)
 
 
-def _runs(state: ServerState, plan: _Plan, stream: bool) -> list[AsyncIterator]:
-    return [
-        generate(state, prompt.text, prompt.token_ids, params, stream)
-        for prompt, params in zip(plan.prompts, plan.params, strict=True)
-    ]
+def _open(state: ServerState, plan: _Plan, stream: bool) -> list[RequestStream]:
+    """Submit every prompt now; if one is refused, release the others."""
+    requests: list[RequestStream] = []
+    try:
+        for prompt, params in zip(plan.prompts, plan.params, strict=True):
+            requests.append(open_request(state, prompt.text, prompt.token_ids, params, stream))
+    except APIError:
+        for request in requests:
+            request.release()
+        raise
+    return requests
 
 
-async def _complete(state: ServerState, plan: _Plan) -> CompletionResponse:
+async def _complete(
+    state: ServerState, plan: _Plan, requests: list[RequestStream]
+) -> CompletionResponse:
     n = plan.request.n or 1
     choices: list[CompletionResponseChoice] = []
     num_completion_tokens = 0
-    async for prompt_index, output in merge(_runs(state, plan, stream=False)):
+    async for prompt_index, output in merge([outputs(r) for r in requests]):
         prompt = plan.prompts[prompt_index]
         for completion in output.outputs:
             num_completion_tokens += len(completion.token_ids)
@@ -139,11 +155,13 @@ def _logprobs(plan: _Plan, completion: CompletionOutput, text_offset: int):
     )
 
 
-async def _stream(state: ServerState, plan: _Plan) -> AsyncIterator[CompletionStreamResponse]:
+async def _stream(
+    state: ServerState, plan: _Plan, requests: list[RequestStream]
+) -> AsyncIterator[CompletionStreamResponse]:
     n = plan.request.n or 1
     response_id = CompletionStreamResponse(model=plan.request.model, choices=[]).id
     choices: dict[int, _Choice] = {}
-    async for prompt_index, output in merge(_runs(state, plan, stream=True)):
+    async for prompt_index, output in merge([outputs(r) for r in requests]):
         prompt = plan.prompts[prompt_index]
         for completion in output.outputs:
             index = prompt_index * n + completion.index

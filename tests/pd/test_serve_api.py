@@ -621,12 +621,6 @@ def _posts_read_at_once(server: ServerProcess, path: str, bodies: list[dict]) ->
     return statuses
 
 
-@pytest.mark.xfail(
-    reason="server bug: _admit (pd/api/server.py) counts engine.num_not_started, but a "
-    "request joins EngineClient.streams only when its generator first runs, after the "
-    "handler yields; requests read in one event-loop iteration are all admitted",
-    strict=True,
-)
 def test_simultaneous_requests_respect_the_waiting_bound(busy_server, model):
     bodies = [_long_prompt_body(model, i) for i in range(16)]
     statuses = _posts_read_at_once(busy_server, "/v1/completions", bodies)
