@@ -7,8 +7,10 @@ and errors in OpenAI's JSON shape.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,6 +21,8 @@ from pd.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard,
 from pd.api.serving_chat import create_chat_completion
 from pd.api.serving_completion import create_completion
 from pd.api.state import ServerState
+
+RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -48,18 +52,38 @@ def build_app(state: ServerState) -> FastAPI:
         return ModelList(data=cards)
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest, raw: Request) -> Response:
+    async def completions(raw: Request) -> Response:
+        body = await _parse(raw, CompletionRequest)
         _admit(state, body.model)
         return await create_completion(state, body, raw)
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
+    async def chat(raw: Request) -> Response:
+        body = await _parse(raw, ChatCompletionRequest)
         _admit(state, body.model)
         return await create_chat_completion(state, body, raw)
 
     if state.args.metrics_port is None:
         state.metrics.add_metrics_route(app)
     return app
+
+
+async def _parse(raw: Request, model: type[RequestT]) -> RequestT:
+    """Parse and validate a JSON body in a worker thread: a body of many megabytes
+    (millions of token ids, say) must not stall every other request on the loop."""
+    content_type = raw.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise APIError(400, "send the request body as JSON with Content-Type: application/json")
+    body = await raw.body()
+    return await asyncio.to_thread(_validate, model, body)
+
+
+def _validate(model: type[RequestT], body: bytes) -> RequestT:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise APIError(400, f"the request body is not valid UTF-8: {error}") from error
+    return model.model_validate_json(text)
 
 
 async def _check_api_key(request: Request) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -38,7 +39,10 @@ async def create_chat_completion(
     state: ServerState, body: ChatCompletionRequest, raw: Request
 ) -> Response:
     try:
-        text = render_chat(state.tokenizer, body.template_messages())
+        # Off the event loop: a long conversation takes a while to render.
+        text = await asyncio.to_thread(
+            lambda: render_chat(state.tokenizer, body.template_messages())
+        )
     except ValueError as error:
         raise APIError(400, str(error), param="messages") from error
     token_ids = await tokenize(state, text, "messages", add_special_tokens=False)

@@ -80,6 +80,8 @@ async def _plan(state: ServerState, body: CompletionRequest) -> _Plan:
         if isinstance(prompt, str):
             prompts.append(_Prompt(prompt, await tokenize(state, prompt, "prompt")))
         else:
+            # The length first: it is cheap, and bounds the vocabulary scan.
+            check_lengths(state, len(prompt), body.max_tokens, "prompt")
             _check_vocab(state, prompt)
             prompts.append(_Prompt(None, list(prompt)))
     plan = _Plan(prompts, body)

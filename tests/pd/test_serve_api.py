@@ -451,37 +451,11 @@ def test_too_long_prompt_is_400_with_the_lengths(server, model, offline_llm):
     assert error["param"] == "max_tokens"
 
 
-_STALL_BUG = (
-    "server bug: {what} on the API server's event loop, so one such request blocks every "
-    "other (/health too) for ~2 s here, and for longer near the 16 MiB body limit"
-)
 _HUGE_BODIES = [
     pytest.param(COMPLETIONS, {"prompt": "kv " * 400_000}, id="text-1.2MB"),
+    pytest.param(COMPLETIONS, {"prompt": [1] * 3_500_000}, id="token-ids-7MB"),
     pytest.param(
-        COMPLETIONS,
-        {"prompt": [1] * 3_500_000},
-        id="token-ids-7MB",
-        marks=pytest.mark.xfail(
-            reason=_STALL_BUG.format(
-                what="CompletionRequest validation of a token-id prompt runs (_check_prompt's "
-                "Python loop; the strict union str|list[str]|list[int]|list[list[int]] "
-                "collecting an error per item) and _check_vocab scans every id before the "
-                "length check (pd/api/protocol.py, pd/api/serving_completion.py)"
-            ),
-            strict=True,
-        ),
-    ),
-    pytest.param(
-        CHAT,
-        {"messages": [{"role": "user", "content": "kv"}] * 150_000},
-        id="messages-4.6MB",
-        marks=pytest.mark.xfail(
-            reason=_STALL_BUG.format(
-                what="validating 150k messages, template_messages() and render_chat() run "
-                "(create_chat_completion in pd/api/serving_chat.py)"
-            ),
-            strict=True,
-        ),
+        CHAT, {"messages": [{"role": "user", "content": "kv"}] * 150_000}, id="messages-4.6MB"
     ),
 ]
 
