@@ -221,9 +221,6 @@ class OutputProcessor:
     def has_unfinished(self) -> bool:
         return bool(self._parents)
 
-    def get_num_unfinished(self) -> int:
-        return len(self._parents)
-
     def _check_ids_free(self, ids: list[str]) -> None:
         taken = sorted({i for i in ids if i in self._parents or i in self._children})
         if taken:

@@ -115,10 +115,6 @@ class EngineClient:
         self.context.term()
 
     @property
-    def num_unfinished(self) -> int:
-        return len(self.streams)
-
-    @property
     def num_not_started(self) -> int:
         """Requests sent to the engine that have no token yet (queued or prefilling)."""
         return sum(1 for s in self.streams.values() if s.last_token_time is None)
