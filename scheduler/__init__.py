@@ -1,1 +1,5 @@
-"""Cluster scheduling: `local` (one instance) and `splitwise` (Redis). Not built yet."""
+"""Cluster scheduling: `local` (one instance) and `splitwise` (Redis).
+
+So far: the P/D dispatch policy (dispatch_policy.py); the Redis registry, queues
+and result channels come next.
+"""
