@@ -210,8 +210,16 @@ class EngineClient:
             self._send_nowait(encode(Kind.ABORT, processed.to_abort))
         for request_output in processed.request_outputs:
             entry = self.streams.get(request_output.request_id)
-            if entry is not None:
-                entry.queue.put_nowait(request_output)
+            if entry is None:
+                continue
+            if request_output.finished:
+                # Counted per request, after stop strings: once, whatever n is.
+                reason = request_output.outputs[-1].finish_reason or "stop"
+                elapsed = now - entry.arrival
+                self.timings.on_finished(
+                    reason, elapsed, entry.num_prompt_tokens, entry.num_generated
+                )
+            entry.queue.put_nowait(request_output)
 
     def _observe(self, output: EngineCoreOutput, now: float) -> None:
         entry = self.streams.get(self.child_to_parent.get(output.request_id, ""))
@@ -224,13 +232,6 @@ class EngineClient:
                 self.timings.on_inter_token(now - entry.last_token_time)
             entry.last_token_time = now
             entry.num_generated += len(output.new_token_ids)
-        if output.finished:
-            self.timings.on_finished(
-                output.finish_reason or "stop",
-                now - entry.arrival,
-                entry.num_prompt_tokens,
-                entry.num_generated,
-            )
 
     def _on_rejected(self, child_id: str, message: str) -> None:
         entry = self.streams.get(self.child_to_parent.get(child_id, ""))

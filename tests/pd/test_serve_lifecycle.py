@@ -150,3 +150,24 @@ def test_help_is_fast_and_bad_flags_exit_2():
     )
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "--block-size" in bad.stderr
+
+
+def test_finished_requests_are_counted_once_each(server):
+    def count(reason: str) -> float:
+        return server.metric("pd:request_success_total", f'finished_reason="{reason}"')
+
+    stops, lengths = count("stop"), count("length")
+    prompt_tokens = server.metric("pd:prompt_tokens_total")
+    model = server_model(server)
+    body = {"model": model, "prompt": "Count me", "max_tokens": 6, "n": 3, "temperature": 0}
+    reply = httpx.post(f"{server.base_url}/completions", json={**body, "ignore_eos": True})
+    usage = reply.json()["usage"]
+    assert count("length") == lengths + 1  # one request, though n=3
+    assert server.metric("pd:prompt_tokens_total") == prompt_tokens + usage["prompt_tokens"]
+    text = reply.json()["choices"][0]["text"]
+    stopped = httpx.post(
+        f"{server.base_url}/completions",
+        json={**body, "n": 1, "ignore_eos": True, "stop": [text[2:4]]},
+    )
+    assert stopped.json()["choices"][0]["finish_reason"] == "stop"
+    assert count("stop") == stops + 1  # a stop string ends it here, not in the engine
