@@ -1,0 +1,144 @@
+"""The splitwise scheduler: the two ends of the Redis path, composed from the registry,
+the reliable queues, the result channels and the reaper.
+
+- ``SplitwiseFrontend`` is what an API server holds: ``submit`` picks the ranks from a
+  cached registry snapshot and queues the request; results reach ``sink`` in order;
+  ``abort`` withdraws a queued request or tells the ranks holding it.
+- ``SplitwiseRank`` is what an engine rank holds: its registration (with load), its
+  inbox, and a result writer flushed once per engine step.
+Both run a Reaper; the Redis lock lets one act at a time.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from proto import cluster_pb2 as pb
+from scheduler.config import SchedulerConfig, check_id
+from scheduler.dispatch_policy import Dispatch, dispatch
+from scheduler.keys import Keys
+from scheduler.reaper import Reaper
+from scheduler.redis_link import RedisLink
+from scheduler.registry import RankRegistration, RegistryReader
+from scheduler.request_queue import RankInbox, enqueue, send_abort, withdraw
+from scheduler.result_channel import ResultReader, ResultWriter, Sink
+
+
+class SplitwiseFrontend:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        api_id: str,
+        sink: Sink,
+        rng: random.Random | None = None,
+        run_reaper: bool = True,
+    ):
+        self.config = config
+        self.api_id = check_id("api id", api_id)
+        self.keys = Keys(config.topic)
+        self.rng = rng or random.Random()
+        self.registry = RegistryReader(config, name=f"frontend[{api_id}]")
+        self._link = RedisLink(config, f"frontend[{api_id}]")
+        self._sink = sink
+        self.results = ResultReader(config, api_id, self._deliver).start()
+        self.reaper = Reaper(config, api_id).start() if run_reaper else None
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, tuple[pb.DispatchedRequest, bytes]] = {}
+
+    def submit(self, request: pb.DispatchedRequest) -> Dispatch:
+        """Pick ranks for ``request`` and queue it. Raises NoRankAvailable when no live
+        rank can take it, SchedulerUnavailable when Redis cannot be reached."""
+        check_id("request id", request.request_id)
+        picked = dispatch(self.registry.snapshot(), len(request.prompt_token_ids), self.rng)
+        request.owner = self.api_id
+        request.prefill_rank_id = picked.prefill.rank_id
+        request.decode_rank_id = picked.decode.rank_id
+        request.protocol = picked.protocol or ""
+        self.results.expect(request.request_id)
+        try:
+            entry = enqueue(self._link, self.keys, request)
+        except BaseException:
+            self.results.forget(request.request_id)
+            raise
+        with self._lock:
+            self._in_flight[request.request_id] = (request, entry)
+        return picked
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is; its later results are discarded."""
+        self.results.forget(request_id)
+        with self._lock:
+            found = self._in_flight.pop(request_id, None)
+        if found is None:
+            return
+        request, entry = found
+        if withdraw(self._link, self.keys, request.prefill_rank_id, entry):
+            return  # never taken
+        for rank_id in {request.prefill_rank_id, request.decode_rank_id} - {""}:
+            send_abort(self._link, self.keys, rank_id, [request_id])
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def _deliver(self, request_id: str, entries: list[pb.ResultEntry]) -> None:
+        if entries[-1].finish_reason:
+            with self._lock:
+                self._in_flight.pop(request_id, None)
+        self._sink(request_id, entries)
+
+    def close(self) -> None:
+        if self.reaper is not None:
+            self.reaper.stop()
+        self.results.stop()
+        self.registry.close()
+        self._link.close()
+
+
+class SplitwiseRank:
+    def __init__(self, config: SchedulerConfig, record: pb.InstanceRecord, run_reaper: bool = True):
+        self.config = config
+        self.rank_id = check_id("rank id", record.rank_id)
+        self._link = RedisLink(config, f"rank[{record.rank_id}]")
+        self.registration = RankRegistration(config, record)
+        self.inbox = RankInbox(config, record.rank_id, self._link)
+        self.results = ResultWriter(config, record.rank_id)
+        self.reaper = Reaper(config, record.rank_id) if run_reaper else None
+
+    def start(self) -> SplitwiseRank:
+        self.registration.start()
+        if self.reaper is not None:
+            self.reaper.start()
+        return self
+
+    def update_load(self, **load: int) -> None:
+        self.registration.update_load(**load)
+
+    def take(self, max_n: int, block_s: float = 0.0) -> list[pb.DispatchedRequest]:
+        return self.inbox.take(max_n, block_s)
+
+    def take_aborts(self) -> list[str]:
+        return self.inbox.take_aborts()
+
+    def add_result(self, owner: str, entry: pb.ResultEntry) -> None:
+        self.results.add(owner, entry)
+
+    def end_step(self, finished_request_ids: list[str]) -> None:
+        """One round trip: the step's results, then the finished requests' release.
+        Raises SchedulerUnavailable when Redis is down; what was not sent stays pending
+        and goes with the next step's call."""
+        self.inbox.finish(finished_request_ids)
+        pipe = self._link.client.pipeline(transaction=False)
+        self.results.flush_into(pipe)
+        self.inbox.release_into(pipe)
+        if len(pipe):
+            self._link.call(lambda r: pipe.execute())
+        self.results.sent()
+        self.inbox.released()
+
+    def close(self, deregister: bool = True) -> None:
+        if self.reaper is not None:
+            self.reaper.stop()
+        self.registration.stop(deregister)
+        self._link.close()
