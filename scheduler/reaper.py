@@ -105,7 +105,8 @@ class Reaper:
         return [k.decode() for k in self._link.call(lambda r: list(r.scan_iter(match=pattern)))]
 
     def _entries(self, key: str) -> list[bytes]:
-        return self._link.call(lambda r: r.lrange(key, -MAX_ENTRIES_PER_PASS, -1))[::-1]
+        # Newest first: each is RPUSHed onto its new queue, so the oldest is taken first there.
+        return self._link.call(lambda r: r.lrange(key, -MAX_ENTRIES_PER_PASS, -1))
 
     def _redispatch(self, key: str, dead: str, live: list[RankLoad]) -> None:
         # NOTE: loads in the snapshot do not count what this pass adds; spreading by a
@@ -117,7 +118,10 @@ class Reaper:
                 continue
             if not targets:
                 self._fail(
-                    key, entry, request, self._lost(dead, request, "and no live rank can take it")
+                    key,
+                    entry,
+                    request,
+                    self._lost(dead, request, "and no live prefill or mixed rank can take it"),
                 )
                 continue
             target = self._pick(targets)

@@ -9,6 +9,7 @@ import pytest
 from proto import cluster_pb2 as pb
 from scheduler.config import SchedulerConfig
 from scheduler.redis_server import EmbeddedRedis
+from scheduler.registry import RankRegistration
 
 # Short periods keep expiry tests quick; the logic does not depend on the value.
 EXPIRE_PERIOD_MS = 500
@@ -51,3 +52,17 @@ def make_record(
 @pytest.fixture
 def record() -> Callable[..., pb.InstanceRecord]:
     return make_record
+
+
+@pytest.fixture
+def register(config: SchedulerConfig) -> Iterator[Callable[..., RankRegistration]]:
+    """``register(rank_id, **record_fields)``: a live registration, stopped after the test."""
+    started: list[RankRegistration] = []
+
+    def start(rank_id: str, **fields) -> RankRegistration:
+        started.append(RankRegistration(config, make_record(rank_id, **fields)).start())
+        return started[-1]
+
+    yield start
+    for registration in started:
+        registration.stop()

@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from proto import cluster_pb2 as pb  # noqa: E402
-from scheduler.config import SchedulerConfig  # noqa: E402
-from scheduler.redis_link import SchedulerUnavailable  # noqa: E402
-from scheduler.splitwise import SplitwiseRank  # noqa: E402
+from proto import cluster_pb2 as pb
+from scheduler.config import SchedulerConfig
+from scheduler.redis_link import SchedulerUnavailable
+from scheduler.splitwise import SplitwiseRank
 
 
 def main() -> None:
