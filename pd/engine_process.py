@@ -2,8 +2,9 @@
 
 It binds the engine-worker-queue port first (so API servers can connect while
 the model loads), answers HELLO with READY once the model is loaded, then
-loops: take every queued message, run one engine step when there is work,
-send each client the outputs of its requests, and report load.
+loops: take every queued message into the local scheduler, admit as many requests
+as the engine can schedule, run one engine step when there is work, send each
+client the outputs of its requests, and report load.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 import zmq
 
+from engine.outputs import EngineCoreOutput
 from pd.engine_messages import AddRequest, EngineInfo, EngineStats, Kind, decode, encode
+from scheduler.local import LocalScheduler
 
 logger = logging.getLogger("pd.engine")
 
@@ -47,8 +50,9 @@ class EngineLoop:
     def __init__(self, engine, socket: zmq.Socket):
         self.engine = engine
         self.socket = socket
-        self.owner: dict[str, bytes] = {}  # request id -> client identity
+        self.owner: dict[str, bytes] = {}  # request id -> client identity, once admitted
         self.clients: set[bytes] = set()
+        self.scheduler: LocalScheduler[AddRequest, Any] = LocalScheduler(self._send_outputs)
         self.running = True
         self._last_stats = 0.0
         config = engine.config
@@ -61,12 +65,35 @@ class EngineLoop:
 
     def run(self) -> None:
         while self.running:
-            busy = self.engine.has_unfinished()
+            busy = self.engine.has_unfinished() or self.scheduler.num_queued
             if self.socket.poll(0 if busy else _IDLE_POLL_MS):
                 self._drain_messages()
+            self._admit()
+            outputs = self.engine.abort_requests(self.scheduler.take_aborts())
             if self.engine.has_unfinished():
-                self._send_outputs(self.engine.step())
+                outputs += self.engine.step()
+            for output in outputs:
+                self.scheduler.add_result(self.owner[output.request_id], output)
+            finished = [o.request_id for o in outputs if o.finished]
+            self.scheduler.end_step(finished)
+            for request_id in finished:
+                del self.owner[request_id]
             self._maybe_send_stats()
+
+    def _admit(self) -> None:
+        """Move requests from the local scheduler into the engine, only as many as it
+        could run at once: the rest wait in arrival order where aborts cost nothing."""
+        scheduler = self.engine.scheduler
+        max_num_seqs = self.engine.config.scheduler.max_num_seqs
+        capacity = max_num_seqs - len(scheduler.running) - len(scheduler.waiting)
+        for identity, request_id, request in self.scheduler.take(capacity):
+            try:
+                self.engine.add_request(request_id, request.prompt_token_ids, request.params)
+            except ValueError as error:
+                self.scheduler.end_step([request_id])
+                self._send(identity, Kind.REJECTED, [request_id, str(error)])
+                continue
+            self.owner[request_id] = identity
 
     def _drain_messages(self) -> None:
         while self.running:
@@ -84,30 +111,26 @@ class EngineLoop:
         elif kind is Kind.ADD:
             self._add(identity, payload)
         elif kind is Kind.ABORT:
-            self._send_outputs(self.engine.abort_requests(payload))
+            for identity, request_id in self.scheduler.abort(payload):  # never admitted
+                aborted = EngineCoreOutput(request_id, [], finish_reason="abort")
+                self._send(identity, Kind.OUTPUTS, [aborted])
         elif kind is Kind.SHUTDOWN:
             logger.info("shutdown requested")
             self.running = False
 
     def _add(self, identity: bytes, request: AddRequest) -> None:
+        """Reject what can never run at once; queue the rest in the local scheduler."""
         try:
-            self.engine.add_request(request.request_id, request.prompt_token_ids, request.params)
+            self.engine.validate_prompt(request.prompt_token_ids)
+            if request.request_id in self.owner:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
+            num_tokens = len(request.prompt_token_ids)
+            self.scheduler.put(request.request_id, identity, request, num_tokens)
         except ValueError as error:
             self._send(identity, Kind.REJECTED, [request.request_id, str(error)])
-            return
-        self.owner[request.request_id] = identity
 
-    def _send_outputs(self, outputs: list) -> None:
-        by_client: dict[bytes, list] = {}
-        for output in outputs:
-            identity = self.owner.get(output.request_id)
-            if identity is None:
-                continue
-            by_client.setdefault(identity, []).append(output)
-            if output.finished:
-                del self.owner[output.request_id]
-        for identity, batch in by_client.items():
-            self._send(identity, Kind.OUTPUTS, batch)
+    def _send_outputs(self, identity: bytes, outputs: list) -> None:
+        self._send(identity, Kind.OUTPUTS, outputs)
 
     def _maybe_send_stats(self) -> None:
         now = time.monotonic()
@@ -117,7 +140,7 @@ class EngineLoop:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
         stats = EngineStats(
             num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
+            num_waiting=len(scheduler.waiting) + self.scheduler.num_queued,
             num_free_blocks=blocks.num_free_blocks,
             num_blocks=blocks.num_blocks,
         )

@@ -63,6 +63,10 @@ class RedisLink:
             self._recovered()
         return result
 
+    def server_id(self) -> str:
+        """The server's run id: it changes when Redis restarts (and has lost its data)."""
+        return self.call(lambda r: r.info("server")["run_id"])
+
     def backoff_s(self) -> float:
         """How long a loop should pause after a failure: doubles per failure, bounded."""
         return min(MIN_BACKOFF_S * 2 ** min(self._num_failures, 10), MAX_BACKOFF_S)

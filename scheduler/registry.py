@@ -11,6 +11,9 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
+
+import redis
 
 from proto import cluster_pb2 as pb
 from scheduler.config import SchedulerConfig
@@ -54,13 +57,20 @@ class RankRegistration:
     reference swap, never I/O); a daemon thread writes the record ``heartbeat_interval_s``
     apart, so a Redis restart is repaired by the next write without restarting ranks."""
 
-    def __init__(self, config: SchedulerConfig, record: pb.InstanceRecord):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        record: pb.InstanceRecord,
+        on_redis_restart: Callable[[], None] | None = None,
+    ):
         parse_record(encode(record))  # refuse to publish what readers would skip
         self.config = config
         self.key = Keys(config.topic).instance(record.role, record.rank_id)
         self._record = record
         self._load = pb.RankLoad()
         self._link = RedisLink(config, f"registry[{record.rank_id}]")
+        self._on_redis_restart = on_redis_restart
+        self._server_id: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"registry-{record.rank_id}", daemon=True
@@ -101,11 +111,25 @@ class RankRegistration:
     def _write(self) -> bool:
         self._record.load.CopyFrom(self._load)
         value = encode(self._record)
+
+        def write(r: redis.Redis) -> str:
+            pipe = r.pipeline(transaction=False)
+            pipe.set(self.key, value, px=self.config.expire_period_ms)
+            pipe.info("server")
+            return pipe.execute()[1]["run_id"]
+
         try:
-            self._link.call(lambda r: r.set(self.key, value, px=self.config.expire_period_ms))
-            return True
+            server_id = self._link.call(write)
         except SchedulerUnavailable:
             return False
+        if self._server_id not in (None, server_id) and self._on_redis_restart is not None:
+            logger.warning("%s: Redis restarted; restoring what it lost", self.rank_id)
+            try:
+                self._on_redis_restart()
+            except SchedulerUnavailable:
+                return False  # the server id is not updated: the next write tries again
+        self._server_id = server_id
+        return True
 
     def _run(self) -> None:
         while not self._stop.wait(self.config.heartbeat_interval_s):

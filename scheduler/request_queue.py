@@ -183,6 +183,12 @@ class RankInbox:
             self._entries.pop(request_id, None)
         self._finished.clear()
 
+    def restore(self) -> None:
+        """Rewrite T:proc after a Redis restart lost it (called off the engine loop)."""
+        entries = list(self._entries.values())
+        if entries:
+            self._link.call(lambda r: r.lpush(self.proc_key, *entries))
+
     @property
     def num_taken(self) -> int:
         return len(self._entries)
