@@ -135,7 +135,7 @@ def main() -> None:
 
         # A rank's side: take what is queued, answer each request, release it.
         rank = SplitwiseRank(config, make_record(0), run_reaper=False)
-        queued = client.llen("bench:req:rank0")
+        queued = client.llen("bench:req:{rank0}")
         rank_samples: list[float] = []
         before = trips.count
         while True:

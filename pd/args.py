@@ -15,7 +15,7 @@ import argparse
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pd.args_validation import (
     check_combinations,
@@ -29,6 +29,9 @@ from pd.args_validation import (
     parse_protocols,
     parse_size,
 )
+
+if TYPE_CHECKING:
+    from scheduler.config import SchedulerConfig
 
 DEFAULT_PORT = 8000
 DEFAULT_PROTOCOLS = ("ipc", "tcp")
@@ -103,6 +106,20 @@ class ServeArgs:
         if len(self.ports) != 1:
             raise ValueError(f"{len(self.ports)} API servers (--ports) have no single api_port")
         return self.ports[0]
+
+    def scheduler_config(self) -> SchedulerConfig:
+        from scheduler.config import SchedulerConfig
+
+        return SchedulerConfig(
+            name=self.scheduler_name,
+            host=self.scheduler_host,
+            port=self.scheduler_port,
+            db=self.scheduler_db,
+            password=self.scheduler_password,
+            topic=self.scheduler_topic,
+            ttl_s=self.scheduler_ttl,
+            expire_period_ms=self.scheduler_expire_period,
+        )
 
 
 class _OneLineParser(argparse.ArgumentParser):

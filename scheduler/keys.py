@@ -6,6 +6,11 @@ T:proc:<rank id>         DispatchedRequest list, taken by the rank and not yet f
 T:res:<api id>           ResultBatch list for one API server, EXPIRE = ttl
 T:ctl:<rank id>          ControlMessage list (aborts) for one rank
 T:reaper                 lock of the instance settling dead ranks' requests
+
+The braces are a Redis Cluster hash tag: a rank's queue and processing list live in one
+slot, so ``take`` (one script over both) also runs on a cluster. NOTE: the reaper's
+scripts (dead queue -> live queue, processing list -> owner's results) still span two
+slots; they need a single Redis or Sentinel until they are split into idempotent steps.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ class Keys:
         return f"{self.topic}:inst:*"
 
     def queue(self, rank_id: str) -> str:
-        return f"{self.topic}:req:{check_id('rank id', rank_id)}"
+        return f"{self.topic}:req:{{{check_id('rank id', rank_id)}}}"
 
     def processing(self, rank_id: str) -> str:
-        return f"{self.topic}:proc:{check_id('rank id', rank_id)}"
+        return f"{self.topic}:proc:{{{check_id('rank id', rank_id)}}}"
 
     def results(self, api_id: str) -> str:
         return f"{self.topic}:res:{check_id('api id', api_id)}"
@@ -51,4 +56,4 @@ class Keys:
 
     def rank_of(self, key: str) -> str:
         """The rank id at the end of a ``req``/``proc``/``ctl`` key."""
-        return key.rsplit(":", 1)[1]
+        return key.rsplit(":", 1)[1].strip("{}")

@@ -316,3 +316,16 @@ def test_help_is_fast_and_imports_no_torch():
     assert done.returncode == 0, done.stderr
     assert "cluster scheduler:" in done.stdout
     assert elapsed < 3.0, f"pd-serve --help took {elapsed:.2f} s"
+
+
+def test_scheduler_flags_make_a_scheduler_config() -> None:
+    from pd.args import ServeArgs
+
+    config = ServeArgs(
+        model="m", scheduler_host="redis.local", scheduler_port=6380, scheduler_db=2,
+        scheduler_password="pw", scheduler_topic="prod", scheduler_ttl=60,
+        scheduler_expire_period=5000,
+    ).scheduler_config()  # fmt: skip
+    assert (config.host, config.port, config.db, config.password) == ("redis.local", 6380, 2, "pw")
+    assert (config.topic, config.ttl_s, config.expire_period_ms) == ("prod", 60, 5000)
+    assert config.heartbeat_interval_s == 1.25

@@ -112,7 +112,7 @@ def test_malformed_entries_of_a_dead_rank_are_dropped(
 ) -> None:
     client = redis.Redis(port=redis_server.port)
     register("m1")
-    client.lpush("t:req:gone", b"\xffjunk")
-    client.lpush("t:proc:gone", b"\xffjunk")
+    client.lpush("t:req:{gone}", b"\xffjunk")
+    client.lpush("t:proc:{gone}", b"\xffjunk")
     Reaper(config, "test").run_once()
     assert client.keys("t:req:*") == [] and client.keys("t:proc:*") == []
