@@ -1,6 +1,6 @@
 """A Redis connection that knows when Redis is gone: errors are logged once per outage
-(and the recovery once), callers get ``SchedulerUnavailable``, and loops back off
-with a bounded, growing pause instead of hammering a dead server."""
+per process (and the recovery once), callers get ``SchedulerUnavailable``, and loops
+back off with a bounded, growing pause instead of hammering a dead server."""
 
 from __future__ import annotations
 
@@ -27,6 +27,24 @@ class SchedulerUnavailable(RuntimeError):
     """Redis cannot be reached (or answered with an error) right now."""
 
 
+class _Outage:
+    """Whether one Redis server is unreachable, shared by every link to it in a process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.since: float | None = None
+        self.num_failures = 0
+
+
+_outages: dict[tuple[str, int, int], _Outage] = {}
+_outages_lock = threading.Lock()
+
+
+def _outage_of(config: SchedulerConfig) -> _Outage:
+    with _outages_lock:
+        return _outages.setdefault((config.host, config.port, config.db), _Outage())
+
+
 class RedisLink:
     def __init__(self, config: SchedulerConfig, name: str, socket_timeout_s: float = 5.0):
         self.config = config
@@ -42,13 +60,12 @@ class RedisLink:
             socket_connect_timeout=min(socket_timeout_s, 2.0),
             retry=Retry(NoBackoff(), 0),
         )
-        self._lock = threading.Lock()
-        self._outage_since: float | None = None
-        self._num_failures = 0
+        self._outage = _outage_of(config)
+        self._num_failures = 0  # this link's, for its backoff
 
     @property
     def is_down(self) -> bool:
-        return self._outage_since is not None
+        return self._outage.since is not None
 
     def call(self, op: Callable[[redis.Redis], T]) -> T:
         """Run ``op(client)``; a connection or server error becomes ``SchedulerUnavailable``."""
@@ -59,7 +76,8 @@ class RedisLink:
             raise SchedulerUnavailable(
                 f"Redis at {self.config.host}:{self.config.port} is unavailable: {e}"
             ) from e
-        if self._outage_since is not None:
+        self._num_failures = 0
+        if self._outage.since is not None:
             self._recovered()
         return result
 
@@ -81,10 +99,12 @@ class RedisLink:
         self.client.close()
 
     def _failed(self, error: Exception) -> None:
-        with self._lock:
-            self._num_failures += 1
-            if self._outage_since is None:
-                self._outage_since = time.monotonic()
+        self._num_failures += 1
+        outage = self._outage
+        with outage.lock:
+            outage.num_failures += 1
+            if outage.since is None:
+                outage.since = time.monotonic()
                 logger.warning(
                     "%s: Redis at %s:%d unavailable (%s); retrying quietly until it is back",
                     self.name,
@@ -94,16 +114,17 @@ class RedisLink:
                 )
 
     def _recovered(self) -> None:
-        with self._lock:
-            if self._outage_since is None:
+        outage = self._outage
+        with outage.lock:
+            if outage.since is None:
                 return
             logger.warning(
                 "%s: Redis at %s:%d is back after %.1f s (%d failed calls)",
                 self.name,
                 self.config.host,
                 self.config.port,
-                time.monotonic() - self._outage_since,
-                self._num_failures,
+                time.monotonic() - outage.since,
+                outage.num_failures,
             )
-            self._outage_since = None
-            self._num_failures = 0
+            outage.since = None
+            outage.num_failures = 0

@@ -120,10 +120,10 @@ def test_ranks_reregister_after_a_redis_restart(
         reader.close()
 
 
-def test_redis_outage_is_logged_once(
+def test_redis_outage_is_logged_once_per_process(
     config: SchedulerConfig, redis_server: EmbeddedRedis, record, caplog
 ) -> None:
-    rank = RankRegistration(config, record("r0")).start()
+    ranks = [RankRegistration(config, record(f"r{i}")).start() for i in range(3)]
     try:
         with caplog.at_level(logging.WARNING, logger="scheduler.redis_link"):
             redis_server.kill()
@@ -134,7 +134,8 @@ def test_redis_outage_is_logged_once(
         assert sum("unavailable" in m for m in messages) == 1, messages
         assert sum("is back after" in m for m in messages) == 1, messages
     finally:
-        rank.stop()
+        for rank in ranks:
+            rank.stop()
 
 
 def test_malformed_records_are_skipped_with_a_warning(
