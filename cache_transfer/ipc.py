@@ -1,0 +1,143 @@
+"""The ipc backend: two processes of one host.
+
+- CPU pools live in shared memory (``allocate_shared_pool``: a file in /dev/shm); the
+  peer maps the file once and copies regions straight into it.
+- CUDA pools are exported with a CUDA IPC handle; the peer opens it once (the same
+  mechanism torch.multiprocessing uses) and copies on a dedicated stream that first
+  waits for the work already queued on the caller's stream, so a layer's write starts
+  as soon as that layer's KV is computed, while later layers compute.
+Writes are one-sided: the receiver cannot refuse them, so the caller must only write
+into blocks pd-comm reserved for it (the lease bounds how long that holds).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+
+import torch
+
+from cache_transfer.pool_bytes import flat_bytes
+from cache_transfer.regions import Region
+from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle
+from engine.kv_cache import KVCacheLayout
+
+SHM_DIR = "/dev/shm"
+
+
+def allocate_shared_pool(
+    layout: KVCacheLayout, path: str | None = None
+) -> tuple[torch.Tensor, str]:
+    """A zeroed CPU KV pool backed by a shared-memory file; returns (pool, path)."""
+    path = path or os.path.join(SHM_DIR, f"pd-kv-{uuid.uuid4().hex}")
+    numel = 1
+    for size in layout.shape:
+        numel *= size
+    pool = torch.from_file(path, shared=True, size=numel, dtype=layout.dtype)
+    return pool.view(layout.shape), path
+
+
+class IpcTransferEngine(TransferEngine):
+    protocol = "ipc"
+
+    def __init__(self, pool: torch.Tensor, layout: KVCacheLayout, shm_path: str | None = None):
+        super().__init__(pool, layout)
+        if pool.device.type == "cpu" and shm_path is None:
+            raise ValueError("ipc on CPU needs the KV pool in shared memory (allocate_shared_pool)")
+        self.shm_path = shm_path
+        self.hostname = socket.gethostname()
+        self._local = flat_bytes(pool)
+        self._peers: dict[str, torch.Tensor] = {}
+        self._jobs: queue.Queue = queue.Queue()
+        self._stream = torch.cuda.Stream(pool.device) if pool.is_cuda else None
+        self._worker = threading.Thread(target=self._run, name="ipc-kv", daemon=True)
+        self._worker.start()
+
+    def endpoint(self) -> dict:
+        if self._stream is None:
+            return {"protocol": "ipc", "host": self.hostname, "kind": "shm",
+                    "path": self.shm_path, "nbytes": self._local.numel()}  # fmt: skip
+        storage = self.pool.untyped_storage()
+        (device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
+            storage._share_cuda_()
+        )
+        return {"protocol": "ipc", "host": self.hostname, "kind": "cuda", "device": device,
+                "handle": handle, "size": size, "offset": offset, "ref_handle": ref_handle,
+                "ref_offset": ref_offset, "event_handle": event_handle,
+                "event_sync": event_sync, "nbytes": self._local.numel()}  # fmt: skip
+
+    def connect(self, peer_id: str, endpoint: dict) -> None:
+        if peer_id in self._peers:
+            return
+        if endpoint.get("host") != self.hostname:
+            raise TransferError(
+                f"ipc needs both ranks on one host: {peer_id} is on {endpoint.get('host')}, "
+                f"this rank on {self.hostname}"
+            )
+        try:
+            self._peers[peer_id] = self._open(endpoint)
+        except (OSError, RuntimeError) as e:
+            raise TransferError(f"cannot open {peer_id}'s KV pool over ipc: {e}") from e
+
+    def _open(self, endpoint: dict) -> torch.Tensor:
+        nbytes = int(endpoint["nbytes"])
+        if endpoint["kind"] == "shm":
+            if self._stream is not None:
+                raise TransferError("a CUDA pool cannot write into a peer's CPU pool over ipc")
+            if os.path.getsize(endpoint["path"]) != nbytes:
+                raise TransferError(f"{endpoint['path']} is not {nbytes} bytes")
+            return torch.from_file(endpoint["path"], shared=True, size=nbytes, dtype=torch.uint8)
+        if self._stream is None:
+            raise TransferError("a CPU pool cannot write into a peer's CUDA pool over ipc")
+        storage = torch.UntypedStorage._new_shared_cuda(
+            endpoint["device"], endpoint["handle"], endpoint["size"], endpoint["offset"],
+            endpoint["ref_handle"], endpoint["ref_offset"], endpoint["event_handle"],
+            endpoint["event_sync"],
+        )  # fmt: skip
+        peer = torch.empty(0, dtype=torch.uint8, device=f"cuda:{endpoint['device']}")
+        return peer.set_(storage, 0, (nbytes,), (1,))
+
+    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            raise TransferError(f"not connected to {peer_id}")
+        handle = TransferHandle(f"ipc write {transfer_id} to {peer_id}")
+        if self._stream is None:
+            self._jobs.put((peer, list(regions), handle, None))
+            return handle
+        # Queue the copies now, behind what the caller's stream has already queued.
+        self._stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+        with torch.cuda.stream(self._stream):
+            for r in regions:
+                peer[r.dst_offset : r.dst_offset + r.nbytes].copy_(
+                    self._local[r.src_offset : r.src_offset + r.nbytes], non_blocking=True
+                )
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        self._jobs.put((peer, None, handle, done))
+        return handle
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            peer, regions, handle, event = job
+            if event is not None:
+                event.synchronize()
+            else:
+                for r in regions:
+                    if handle.is_done:  # cancelled
+                        break
+                    peer[r.dst_offset : r.dst_offset + r.nbytes].copy_(
+                        self._local[r.src_offset : r.src_offset + r.nbytes]
+                    )
+            handle.part_done()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._worker.join(timeout=10)
+        self._peers.clear()
+        if self.shm_path is not None and os.path.exists(self.shm_path):
+            os.unlink(self.shm_path)  # mappings that are open stay valid

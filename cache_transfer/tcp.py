@@ -1,0 +1,295 @@
+"""The tcp backend: any two hosts.
+
+Sender: ``num_streams`` sockets per peer, each with a writer thread (frames out) and
+a reader thread (acknowledgements in). A write is cut into chunks of at most
+``chunk_bytes`` (regions are already coalesced runs of blocks, so there is no
+per-block round trip), spread over the streams by bytes, and closed on each stream
+it used by a SYNC frame; it completes when every such stream has acknowledged it.
+Receiver: one thread per incoming stream reads each DATA frame's payload straight
+into the pool (``recv_into`` at the destination offset) after checking that the
+range is open for the frame's transfer id; a refused frame is drained and the
+transfer's next SYNC is answered with NACK and the reason.
+
+    frame header  <4s B 3x Q Q Q : magic, kind, transfer id, offset|seq, nbytes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import struct
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cache_transfer.pool_bytes import Staging, host_view
+from cache_transfer.regions import Region
+from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle
+from engine.kv_cache import KVCacheLayout
+
+logger = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<4sB3xQQQ")
+MAGIC = b"PDKV"
+DATA, SYNC, ACK, NACK = 1, 2, 3, 4
+CHUNK_BYTES = 4 << 20
+SOCKET_TIMEOUT_S = 30.0
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    while view:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("peer closed the stream")
+        view = view[n:]
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, 8 << 20)
+
+
+@dataclass
+class _Job:
+    handle: TransferHandle
+    transfer_id: int
+    chunks: list[Region] = field(default_factory=list)
+    nbytes: int = 0
+
+
+class _Stream:
+    """One sending socket: jobs go out in order; their SYNCs are acknowledged in order."""
+
+    def __init__(self, address: tuple[str, int], source: TcpTransferEngine, name: str):
+        self.name = name
+        self.sock = socket.create_connection(address, timeout=SOCKET_TIMEOUT_S)
+        _tune(self.sock)
+        self.source = source
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.pending: deque[tuple[int, TransferHandle]] = deque()
+        self.lock = threading.Lock()
+        self.broken: TransferError | None = None
+        self._seq = 0
+        self._staging = Staging(source.pool, CHUNK_BYTES) if source.pool.is_cuda else None
+        threading.Thread(target=self._write_loop, name=f"{name}-tx", daemon=True).start()
+        threading.Thread(target=self._ack_loop, name=f"{name}-rx", daemon=True).start()
+
+    def submit(self, job: _Job) -> None:
+        if self.broken is not None:
+            job.handle.fail(self.broken)
+        else:
+            self.jobs.put(job)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+    def _write_loop(self) -> None:
+        try:
+            while (job := self.jobs.get()) is not None:
+                self._send(job)
+            self.sock.shutdown(socket.SHUT_WR)  # closed by us: the ack loop sees EOF
+        except OSError as e:
+            self._break(TransferError(f"{self.name}: send failed: {e}"))
+
+    def _send(self, job: _Job) -> None:
+        for chunk in job.chunks:
+            if job.handle.is_done:  # cancelled or failed elsewhere: skip what is left
+                break
+            self.sock.sendall(HEADER.pack(MAGIC, DATA, job.transfer_id, chunk.dst_offset,
+                                          chunk.nbytes))  # fmt: skip
+            self.sock.sendall(self._payload(chunk))
+        with self.lock:
+            self._seq += 1
+            self.pending.append((self._seq, job.handle))
+        self.sock.sendall(HEADER.pack(MAGIC, SYNC, job.transfer_id, self._seq, 0))
+
+    def _payload(self, chunk: Region) -> memoryview:
+        if self._staging is not None:
+            return self._staging.load(chunk.src_offset, chunk.nbytes)
+        return self.source.host[chunk.src_offset : chunk.src_offset + chunk.nbytes]
+
+    def _ack_loop(self) -> None:
+        header = bytearray(HEADER.size)
+        try:
+            while True:
+                _recv_exact(self.sock, memoryview(header))
+                magic, kind, transfer_id, seq, nbytes = HEADER.unpack(header)
+                reason = b""
+                if kind == NACK:
+                    reason = bytearray(nbytes)
+                    _recv_exact(self.sock, memoryview(reason))
+                with self.lock:
+                    expected, handle = self.pending.popleft()
+                if magic != MAGIC or seq != expected or kind not in (ACK, NACK):
+                    raise ConnectionError(f"bad acknowledgement (kind {kind}, seq {seq})")
+                if kind == ACK:
+                    handle.part_done()
+                else:
+                    handle.fail(TransferError(f"{self.name}: peer refused transfer "
+                                              f"{transfer_id}: {reason.decode()}"))  # fmt: skip
+        except (OSError, IndexError) as e:
+            self._break(TransferError(f"{self.name}: stream broke: {e}"))
+
+    def _break(self, error: TransferError) -> None:
+        with self.lock:
+            if self.broken is None:
+                self.broken = error
+            failed = [handle for _, handle in self.pending]
+            self.pending.clear()
+        for handle in failed:
+            handle.fail(error)
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.handle.fail(error)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _Receiver:
+    """Accepts streams and lands their frames in the pool."""
+
+    def __init__(self, engine: TcpTransferEngine, host: str, port: int):
+        self.engine = engine
+        self.listener = socket.create_server((host, port), backlog=128)
+        self.address = self.listener.getsockname()[:2]
+        self.closed = False
+        threading.Thread(target=self._accept_loop, name="tcp-kv-accept", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while not self.closed:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError:
+                return
+            _tune(sock)
+            sock.settimeout(None)  # a stream may idle between requests
+            threading.Thread(target=self._serve, args=(sock, peer), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, peer: tuple) -> None:
+        engine = self.engine
+        header = bytearray(HEADER.size)
+        refused: dict[int, str] = {}  # transfer id -> why, until its SYNC
+        staging = Staging(engine.pool, CHUNK_BYTES) if engine.pool.is_cuda else None
+        try:
+            while True:
+                _recv_exact(sock, memoryview(header))
+                magic, kind, transfer_id, offset, nbytes = HEADER.unpack(header)
+                if magic != MAGIC or kind not in (DATA, SYNC):
+                    raise ConnectionError(f"not a KV stream (magic {magic!r}, kind {kind})")
+                if kind == SYNC:
+                    why = refused.pop(transfer_id, None)
+                    if why is None:
+                        sock.sendall(HEADER.pack(MAGIC, ACK, transfer_id, offset, 0))
+                    else:
+                        reason = why.encode()
+                        sock.sendall(HEADER.pack(MAGIC, NACK, transfer_id, offset, len(reason)))
+                        sock.sendall(reason)
+                    continue
+                why = engine.check_allowed(transfer_id, offset, nbytes)
+                if why is not None or nbytes > CHUNK_BYTES:
+                    refused[transfer_id] = why or f"frame of {nbytes} bytes exceeds {CHUNK_BYTES}"
+                    self._drain(sock, nbytes)
+                elif staging is not None:
+                    _recv_exact(sock, staging.view[:nbytes])
+                    staging.store(offset, nbytes)
+                else:
+                    _recv_exact(sock, engine.host[offset : offset + nbytes])
+        except (OSError, ConnectionError) as e:
+            if not self.closed:
+                logger.debug("tcp KV stream from %s ended: %s", peer, e)
+        finally:
+            sock.close()
+
+    @staticmethod
+    def _drain(sock: socket.socket, nbytes: int) -> None:
+        sink = memoryview(bytearray(min(nbytes, 1 << 20)))
+        while nbytes:
+            n = sock.recv_into(sink[: min(nbytes, len(sink))])
+            if n == 0:
+                raise ConnectionError("peer closed the stream")
+            nbytes -= n
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+class TcpTransferEngine(TransferEngine):
+    protocol = "tcp"
+
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        layout: KVCacheLayout,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        num_streams: int = 4,
+        listen: bool = True,
+    ):
+        super().__init__(pool, layout)
+        self.host = host_view(pool)
+        self.num_streams = num_streams
+        self._streams: dict[str, list[_Stream]] = {}
+        self._lock = threading.Lock()
+        self._receiver = _Receiver(self, host, port) if listen else None
+
+    def endpoint(self) -> dict:
+        if self._receiver is None:
+            raise RuntimeError("this tcp engine does not listen")
+        host, port = self._receiver.address
+        return {"protocol": "tcp", "host": host, "port": port}
+
+    def connect(self, peer_id: str, endpoint: dict) -> None:
+        with self._lock:
+            streams = self._streams.get(peer_id)
+            if streams and all(s.broken is None for s in streams):
+                return
+        address = (endpoint["host"], int(endpoint["port"]))
+        try:
+            fresh = [_Stream(address, self, f"tcp[{peer_id}#{i}]") for i in range(self.num_streams)]
+        except OSError as e:
+            raise TransferError(f"cannot connect to {peer_id} at {address}: {e}") from e
+        with self._lock:
+            old, self._streams[peer_id] = self._streams.get(peer_id, []), fresh
+        for stream in old:
+            stream.close()
+
+    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+        with self._lock:
+            streams = self._streams.get(peer_id)
+        if not streams:
+            raise TransferError(f"not connected to {peer_id}")
+        jobs = [_Job(TransferHandle(""), transfer_id) for _ in streams]
+        for region in regions:  # cut into chunks, each to the least-loaded stream
+            for start in range(0, region.nbytes, CHUNK_BYTES):
+                nbytes = min(CHUNK_BYTES, region.nbytes - start)
+                job = min(jobs, key=lambda j: j.nbytes)
+                job.chunks.append(
+                    Region(region.src_offset + start, region.dst_offset + start, nbytes)
+                )
+                job.nbytes += nbytes
+        used = [(stream, job) for stream, job in zip(streams, jobs, strict=True) if job.chunks]
+        handle = TransferHandle(f"tcp write {transfer_id} to {peer_id}", num_parts=len(used))
+        for stream, job in used:
+            job.handle = handle
+            stream.submit(job)
+        return handle
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.close()
+        with self._lock:
+            streams = [s for group in self._streams.values() for s in group]
+            self._streams.clear()
+        for stream in streams:
+            stream.close()

@@ -1,0 +1,153 @@
+"""The interface every KV-transfer backend implements, and the handle of one write.
+
+A rank registers its KV pool once. The receiving side (decode) publishes an
+``endpoint()`` descriptor (returned by pd-comm's Reserve); the sending side (prefill)
+``connect``s to it once per peer, then submits ``write``s — typically one per layer, as
+soon as that layer's KV is computed, so transfers overlap the next layers' compute.
+A write is asynchronous: it returns a ``TransferHandle`` to wait on (with a timeout) or
+cancel. Writes to one peer land in submission order per backend stream; a request's
+transfer is complete when the handles of all its writes are.
+
+Receivers accept writes only into byte ranges opened for a transfer id
+(``allow``/``revoke``), so a late or stray write can never land in blocks that were
+released and handed to another request.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from cache_transfer.regions import Region
+from engine.kv_cache import KVCacheLayout
+
+
+class TransferError(RuntimeError):
+    """A write failed; the message says which peer and why."""
+
+
+class TransferTimeout(TransferError):
+    """A write did not complete within its deadline."""
+
+
+class TransferCancelled(TransferError):
+    """A write was cancelled before it completed."""
+
+
+class TransferHandle:
+    """Completion of one write: set by the backend, awaited by the caller."""
+
+    def __init__(self, description: str, num_parts: int = 1):
+        self.description = description
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._remaining = num_parts
+        self._error: TransferError | None = None
+        if num_parts == 0:
+            self._done.set()
+
+    def part_done(self) -> None:
+        with self._lock:
+            self._remaining -= 1
+            if self._remaining <= 0:
+                self._done.set()
+
+    def fail(self, error: TransferError) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = error
+            self._done.set()
+
+    def cancel(self) -> None:
+        self.fail(TransferCancelled(f"{self.description}: cancelled"))
+
+    @property
+    def is_done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def is_cancelled(self) -> bool:
+        return isinstance(self._error, TransferCancelled)
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Return once every byte has landed; raise TransferError otherwise."""
+        if not self._done.wait(timeout_s):
+            self.fail(TransferTimeout(f"{self.description}: not done after {timeout_s} s"))
+        if self._error is not None:
+            raise self._error
+
+
+def wait_all(handles: Sequence[TransferHandle], timeout_s: float) -> None:
+    """Wait for several writes under one overall deadline; cancel the rest on failure."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        for handle in handles:
+            handle.wait(max(deadline - time.monotonic(), 0.0))
+    except TransferError:
+        for handle in handles:
+            if not handle.is_done:
+                handle.cancel()
+        raise
+
+
+class TransferEngine(ABC):
+    """One rank's transfer endpoint for one protocol."""
+
+    protocol: str
+
+    def __init__(self, pool: torch.Tensor, layout: KVCacheLayout):
+        if tuple(pool.shape) != layout.shape or pool.dtype != layout.dtype:
+            raise ValueError(f"pool {tuple(pool.shape)} {pool.dtype} does not match {layout}")
+        if not pool.is_contiguous():
+            raise ValueError("the KV pool must be one contiguous tensor")
+        self.pool = pool
+        self.layout = layout
+        self._allowed: dict[int, list[tuple[int, int]]] = {}
+        self._allowed_lock = threading.Lock()
+
+    # -- receiving side -------------------------------------------------------------
+
+    @abstractmethod
+    def endpoint(self) -> dict:
+        """What a peer needs to reach this pool (msgpack-able; travels in Reserve's reply)."""
+
+    def allow(self, transfer_id: int, byte_ranges: Sequence[tuple[int, int]]) -> None:
+        """Accept writes of ``transfer_id`` into these [start, end) ranges of the pool.
+        NOTE: one-sided backends (ipc, rdma) cannot refuse a write at the receiver; for
+        them this bookkeeping documents intent, and the lease (pd-comm) bounds exposure."""
+        with self._allowed_lock:
+            self._allowed[transfer_id] = sorted(byte_ranges)
+
+    def revoke(self, transfer_id: int) -> None:
+        """Stop accepting writes of ``transfer_id`` (committed, aborted or expired)."""
+        with self._allowed_lock:
+            self._allowed.pop(transfer_id, None)
+
+    def check_allowed(self, transfer_id: int, offset: int, nbytes: int) -> str | None:
+        """None if a write of [offset, offset + nbytes) may land; else why not."""
+        with self._allowed_lock:
+            ranges = self._allowed.get(transfer_id)
+        if ranges is None:
+            return f"transfer {transfer_id} is not open (never reserved, committed or aborted)"
+        if any(start <= offset and offset + nbytes <= end for start, end in ranges):
+            return None
+        return f"bytes [{offset}, {offset + nbytes}) are outside transfer {transfer_id}'s blocks"
+
+    # -- sending side ---------------------------------------------------------------
+
+    @abstractmethod
+    def connect(self, peer_id: str, endpoint: dict) -> None:
+        """Prepare to write into the pool behind ``endpoint`` (idempotent per peer)."""
+
+    @abstractmethod
+    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+        """Copy ``regions`` of the local pool into the peer's pool, asynchronously."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release sockets, mappings and threads."""
