@@ -1,0 +1,115 @@
+"""Decode-side bookkeeping of pd-comm: blocks reserved for a prefill rank's write, each
+under a lease. A reservation ends one of three ways: Commit hands its blocks to the
+engine, Abort releases them, or the lease runs out and the decode rank releases them
+itself — so a prefill rank that dies never leaks decode blocks."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class BlockAllocator(Protocol):
+    """The decode engine's side: blocks for a request that is about to arrive."""
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Block ids holding ``num_tokens`` tokens, or None when there is no room."""
+
+    def release(self, request_id: str) -> None:
+        """Free what ``reserve`` gave ``request_id``."""
+
+    @property
+    def num_free_blocks(self) -> int: ...
+
+
+@dataclass
+class Reservation:
+    request_id: str
+    transfer_id: int
+    block_ids: list[int]
+    protocol: str
+    expires_at: float
+
+
+class Reservations:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        lease_s: float,
+        on_end: Callable[[Reservation], None] = lambda r: None,
+    ):
+        self.allocator = allocator
+        self.lease_s = lease_s
+        self.on_end = on_end  # called once per reservation that ends (revoke transfers)
+        self._lock = threading.Lock()
+        self._by_request: dict[str, Reservation] = {}
+        self._next_transfer_id = random.getrandbits(40) << 16  # fresh after a restart
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._expire_loop, name="pd-leases", daemon=True)
+        self._thread.start()
+        self.num_expired = 0
+
+    def reserve(self, request_id: str, num_tokens: int, protocol: str) -> Reservation | None:
+        """A new reservation, or None when there is no room; ValueError on a duplicate."""
+        with self._lock:
+            if request_id in self._by_request:
+                raise ValueError(f"request {request_id} already holds a reservation")
+            block_ids = self.allocator.reserve(request_id, num_tokens)
+            if block_ids is None:
+                return None
+            self._next_transfer_id += 1
+            reservation = Reservation(
+                request_id, self._next_transfer_id, block_ids, protocol,
+                time.monotonic() + self.lease_s,
+            )  # fmt: skip
+            self._by_request[request_id] = reservation
+            return reservation
+
+    def take(self, request_id: str, transfer_id: int) -> Reservation | None:
+        """End a reservation by handing its blocks over (Commit); None if it is gone."""
+        with self._lock:
+            reservation = self._by_request.get(request_id)
+            if reservation is None or reservation.transfer_id != transfer_id:
+                return None
+            del self._by_request[request_id]
+        self.on_end(reservation)
+        return reservation
+
+    def release(self, request_id: str) -> bool:
+        with self._lock:
+            reservation = self._by_request.pop(request_id, None)
+            if reservation is not None:
+                self.allocator.release(request_id)
+        if reservation is not None:
+            self.on_end(reservation)
+        return reservation is not None
+
+    def __len__(self) -> int:
+        return len(self._by_request)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for request_id in list(self._by_request):
+            self.release(request_id)
+
+    def _expire_loop(self) -> None:
+        while not self._stop.wait(min(self.lease_s / 4, 0.25)):
+            now = time.monotonic()
+            with self._lock:
+                expired = [r for r in self._by_request.values() if r.expires_at <= now]
+            for reservation in expired:
+                if self.release(reservation.request_id):
+                    self.num_expired += 1
+                    logger.warning(
+                        "pd-comm: reservation of %s (%d blocks) expired after %.1f s without "
+                        "Commit; blocks released", reservation.request_id,
+                        len(reservation.block_ids), self.lease_s,
+                    )  # fmt: skip
