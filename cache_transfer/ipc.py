@@ -46,8 +46,6 @@ class IpcTransferEngine(TransferEngine):
 
     def __init__(self, pool: torch.Tensor, layout: KVCacheLayout, shm_path: str | None = None):
         super().__init__(pool, layout)
-        if pool.device.type == "cpu" and shm_path is None:
-            raise ValueError("ipc on CPU needs the KV pool in shared memory (allocate_shared_pool)")
         self.shm_path = shm_path
         self.hostname = socket.gethostname()
         self._local = flat_bytes(pool)
@@ -59,6 +57,11 @@ class IpcTransferEngine(TransferEngine):
 
     def endpoint(self) -> dict:
         if self._stream is None:
+            if self.shm_path is None:
+                raise ValueError(
+                    "receiving over ipc on CPU needs the KV pool in shared memory "
+                    "(allocate_shared_pool)"
+                )
             return {"protocol": "ipc", "host": self.hostname, "kind": "shm",
                     "path": self.shm_path, "nbytes": self._local.numel()}  # fmt: skip
         storage = self.pool.untyped_storage()

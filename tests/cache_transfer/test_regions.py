@@ -1,0 +1,61 @@
+"""Region planning: coalescing, byte math against a per-block copy, compatibility."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cache_transfer.pool_bytes import flat_bytes
+from cache_transfer.regions import (
+    BlockRun,
+    all_regions,
+    block_runs,
+    check_compatible,
+    dst_block_ranges,
+)
+from engine.kv_cache import KVCacheLayout
+
+
+def layout(num_blocks: int, dtype: torch.dtype = torch.float16, **kw) -> KVCacheLayout:
+    fields = {"num_layers": 3, "block_size": 4, "num_kv_heads": 2, "head_dim": 8} | kw
+    return KVCacheLayout(num_blocks=num_blocks, dtype=dtype, **fields)
+
+
+def test_runs_coalesce_only_when_both_sides_are_consecutive() -> None:
+    assert block_runs([7, 8, 9, 3], [20, 21, 22, 23]) == [BlockRun(7, 20, 3), BlockRun(3, 23, 1)]
+    assert block_runs([1, 2], [5, 9]) == [BlockRun(1, 5, 1), BlockRun(2, 9, 1)]
+    assert block_runs([], []) == []
+    with pytest.raises(ValueError, match="3 source blocks but 2"):
+        block_runs([1, 2, 3], [1, 2])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_regions_copy_exactly_the_mapped_blocks(seed: int) -> None:
+    rng = random.Random(seed)
+    src_layout, dst_layout = layout(40), layout(64)
+    src = torch.randn(src_layout.shape).to(torch.float16)
+    dst = torch.zeros(dst_layout.shape, dtype=torch.float16)
+    n = rng.randint(1, 30)
+    src_blocks = sorted(rng.sample(range(40), n)) if seed % 2 else rng.sample(range(40), n)
+    dst_blocks = rng.sample(range(64), n)
+    src_bytes, dst_bytes = flat_bytes(src), flat_bytes(dst)
+    for r in all_regions(src_layout, dst_layout, src_blocks, dst_blocks):
+        dst_bytes[r.dst_offset : r.dst_offset + r.nbytes] = src_bytes[
+            r.src_offset : r.src_offset + r.nbytes
+        ]
+    expected = torch.zeros_like(dst)
+    expected[:, :, dst_blocks] = src[:, :, src_blocks]
+    assert torch.equal(dst, expected)
+    allowed = dst_block_ranges(dst_layout, dst_blocks)
+    for r in all_regions(src_layout, dst_layout, src_blocks, dst_blocks):
+        assert any(a <= r.dst_offset and r.dst_offset + r.nbytes <= b for a, b in allowed)
+
+
+def test_compatibility_names_the_field() -> None:
+    check_compatible(layout(10), layout(99))
+    with pytest.raises(ValueError, match="head_dim: 8 here, 16 on the peer"):
+        check_compatible(layout(10), layout(10, head_dim=16))
+    with pytest.raises(ValueError, match="dtype"):
+        check_compatible(layout(10), layout(10, dtype=torch.bfloat16))
