@@ -6,6 +6,10 @@
   mechanism torch.multiprocessing uses) and copies on a dedicated stream that first
   waits for the work already queued on the caller's stream, so a layer's write starts
   as soon as that layer's KV is computed, while later layers compute.
+On CUDA, many small regions (scattered blocks) are moved as gather -> one bulk copy ->
+scatter (three kernels) instead of one copy launch per region, whose fixed cost would
+dominate; few large regions are copied directly. On CPU each region is one memcpy of
+memoryview slices (the cheapest per-region call Python has).
 Writes are one-sided: the receiver cannot refuse them, so the caller must only write
 into blocks pd-comm reserved for it (the lease bounds how long that holds).
 """
@@ -21,12 +25,14 @@ from collections.abc import Sequence
 
 import torch
 
-from cache_transfer.pool_bytes import flat_bytes
+from cache_transfer.pool_bytes import flat_bytes, host_view
 from cache_transfer.regions import Region
 from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle
 from engine.kv_cache import KVCacheLayout
 
 SHM_DIR = "/dev/shm"
+# Regions smaller than this on average go through gather/scatter (see module docstring).
+DIRECT_COPY_MIN_BYTES = 1 << 20
 
 
 def allocate_shared_pool(
@@ -41,6 +47,58 @@ def allocate_shared_pool(
     return pool.view(layout.shape), path
 
 
+def copy_regions(
+    src: torch.Tensor, dst: torch.Tensor, regions: Sequence[Region], unit: int
+) -> None:
+    """Copy byte ``regions`` from flat ``src`` to flat ``dst`` (possibly on another
+    device). Every region is a whole number of ``unit``-byte blocks at unit-aligned
+    offsets (regions.py guarantees it), which the gather/scatter path relies on."""
+    if not regions:
+        return
+    total = sum(r.nbytes for r in regions)
+    if total // len(regions) >= DIRECT_COPY_MIN_BYTES:
+        for r in regions:
+            dst[r.dst_offset : r.dst_offset + r.nbytes].copy_(
+                src[r.src_offset : r.src_offset + r.nbytes], non_blocking=True
+            )
+        return
+    src_index, dst_index = unit_indices(regions, unit)
+    word = torch.int64 if unit % 8 == 0 else torch.uint8  # wide rows copy faster
+    words_per_unit = unit // (8 if word is torch.int64 else 1)
+    rows_src = src.view(word).view(-1, words_per_unit)  # [blocks of every layer/K|V, unit]
+    rows_dst = dst.view(word).view(-1, words_per_unit)
+    gathered = rows_src.index_select(0, src_index.to(src.device, non_blocking=True))
+    gathered = gathered.to(dst.device, non_blocking=True)
+    rows_dst.index_copy_(0, dst_index.to(dst.device, non_blocking=True), gathered)
+
+
+def copy_regions_host(src: torch.Tensor, dst: torch.Tensor, regions: Sequence[Region]) -> None:
+    """CPU: large regions through torch (multi-threaded memcpy), small ones as memoryview
+    slice assignments (the cheapest per-call cost)."""
+    src_view, dst_view = host_view(src), host_view(dst)
+    for r in regions:
+        if r.nbytes >= DIRECT_COPY_MIN_BYTES:
+            dst[r.dst_offset : r.dst_offset + r.nbytes].copy_(
+                src[r.src_offset : r.src_offset + r.nbytes]
+            )
+        else:
+            dst_view[r.dst_offset : r.dst_offset + r.nbytes] = src_view[
+                r.src_offset : r.src_offset + r.nbytes
+            ]
+
+
+def unit_indices(regions: Sequence[Region], unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-unit indices of every region's source and destination, in order."""
+    src, dst = [], []
+    for r in regions:
+        if r.src_offset % unit or r.dst_offset % unit or r.nbytes % unit:
+            raise ValueError(f"{r} is not a whole number of {unit}-byte blocks")
+        n = r.nbytes // unit
+        src.append(torch.arange(r.src_offset // unit, r.src_offset // unit + n))
+        dst.append(torch.arange(r.dst_offset // unit, r.dst_offset // unit + n))
+    return torch.cat(src), torch.cat(dst)
+
+
 class IpcTransferEngine(TransferEngine):
     protocol = "ipc"
 
@@ -49,9 +107,10 @@ class IpcTransferEngine(TransferEngine):
         self.shm_path = shm_path
         self.hostname = socket.gethostname()
         self._local = flat_bytes(pool)
-        self._peers: dict[str, torch.Tensor] = {}
+        self._peers: dict[str, torch.Tensor] = {}  # flat uint8 views of peer pools
         self._jobs: queue.Queue = queue.Queue()
         self._stream = torch.cuda.Stream(pool.device) if pool.is_cuda else None
+        self._peer_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._worker = threading.Thread(target=self._run, name="ipc-kv", daemon=True)
         self._worker.start()
 
@@ -112,30 +171,34 @@ class IpcTransferEngine(TransferEngine):
         if self._stream is None:
             self._jobs.put((peer, list(regions), handle, None))
             return handle
-        # Queue the copies now, behind what the caller's stream has already queued.
+        # Queue the copies now, behind what the caller's stream has already queued. Both
+        # devices' current streams are ours while queueing: a cross-device copy runs on
+        # the source's and is ordered with the destination's (ATen's copy rule).
+        peer_stream = self._peer_stream(peer.device)
         self._stream.wait_stream(torch.cuda.current_stream(self.pool.device))
-        with torch.cuda.stream(self._stream):
-            for r in regions:
-                peer[r.dst_offset : r.dst_offset + r.nbytes].copy_(
-                    self._local[r.src_offset : r.src_offset + r.nbytes], non_blocking=True
-                )
-            done = torch.cuda.Event()
-            done.record(self._stream)
+        with torch.cuda.stream(self._stream), torch.cuda.stream(peer_stream):
+            copy_regions(self._local, peer, regions, self.layout.block_bytes)
+            done = [torch.cuda.Event(), torch.cuda.Event()]
+            done[0].record(self._stream)
+            done[1].record(peer_stream)
         self._jobs.put((peer, None, handle, done))
         return handle
 
+    def _peer_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device == self.pool.device:
+            return self._stream
+        if device not in self._peer_streams:
+            self._peer_streams[device] = torch.cuda.Stream(device)
+        return self._peer_streams[device]
+
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            peer, regions, handle, event = job
-            if event is not None:
-                event.synchronize()
-            else:
-                for r in regions:
-                    if handle.is_done:  # cancelled
-                        break
-                    peer[r.dst_offset : r.dst_offset + r.nbytes].copy_(
-                        self._local[r.src_offset : r.src_offset + r.nbytes]
-                    )
+            peer, regions, handle, events = job
+            if events is not None:
+                for event in events:
+                    event.synchronize()
+            elif not handle.is_done:  # not cancelled meanwhile
+                copy_regions_host(self._local, peer, regions)
             handle.part_done()
 
     def close(self) -> None:

@@ -38,6 +38,7 @@ HEADER = struct.Struct("<4sB3xQQQ")
 MAGIC = b"PDKV"
 DATA, SYNC, ACK, NACK = 1, 2, 3, 4
 CHUNK_BYTES = 4 << 20
+FRAMES_PER_SENDMSG = 64
 SOCKET_TIMEOUT_S = 30.0
 
 
@@ -47,6 +48,18 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise ConnectionError("peer closed the stream")
         view = view[n:]
+
+
+def _send_all(sock: socket.socket, buffers: list[memoryview | bytes]) -> None:
+    """sendmsg until every buffer is out (a call may send only part)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def _tune(sock: socket.socket) -> None:
@@ -98,12 +111,17 @@ class _Stream:
             self._break(TransferError(f"{self.name}: send failed: {e}"))
 
     def _send(self, job: _Job) -> None:
-        for chunk in job.chunks:
+        # Host pools: many frames per sendmsg (scattered blocks are small). GPU pools go
+        # chunk by chunk through the one staging buffer.
+        batch = 1 if self._staging is not None else FRAMES_PER_SENDMSG
+        for first in range(0, len(job.chunks), batch):
             if job.handle.is_done:  # cancelled or failed elsewhere: skip what is left
                 break
-            self.sock.sendall(HEADER.pack(MAGIC, DATA, job.transfer_id, chunk.dst_offset,
-                                          chunk.nbytes))  # fmt: skip
-            self.sock.sendall(self._payload(chunk))
+            buffers: list[memoryview | bytes] = []
+            for chunk in job.chunks[first : first + batch]:
+                header = HEADER.pack(MAGIC, DATA, job.transfer_id, chunk.dst_offset, chunk.nbytes)
+                buffers += [header, self._payload(chunk)]
+            _send_all(self.sock, buffers)
         with self.lock:
             self._seq += 1
             self.pending.append((self._seq, job.handle))

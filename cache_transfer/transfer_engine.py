@@ -15,6 +15,7 @@ released and handed to another request.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -107,7 +108,8 @@ class TransferEngine(ABC):
             raise ValueError("the KV pool must be one contiguous tensor")
         self.pool = pool
         self.layout = layout
-        self._allowed: dict[int, list[tuple[int, int]]] = {}
+        # transfer id -> (sorted range starts, sorted [start, end) ranges)
+        self._allowed: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
         self._allowed_lock = threading.Lock()
 
     # -- receiving side -------------------------------------------------------------
@@ -120,8 +122,9 @@ class TransferEngine(ABC):
         """Accept writes of ``transfer_id`` into these [start, end) ranges of the pool.
         NOTE: one-sided backends (ipc, rdma) cannot refuse a write at the receiver; for
         them this bookkeeping documents intent, and the lease (pd-comm) bounds exposure."""
+        ranges = sorted(byte_ranges)
         with self._allowed_lock:
-            self._allowed[transfer_id] = sorted(byte_ranges)
+            self._allowed[transfer_id] = ([start for start, _ in ranges], ranges)
 
     def revoke(self, transfer_id: int) -> None:
         """Stop accepting writes of ``transfer_id`` (committed, aborted or expired)."""
@@ -131,10 +134,12 @@ class TransferEngine(ABC):
     def check_allowed(self, transfer_id: int, offset: int, nbytes: int) -> str | None:
         """None if a write of [offset, offset + nbytes) may land; else why not."""
         with self._allowed_lock:
-            ranges = self._allowed.get(transfer_id)
-        if ranges is None:
+            allowed = self._allowed.get(transfer_id)
+        if allowed is None:
             return f"transfer {transfer_id} is not open (never reserved, committed or aborted)"
-        if any(start <= offset and offset + nbytes <= end for start, end in ranges):
+        starts, ranges = allowed
+        i = bisect.bisect_right(starts, offset) - 1  # the range starting at or before offset
+        if i >= 0 and offset + nbytes <= ranges[i][1]:
             return None
         return f"bytes [{offset}, {offset + nbytes}) are outside transfer {transfer_id}'s blocks"
 

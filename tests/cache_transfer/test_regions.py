@@ -59,3 +59,21 @@ def test_compatibility_names_the_field() -> None:
         check_compatible(layout(10), layout(10, head_dim=16))
     with pytest.raises(ValueError, match="dtype"):
         check_compatible(layout(10), layout(10, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_ipc_copy_paths_move_exactly_the_regions(scattered: bool) -> None:
+    from cache_transfer.ipc import copy_regions, copy_regions_host
+
+    src_layout, dst_layout = layout(40), layout(64)
+    src = torch.randn(src_layout.shape).to(torch.float16)
+    src_blocks = list(range(0, 40, 2)) if scattered else list(range(20))
+    dst_blocks = list(range(40, 60))
+    regions = all_regions(src_layout, dst_layout, src_blocks, dst_blocks)
+    expected = torch.zeros(dst_layout.shape, dtype=torch.float16)
+    expected[:, :, dst_blocks] = src[:, :, src_blocks]
+    by_tensor = torch.zeros_like(expected)  # gather/scatter (the CUDA path, here on CPU)
+    copy_regions(flat_bytes(src), flat_bytes(by_tensor), regions, src_layout.block_bytes)
+    by_view = torch.zeros_like(expected)
+    copy_regions_host(flat_bytes(src), flat_bytes(by_view), regions)
+    assert torch.equal(by_tensor, expected) and torch.equal(by_view, expected)
