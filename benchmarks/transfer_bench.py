@@ -93,7 +93,7 @@ def bench(protocol: str, device: str, num_blocks: int, block_size: int, num_laye
 
     layout = make_layout(num_blocks * 2, block_size, num_layers)
     src_device = "cuda:0" if device != "cpu" else "cpu"
-    src = torch.randn(layout.shape, device=src_device).to(layout.dtype)
+    src = torch.randn(layout.shape, device=src_device, dtype=layout.dtype)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=receiver_main, args=(child, protocol, (num_layers, num_blocks * 2,

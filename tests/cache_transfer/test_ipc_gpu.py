@@ -1,0 +1,64 @@
+"""CUDA IPC between two processes: the decode pool on the last GPU, written from the
+first (GPU0 -> GPU1 over NVLink where there are two), bit-exact, per layer."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from cache_transfer.endpoints import endpoint_from_proto, endpoint_to_proto
+from cache_transfer.ipc import IpcTransferEngine
+from cache_transfer.regions import block_runs, layer_regions
+from cache_transfer.transfer_engine import wait_all
+from proto import pd_comm_pb2 as pb
+from tests.cache_transfer.kv_cluster import layout
+
+pytestmark = pytest.mark.gpu
+SRC_BLOCKS = [5, 6, 7, 30, 2, 9, 10, 11, 12, 40]
+DST_BLOCKS = [100, 101, 102, 103, 7, 8, 50, 51, 52, 0]
+
+
+def source(device: str) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(11)
+    return torch.randn(layout(64).shape, generator=generator, device=device).to(torch.bfloat16)
+
+
+def decode_process(conn, device: str) -> None:  # type: ignore[no-untyped-def]
+    dst_layout = layout(128)
+    pool = torch.zeros(dst_layout.shape, dtype=dst_layout.dtype, device=device)
+    engine = IpcTransferEngine(pool, dst_layout)
+    conn.send(endpoint_to_proto(engine.endpoint()).SerializeToString())
+    conn.recv()  # the writes are done
+    expected = source(device)[:, :, SRC_BLOCKS]
+    untouched = sorted(set(range(128)) - set(DST_BLOCKS))
+    conn.send((bool(torch.equal(pool[:, :, DST_BLOCKS], expected)),
+               bool(pool[:, :, untouched].any())))  # fmt: skip
+    engine.close()
+
+
+def test_cuda_ipc_write_lands_bit_exact_in_another_process() -> None:
+    src_device, dst_device = "cuda:0", f"cuda:{torch.cuda.device_count() - 1}"
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=decode_process, args=(child, dst_device))
+    proc.start()
+    try:
+        endpoint = endpoint_from_proto(pb.Endpoint.FromString(parent.recv()))
+        src_layout, dst_layout = layout(64), layout(128)
+        engine = IpcTransferEngine(source(src_device), src_layout)
+        engine.connect("d0", endpoint)
+        runs = block_runs(SRC_BLOCKS, DST_BLOCKS)
+        handles = [
+            engine.write("d0", 1, layer_regions(src_layout, dst_layout, runs, layer))
+            for layer in range(src_layout.num_layers)
+        ]
+        wait_all(handles, timeout_s=30)
+        parent.send("done")
+        landed, leaked = parent.recv()
+        assert landed, "blocks differ after the CUDA IPC write"
+        assert not leaked, "bytes landed outside the destination blocks"
+        engine.close()
+    finally:
+        proc.join(timeout=30)
