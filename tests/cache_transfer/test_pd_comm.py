@@ -3,13 +3,13 @@ test_transfer_processes.py)."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 
 from cache_transfer.pd_comm import PdCommClient, PdCommError, fingerprint_mismatch
 from proto import pd_comm_pb2 as pb
-from scheduler.redis_server import free_port
 from tests.cache_transfer.kv_cluster import BLOCK_SIZE, DECODE_BLOCKS, DecodeSide, fingerprint
 
 OK, NO_ROOM, DUPLICATE, UNSUPPORTED = (
@@ -61,7 +61,10 @@ def test_commit_after_the_lease_expired_is_refused(decode: DecodeSide) -> None:
 
 
 def test_calls_to_an_unreachable_rank_fail_within_their_deadline() -> None:
-    client = PdCommClient(f"127.0.0.1:{free_port()}", timeout_s=0.5)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = PdCommClient(f"127.0.0.1:{port}", timeout_s=0.5)
     start = time.monotonic()
     with pytest.raises(PdCommError, match=r"pd-comm Health to 127\.0\.0\.1:\d+ failed: "):
         client.health()
