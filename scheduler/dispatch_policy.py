@@ -70,13 +70,25 @@ def decode_cost(rank: RankLoad, num_prompt_tokens: int) -> float:
 
 def transfer_protocol(prefill: RankLoad, decode: RankLoad) -> str | None:
     """The protocol a pair would use: ipc on one host, else rdma, else tcp."""
+    return explain_protocol(prefill, decode)[0]
+
+
+def explain_protocol(prefill: RankLoad, decode: RankLoad) -> tuple[str | None, str]:
+    """(protocol or None, why): the rule of DESIGN.md "KV cache and transfer". Ranks
+    offer rdma only when they have a usable device (cache_transfer.protocols)."""
     common = set(prefill.protocols) & set(decode.protocols)
-    if "ipc" in common and prefill.host == decode.host:
-        return "ipc"
-    for protocol in ("rdma", "tcp"):
-        if protocol in common:
-            return protocol
-    return None
+    same_host = prefill.host == decode.host
+    if "ipc" in common and same_host:
+        return "ipc", f"both ranks on host {prefill.host}"
+    where = "one host, but ipc is not offered by both" if same_host else "different hosts"
+    if "rdma" in common:
+        return "rdma", f"{where}; both offer rdma"
+    if "tcp" in common:
+        return "tcp", f"{where}; rdma not offered by both"
+    return None, (
+        f"no common protocol: prefill {prefill.rank_id} offers {list(prefill.protocols)}, "
+        f"decode {decode.rank_id} offers {list(decode.protocols)}"
+    )
 
 
 def near_least(

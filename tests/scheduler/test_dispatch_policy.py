@@ -111,3 +111,22 @@ def test_many_prefill_ranks_at_equal_load_share_requests():
     rng = random.Random(7)
     counts = Counter(dispatch(snapshot, 10, rng).prefill.rank_id for _ in range(8_000))
     assert len(counts) == 8 and min(counts.values()) > 800  # ~1000 each
+
+
+def test_protocol_choice_says_why() -> None:
+    from scheduler.dispatch_policy import explain_protocol
+
+    p = RankLoad("p0", "prefill", "host-a", ("rdma", "ipc", "tcp"))
+    assert explain_protocol(p, RankLoad("d0", "decode", "host-a", ("ipc", "tcp"))) == (
+        "ipc", "both ranks on host host-a",
+    )  # fmt: skip
+    assert explain_protocol(p, RankLoad("d1", "decode", "host-b", ("rdma", "tcp"))) == (
+        "rdma", "different hosts; both offer rdma",
+    )  # fmt: skip
+    protocol, why = explain_protocol(p, RankLoad("d2", "decode", "host-a", ("tcp",)))
+    assert (
+        protocol == "tcp"
+        and why == "one host, but ipc is not offered by both; rdma not offered by both"
+    )
+    protocol, why = explain_protocol(p, RankLoad("d3", "decode", "host-b", ("foo",)))
+    assert protocol is None and "decode d3 offers ['foo']" in why
