@@ -15,20 +15,18 @@ The pools may hold different numbers of blocks; everything else must match
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.kv_cache import KVCacheLayout
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):  # a tuple: planning makes thousands per request
     src_offset: int
     dst_offset: int
     nbytes: int
 
 
-@dataclass(frozen=True)
-class BlockRun:
+class BlockRun(NamedTuple):
     src_first: int
     dst_first: int
     num_blocks: int
@@ -65,13 +63,21 @@ def check_compatible(src: KVCacheLayout, dst: KVCacheLayout) -> None:
 def layer_regions(
     src: KVCacheLayout, dst: KVCacheLayout, runs: Sequence[BlockRun], layer: int
 ) -> list[Region]:
-    """The byte ranges of one layer's K and V for ``runs``."""
+    """The byte ranges of one layer's K and V for ``runs`` (KVCacheLayout.region's
+    arithmetic, inlined: this runs once per layer of every transferred request)."""
+    size = src.block_bytes
+    for run in runs:
+        if run.src_first < 0 or run.src_first + run.num_blocks > src.num_blocks:
+            raise ValueError(f"source blocks {run} outside a pool of {src.num_blocks}")
+        if run.dst_first < 0 or run.dst_first + run.num_blocks > dst.num_blocks:
+            raise ValueError(f"destination blocks {run} outside a pool of {dst.num_blocks}")
     regions = []
     for kv in (0, 1):
-        for run in runs:
-            src_offset, nbytes = src.region(layer, kv, run.src_first, run.num_blocks)
-            dst_offset, _ = dst.region(layer, kv, run.dst_first, run.num_blocks)
-            regions.append(Region(src_offset, dst_offset, nbytes))
+        src_plane = (layer * 2 + kv) * src.num_blocks
+        dst_plane = (layer * 2 + kv) * dst.num_blocks
+        regions += [
+            Region((src_plane + s) * size, (dst_plane + d) * size, n * size) for s, d, n in runs
+        ]
     return regions
 
 

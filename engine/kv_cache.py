@@ -8,6 +8,7 @@ contiguous byte range; ``KVCacheLayout.region`` gives its offset and length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -32,11 +33,11 @@ class KVCacheLayout:
             self.head_dim,
         )
 
-    @property
+    @cached_property
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
-    @property
+    @cached_property
     def block_bytes(self) -> int:
         """Bytes of one block of one layer's K (or V)."""
         return self.block_size * self.num_kv_heads * self.head_dim * self.element_size
