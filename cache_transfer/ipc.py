@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cache_transfer.pool_bytes import flat_bytes, host_view
-from cache_transfer.regions import Region
+from cache_transfer.regions import Region, Regions
 from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle
 from engine.kv_cache import KVCacheLayout
 
@@ -71,7 +71,7 @@ def copy_regions(
     if src.device != dst.device:
         _copy_across(src, dst, regions, unit, landing)
         return
-    if sum(r.nbytes for r in regions) // len(regions) >= DIRECT_COPY_MIN_BYTES:
+    if Regions.of(regions).total_bytes // len(regions) >= DIRECT_COPY_MIN_BYTES:
         for r in regions:
             dst[r.dst_offset : r.dst_offset + r.nbytes].copy_(
                 src[r.src_offset : r.src_offset + r.nbytes], non_blocking=True
@@ -125,10 +125,11 @@ def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def unit_indices(regions: Sequence[Region], unit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-unit indices of every region's source and destination, in order."""
-    table = np.array([(r.src_offset, r.dst_offset, r.nbytes) for r in regions], dtype=np.int64)
+    arrays = Regions.of(regions)
+    table = np.stack([arrays.src_offset, arrays.dst_offset, arrays.nbytes], axis=1)
     if (table % unit).any():
         raise ValueError(f"regions are not whole numbers of {unit}-byte blocks")
-    table //= unit
+    table = table // unit
     counts = table[:, 2]
     within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     src = np.repeat(table[:, 0], counts) + within

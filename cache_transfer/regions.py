@@ -14,13 +14,15 @@ The pools may hold different numbers of blocks; everything else must match
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
+
+import numpy as np
 
 from engine.kv_cache import KVCacheLayout
 
 
-class Region(NamedTuple):  # a tuple: planning makes thousands per request
+class Region(NamedTuple):
     src_offset: int
     dst_offset: int
     nbytes: int
@@ -32,22 +34,69 @@ class BlockRun(NamedTuple):
     num_blocks: int
 
 
-def block_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> list[BlockRun]:
+class Regions(Sequence[Region]):
+    """Byte regions as three int64 arrays. Planning is vectorised (it runs once per
+    layer of every transferred request, thousands of regions for long prompts with
+    small blocks); backends that walk regions one by one iterate it like a list."""
+
+    def __init__(self, src_offset: np.ndarray, dst_offset: np.ndarray, nbytes: np.ndarray):
+        self.src_offset, self.dst_offset, self.nbytes = src_offset, dst_offset, nbytes
+
+    @classmethod
+    def of(cls, regions: Sequence[Region]) -> Regions:
+        """``regions`` as arrays (itself when it already is)."""
+        if isinstance(regions, Regions):
+            return regions
+        table = np.array(regions, dtype=np.int64).reshape(-1, 3)
+        return cls(table[:, 0], table[:, 1], table[:, 2])
+
+    @classmethod
+    def concat(cls, parts: Sequence[Regions]) -> Regions:
+        if not parts:
+            return cls.of([])
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in Region._fields))
+
+    def __len__(self) -> int:
+        return len(self.nbytes)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        if isinstance(i, slice):
+            return Regions(self.src_offset[i], self.dst_offset[i], self.nbytes[i])
+        return Region(int(self.src_offset[i]), int(self.dst_offset[i]), int(self.nbytes[i]))
+
+    def __iter__(self) -> Iterator[Region]:
+        columns = (self.src_offset.tolist(), self.dst_offset.tolist(), self.nbytes.tolist())
+        return (Region(*row) for row in zip(*columns, strict=True))
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.nbytes.sum())
+
+
+class BlockRuns(Sequence[BlockRun]):
+    """Runs of blocks consecutive on both sides, as three int64 arrays."""
+
+    def __init__(self, src_first: np.ndarray, dst_first: np.ndarray, num_blocks: np.ndarray):
+        self.src_first, self.dst_first, self.num_blocks = src_first, dst_first, num_blocks
+
+    def __len__(self) -> int:
+        return len(self.num_blocks)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        return BlockRun(int(self.src_first[i]), int(self.dst_first[i]), int(self.num_blocks[i]))
+
+
+def block_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> BlockRuns:
     """Coalesce a block mapping into runs consecutive on both sides."""
     if len(src_blocks) != len(dst_blocks):
         raise ValueError(f"{len(src_blocks)} source blocks but {len(dst_blocks)} destination")
-    runs: list[BlockRun] = []
-    for src, dst in zip(src_blocks, dst_blocks, strict=True):
-        last = runs[-1] if runs else None
-        if (
-            last is not None
-            and src == last.src_first + last.num_blocks
-            and dst == last.dst_first + last.num_blocks
-        ):
-            runs[-1] = BlockRun(last.src_first, last.dst_first, last.num_blocks + 1)
-        else:
-            runs.append(BlockRun(src, dst, 1))
-    return runs
+    src, dst = np.asarray(src_blocks, dtype=np.int64), np.asarray(dst_blocks, dtype=np.int64)
+    if len(src) == 0:
+        return BlockRuns(src, dst, src)
+    # A run starts wherever either side does not continue the previous block.
+    starts = np.flatnonzero(np.r_[True, (np.diff(src) != 1) | (np.diff(dst) != 1)])
+    lengths = np.diff(np.r_[starts, len(src)])
+    return BlockRuns(src[starts], dst[starts], lengths)
 
 
 def check_compatible(src: KVCacheLayout, dst: KVCacheLayout) -> None:
@@ -60,47 +109,43 @@ def check_compatible(src: KVCacheLayout, dst: KVCacheLayout) -> None:
             )
 
 
-def layer_regions(
-    src: KVCacheLayout, dst: KVCacheLayout, runs: Sequence[BlockRun], layer: int
-) -> list[Region]:
+def _check_runs(runs: BlockRuns, first: np.ndarray, num_blocks: int, side: str) -> None:
+    if len(runs) and (first.min() < 0 or (first + runs.num_blocks).max() > num_blocks):
+        raise ValueError(f"{side} blocks outside a pool of {num_blocks}")
+
+
+def layer_regions(src: KVCacheLayout, dst: KVCacheLayout, runs: BlockRuns, layer: int) -> Regions:
     """The byte ranges of one layer's K and V for ``runs`` (KVCacheLayout.region's
-    arithmetic, inlined: this runs once per layer of every transferred request)."""
+    arithmetic on arrays)."""
+    _check_runs(runs, runs.src_first, src.num_blocks, "source")
+    _check_runs(runs, runs.dst_first, dst.num_blocks, "destination")
     size = src.block_bytes
-    for run in runs:
-        if run.src_first < 0 or run.src_first + run.num_blocks > src.num_blocks:
-            raise ValueError(f"source blocks {run} outside a pool of {src.num_blocks}")
-        if run.dst_first < 0 or run.dst_first + run.num_blocks > dst.num_blocks:
-            raise ValueError(f"destination blocks {run} outside a pool of {dst.num_blocks}")
-    regions = []
+    parts = []
     for kv in (0, 1):
         src_plane = (layer * 2 + kv) * src.num_blocks
         dst_plane = (layer * 2 + kv) * dst.num_blocks
-        regions += [
-            Region((src_plane + s) * size, (dst_plane + d) * size, n * size) for s, d, n in runs
-        ]
-    return regions
+        src_offset = (src_plane + runs.src_first) * size
+        dst_offset = (dst_plane + runs.dst_first) * size
+        parts.append(Regions(src_offset, dst_offset, runs.num_blocks * size))
+    return Regions.concat(parts)
 
 
 def all_regions(
     src: KVCacheLayout, dst: KVCacheLayout, src_blocks: Sequence[int], dst_blocks: Sequence[int]
-) -> list[Region]:
+) -> Regions:
     runs = block_runs(src_blocks, dst_blocks)
-    return [r for layer in range(src.num_layers) for r in layer_regions(src, dst, runs, layer)]
+    return Regions.concat([layer_regions(src, dst, runs, layer) for layer in range(src.num_layers)])
 
 
 def dst_block_ranges(dst: KVCacheLayout, dst_blocks: Sequence[int]) -> list[tuple[int, int]]:
     """The destination byte ranges [start, end) that writes into ``dst_blocks`` may touch,
     merged; a receiver accepts writes only inside them."""
-    spans = sorted(
-        dst.region(layer, kv, run.dst_first, run.num_blocks)
-        for layer in range(dst.num_layers)
-        for kv in (0, 1)
-        for run in block_runs(dst_blocks, dst_blocks)
-    )
-    merged: list[tuple[int, int]] = []
-    for offset, nbytes in spans:
-        if merged and merged[-1][1] == offset:
-            merged[-1] = (merged[-1][0], offset + nbytes)
-        else:
-            merged.append((offset, offset + nbytes))
-    return merged
+    regions = all_regions(dst, dst, dst_blocks, dst_blocks)
+    order = np.argsort(regions.dst_offset, kind="stable")
+    starts, ends = regions.dst_offset[order], (regions.dst_offset + regions.nbytes)[order]
+    if len(starts) == 0:
+        return []
+    # Merge where a range starts exactly at the previous range's end.
+    new = np.r_[True, starts[1:] != ends[:-1]]
+    first, last = np.flatnonzero(new), np.r_[np.flatnonzero(new)[1:] - 1, len(starts) - 1]
+    return list(zip(starts[first].tolist(), ends[last].tolist(), strict=True))

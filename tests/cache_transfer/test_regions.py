@@ -24,9 +24,11 @@ def layout(num_blocks: int, dtype: torch.dtype = torch.float16, **kw) -> KVCache
 
 
 def test_runs_coalesce_only_when_both_sides_are_consecutive() -> None:
-    assert block_runs([7, 8, 9, 3], [20, 21, 22, 23]) == [BlockRun(7, 20, 3), BlockRun(3, 23, 1)]
-    assert block_runs([1, 2], [5, 9]) == [BlockRun(1, 5, 1), BlockRun(2, 9, 1)]
-    assert block_runs([], []) == []
+    assert list(block_runs([7, 8, 9, 3], [20, 21, 22, 23])) == [
+        BlockRun(7, 20, 3), BlockRun(3, 23, 1),
+    ]  # fmt: skip
+    assert list(block_runs([1, 2], [5, 9])) == [BlockRun(1, 5, 1), BlockRun(2, 9, 1)]
+    assert list(block_runs([], [])) == []
     with pytest.raises(ValueError, match="3 source blocks but 2"):
         block_runs([1, 2, 3], [1, 2])
 
@@ -51,6 +53,22 @@ def test_regions_copy_exactly_the_mapped_blocks(seed: int) -> None:
     allowed = dst_block_ranges(dst_layout, dst_blocks)
     for r in all_regions(src_layout, dst_layout, src_blocks, dst_blocks):
         assert any(a <= r.dst_offset and r.dst_offset + r.nbytes <= b for a, b in allowed)
+
+
+def test_vectorised_planning_matches_the_layout_arithmetic() -> None:
+    src_layout, dst_layout = layout(40), layout(64)
+    src_blocks, dst_blocks = [3, 4, 5, 9, 10, 39], [0, 1, 2, 3, 60, 61]
+    expected = []
+    for layer in range(src_layout.num_layers):
+        for kv in (0, 1):
+            for s, d, n in [(3, 0, 3), (9, 3, 1), (10, 60, 1), (39, 61, 1)]:
+                src_offset, nbytes = src_layout.region(layer, kv, s, n)
+                expected.append((src_offset, dst_layout.region(layer, kv, d, n)[0], nbytes))
+    regions = all_regions(src_layout, dst_layout, src_blocks, dst_blocks)
+    assert sorted(regions) == sorted(expected)
+    assert regions[1:3][0] == regions[1] and regions.total_bytes == sum(r[2] for r in expected)
+    with pytest.raises(ValueError, match="outside a pool of 40"):
+        all_regions(src_layout, dst_layout, [40], [0])
 
 
 def test_compatibility_names_the_field() -> None:
