@@ -37,6 +37,7 @@ from cache_transfer.rdma_plan import (
     windows,
 )
 from cache_transfer.regions import Region
+from cache_transfer.tcp import recv_exact
 from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle
 from engine.kv_cache import KVCacheLayout
 from proto import pd_comm_pb2 as pb
@@ -72,13 +73,9 @@ def rdma_available(nic: str | None = None) -> tuple[bool, str]:
 
 def _read_exact(sock: socket.socket):  # type: ignore[no-untyped-def]
     def read(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("peer closed the RDMA handshake")
-            data += chunk
-        return data
+        data = bytearray(n)
+        recv_exact(sock, memoryview(data))
+        return bytes(data)
 
     return read
 

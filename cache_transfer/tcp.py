@@ -42,7 +42,8 @@ FRAMES_PER_SENDMSG = 64
 SOCKET_TIMEOUT_S = 30.0
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; ConnectionError if the peer closes first."""
     while view:
         n = sock.recv_into(view)
         if n == 0:
@@ -137,7 +138,7 @@ class _Stream:
         try:
             while True:
                 try:
-                    _recv_exact(self.sock, memoryview(header))
+                    recv_exact(self.sock, memoryview(header))
                 except TimeoutError:
                     with self.lock:
                         idle = not self.pending
@@ -148,7 +149,7 @@ class _Stream:
                 reason = b""
                 if kind == NACK:
                     reason = bytearray(nbytes)
-                    _recv_exact(self.sock, memoryview(reason))
+                    recv_exact(self.sock, memoryview(reason))
                 with self.lock:
                     expected, handle = self.pending.popleft()
                 if magic != MAGIC or seq != expected or kind not in (ACK, NACK):
@@ -207,7 +208,7 @@ class _Receiver:
         staging = Staging(engine.pool, CHUNK_BYTES) if engine.pool.is_cuda else None
         try:
             while True:
-                _recv_exact(sock, memoryview(header))
+                recv_exact(sock, memoryview(header))
                 magic, kind, transfer_id, offset, nbytes = HEADER.unpack(header)
                 if magic != MAGIC or kind not in (DATA, SYNC):
                     raise ConnectionError(f"not a KV stream (magic {magic!r}, kind {kind})")
@@ -225,10 +226,10 @@ class _Receiver:
                     refused[transfer_id] = why or f"frame of {nbytes} bytes exceeds {CHUNK_BYTES}"
                     self._drain(sock, nbytes)
                 elif staging is not None:
-                    _recv_exact(sock, staging.view[:nbytes])
+                    recv_exact(sock, staging.view[:nbytes])
                     staging.store(offset, nbytes)
                 else:
-                    _recv_exact(sock, engine.host[offset : offset + nbytes])
+                    recv_exact(sock, engine.host[offset : offset + nbytes])
         except (OSError, ConnectionError) as e:
             if not self.closed:
                 logger.debug("tcp KV stream from %s ended: %s", peer, e)

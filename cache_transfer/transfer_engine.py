@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -83,8 +84,6 @@ class TransferHandle:
 
 def wait_all(handles: Sequence[TransferHandle], timeout_s: float) -> None:
     """Wait for several writes under one overall deadline; cancel the rest on failure."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     try:
         for handle in handles:

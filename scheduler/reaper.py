@@ -19,7 +19,7 @@ import uuid
 
 from proto import cluster_pb2 as pb
 from scheduler.config import SchedulerConfig
-from scheduler.dispatch_policy import RankLoad, prefill_cost
+from scheduler.dispatch_policy import RankLoad, near_least, prefill_cost
 from scheduler.keys import Keys
 from scheduler.records import MalformedRecord, encode, parse_request
 from scheduler.redis_link import RedisLink, SchedulerUnavailable
@@ -112,6 +112,7 @@ class Reaper:
         # NOTE: loads in the snapshot do not count what this pass adds; spreading by a
         # random pick among the least-loaded keeps one rank from getting all of them.
         targets = [rank for rank in live if rank.role in ("prefill", "mixed")]
+        costs = {rank.rank_id: prefill_cost(rank) for rank in targets}
         for entry in self._entries(key):
             request = self._parse(key, entry)
             if request is None:
@@ -124,7 +125,7 @@ class Reaper:
                     self._lost(dead, request, "and no live prefill or mixed rank can take it"),
                 )
                 continue
-            target = self._pick(targets)
+            target = near_least(targets, costs, 0.1, self.rng)
             moved = pb.DispatchedRequest()
             moved.CopyFrom(request)
             moved.prefill_rank_id = target.rank_id
@@ -145,10 +146,6 @@ class Reaper:
                     "reaper: request %s re-dispatched from lost rank %s to %s",
                     request.request_id, dead, target.rank_id,
                 )  # fmt: skip
-
-    def _pick(self, targets: list[RankLoad]) -> RankLoad:
-        least = min(prefill_cost(rank) for rank in targets)
-        return self.rng.choice([r for r in targets if prefill_cost(r) <= least * 1.1 + 1])
 
     def _fail_taken(self, key: str, dead: str) -> None:
         for entry in self._entries(key):

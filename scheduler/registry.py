@@ -171,10 +171,6 @@ class RegistryReader:
         """The full record (ports, endpoints, KV layout) of a rank in the last snapshot."""
         return self._records.get(rank_id)
 
-    def live_rank_ids(self) -> set[str]:
-        """A fresh read: the reaper must never act on a cached view."""
-        return {r.rank_id for r in self.snapshot(max_age_s=0)}
-
     def close(self) -> None:
         self._link.close()
 

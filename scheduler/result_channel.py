@@ -56,10 +56,6 @@ class ResultWriter:
     def sent(self) -> None:
         self._pending.clear()
 
-    @property
-    def num_pending(self) -> int:
-        return sum(len(entries) for entries in self._pending.values())
-
 
 @dataclass
 class _Expected:
