@@ -319,7 +319,9 @@ def test_completion_logprobs(client, model):
     for token, logprob, top in zip(
         logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
     ):
-        assert 1 <= len(top) <= 4
+        # At most the top 3 (greedy: the chosen token is among them); fewer when two
+        # tokens decode to the same text and share a key.
+        assert 1 <= len(top) <= 3
         assert token in top
         assert logprob <= 0.0
         # Greedy: the chosen token is the most likely one.
