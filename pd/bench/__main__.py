@@ -1,0 +1,3 @@
+from pd.bench.cli import main
+
+raise SystemExit(main())
