@@ -30,9 +30,15 @@ logger = logging.getLogger(__name__)
 
 Status = pb.ReserveReply.Status
 FINGERPRINT_FIELDS = tuple(f.name for f in pb.KvFingerprint.DESCRIPTOR.fields)
-# The engine's side of Commit: adopt the request into the running batch; None = done,
-# else the reason it could not (the reservation is then released).
-OnCommit = Callable[[pb.CommitRequest, list[int]], str | None]
+# The engine's side of Commit: adopt the request and its blocks into the running batch,
+# or raise CommitRefused (the reservation is then released).
+OnCommit = Callable[[pb.CommitRequest, list[int]], None]
+
+
+class CommitRefused(Exception):
+    def __init__(self, message: str, aborted: bool = False):
+        super().__init__(message)
+        self.aborted = aborted  # the owner aborted the request: no point retrying elsewhere
 
 
 def fingerprint_mismatch(mine: pb.KvFingerprint, theirs: pb.KvFingerprint) -> str | None:
@@ -106,10 +112,11 @@ class PdCommService(pb_grpc.PdCommServicer):
                 message=f"no reservation for {request.request_id} (transfer "
                 f"{request.transfer_id}): never made, aborted, or its lease expired",
             )
-        error = self.on_commit(request, reservation.block_ids)
-        if error is not None:
+        try:
+            self.on_commit(request, reservation.block_ids)
+        except CommitRefused as refused:
             self.allocator.release(request.request_id)
-            return pb.CommitReply(ok=False, message=error)
+            return pb.CommitReply(ok=False, message=str(refused), aborted=refused.aborted)
         return pb.CommitReply(ok=True)
 
     def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:

@@ -145,11 +145,22 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks. Later blocks are freed first so that, under
         LRU eviction, a prefix outlives its continuations."""
-        for block_id in reversed(seq.block_ids):
+        self.free_blocks(seq.block_ids)
+        seq.block_ids = []
+
+    def allocate_blocks(self, num_blocks: int) -> list[int] | None:
+        """``num_blocks`` fresh blocks for KV computed elsewhere (a prefill rank writes
+        them), or None when too few are free. Never prefix-cache hits: their content is
+        not known yet."""
+        if num_blocks > self.num_free_blocks:
+            return None
+        return [self._take_free() for _ in range(num_blocks)]
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        for block_id in reversed(block_ids):
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self.free_queue[block_id] = None
-        seq.block_ids = []
 
     def _take(self, block_id: int) -> None:
         if self.ref_counts[block_id] == 0:

@@ -4,32 +4,44 @@
 tokens and applies token-level stops (eos, stop token ids, max_tokens,
 max_model_len). Text-level stops (stop strings) are the output processor's:
 it aborts a request here when one matches.
+
+Disaggregation adds two doors: a prefill rank adds requests ``prefill_only`` (they
+are parked with their blocks once the first token is sampled, until
+``release_parked``), and a decode rank ``adopt_request``s a request whose prompt KV
+another rank wrote into blocks it reserved.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
+from engine.kv_cache import allocate_kv_cache
+from engine.model_runner import KVAllocator, LayerKVHook, ModelRunner
 from engine.outputs import EngineCoreOutput, TokenLogprobs
 from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.scheduler import ScheduledSequence, Scheduler
+from engine.sequence import Sequence, SequenceStatus
+
+# Given a step's schedule (before its forward), the hook to call as each layer's K/V land.
+LayerKVHookFactory = Callable[[list[ScheduledSequence]], LayerKVHook | None]
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, allocate_kv: KVAllocator | None = None):
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, allocate_kv or allocate_kv_cache)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.sequences: dict[str, Sequence] = {}
+        self.sequences: dict[str, Sequence] = {}  # every request holding state, parked too
+        self.num_parked = 0
+        self.stalled = False  # the last step found nothing it could schedule
         self._arrivals = itertools.count()
 
     @property
@@ -54,8 +66,43 @@ class EngineCore:
             )
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefill_only: bool = False,
     ) -> None:
+        seq = self._new_sequence(request_id, prompt_token_ids, params)
+        seq.prefill_only = prefill_only
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def adopt_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
+        params: SamplingParams,
+        block_ids: list[int],
+    ) -> None:
+        """Continue a request prefilled elsewhere: ``block_ids`` (from
+        ``block_manager.allocate_blocks``) hold the prompt's KV; the outputs so far
+        (the first token) are computed next."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params)
+        if len(block_ids) != self.block_manager.num_blocks_for(len(prompt_token_ids)):
+            raise ValueError(
+                f"{request_id}: {len(block_ids)} blocks do not hold a prompt of "
+                f"{len(prompt_token_ids)} tokens"
+            )
+        seq.token_ids += output_token_ids
+        seq.block_ids = list(block_ids)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        self.sequences[request_id] = seq
+        self.scheduler.adopt(seq)
+
+    def _new_sequence(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Sequence:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
@@ -64,9 +111,15 @@ class EngineCore:
         generator = None
         if params.seed is not None:
             generator = make_generator(params.seed, self.runner.device)
-        seq = Sequence(request_id, prompt_token_ids, params, next(self._arrivals), generator)
-        self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        return Sequence(request_id, prompt_token_ids, params, next(self._arrivals), generator)
+
+    def release_parked(self, request_id: str) -> None:
+        """Free a parked request's blocks (its KV hand-off is over)."""
+        seq = self.sequences.pop(request_id)
+        if seq.status is not SequenceStatus.PARKED:
+            raise RuntimeError(f"{request_id} is not parked ({seq.status.value})")
+        self.num_parked -= 1
+        self.scheduler.finish(seq, "transferred")
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         outputs = []
@@ -74,25 +127,31 @@ class EngineCore:
             seq = self.sequences.pop(request_id, None)
             if seq is None:
                 continue
+            if seq.status is SequenceStatus.PARKED:
+                self.num_parked -= 1
             self.scheduler.finish(seq, "abort")
             outputs.append(EngineCoreOutput(request_id, [], finish_reason="abort"))
         return outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self.sequences)
+        """Whether a step has requests to run (parked ones do not count)."""
+        return self.scheduler.num_unfinished > 0
 
-    def step(self) -> list[EngineCoreOutput]:
+    def step(self, layer_kv_hook: LayerKVHookFactory | None = None) -> list[EngineCoreOutput]:
         schedule = self.scheduler.schedule()
+        self.stalled = schedule.is_empty
         if schedule.is_empty:
-            if self.sequences:
+            if self.scheduler.num_unfinished and not self.num_parked:
                 # Cannot happen while the pool holds one max_model_len sequence
                 # (checked at start-up); failing beats a caller spinning forever.
+                # (Parked requests free their blocks soon: then waiting is right.)
                 raise RuntimeError(
-                    f"scheduler made no progress with {len(self.sequences)} unfinished "
-                    f"requests and {self.block_manager.num_free_blocks} free blocks"
+                    f"scheduler made no progress with {self.scheduler.num_unfinished} "
+                    f"unfinished requests and {self.block_manager.num_free_blocks} free blocks"
                 )
             return []
-        sampled = iter(self.runner.execute(schedule.scheduled))
+        hook = None if layer_kv_hook is None else layer_kv_hook(schedule.scheduled)
+        sampled = iter(self.runner.execute(schedule.scheduled, hook))
         outputs = []
         for item in schedule.scheduled:
             seq = item.seq
@@ -116,10 +175,14 @@ class EngineCore:
         )
         finish = self._check_stop(seq, token_id)
         if finish is not None:
-            reason, stop_reason = finish
-            self.scheduler.finish(seq, reason, stop_reason)
+            out.finish_reason, out.stop_reason = finish
+        if seq.prefill_only:
+            # Finished or not, its blocks may still be read by a transfer.
+            self.scheduler.park(seq)
+            self.num_parked += 1
+        elif finish is not None:
+            self.scheduler.finish(seq, *finish)
             del self.sequences[seq.request_id]
-            out.finish_reason, out.stop_reason = reason, stop_reason
         return out
 
     def _check_stop(self, seq: Sequence, token_id: int) -> tuple[str, int | None] | None:

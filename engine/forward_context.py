@@ -6,7 +6,7 @@ and positions around (STYLE.md rule 8).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,6 +28,10 @@ class AttentionMetadata:
     attn_mask: torch.Tensor  # [B, 1, Q, C] bool: True where a query may attend
     output_index: torch.Tensor  # [T] int64: row of each real token in the [B*Q] padded output
     logits_index: torch.Tensor  # [S] int64: token index whose logits are sampled
+    # Called with an attention layer's index once its new K/V are in the cache (queued
+    # on the current stream): a prefill rank sends that layer's blocks while later
+    # layers compute.
+    on_layer_kv: Callable[[int], None] | None = None
     _group_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def grouped_mask(self, groups: int) -> torch.Tensor:

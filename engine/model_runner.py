@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -33,17 +34,24 @@ _SDPA_BACKENDS = [
 ]
 
 
+# Allocates a rank's KV pool; a disaggregated rank passes one that places it where
+# its peers can reach it (e.g. shared memory on CPU).
+KVAllocator = Callable[[KVCacheLayout, torch.device], torch.Tensor]
+LayerKVHook = Callable[[int], None]
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, allocate_kv: KVAllocator = allocate_kv_cache):
         self.config = config
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.model = self._load_model()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.layout = self._kv_layout(self._num_blocks())
-        self.kv_cache = allocate_kv_cache(self.layout, self.device)
+        self.kv_cache = allocate_kv(self.layout, self.device)
         for index, layer in enumerate(self.attention_layers):
             layer.kv_cache = self.kv_cache[index]
+            layer.layer_index = index
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = Sampler(default_generator=generator)
         logger.info(
@@ -145,18 +153,24 @@ class ModelRunner:
         return peak
 
     @torch.inference_mode()
-    def _forward(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[int]]:
+    def _forward(
+        self, scheduled: list[ScheduledSequence], on_layer_kv: LayerKVHook | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         inputs = build_model_inputs(scheduled, self.block_size, self.device)
+        inputs.metadata.on_layer_kv = on_layer_kv
         with forward_context(inputs.metadata), sdpa_kernel(_SDPA_BACKENDS):
             hidden = self.model(inputs.input_ids, inputs.positions)
             logits = self.model.compute_logits(hidden)
         return logits, inputs.sampling_rows
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> list[tuple[int, TokenLogprobs | None]]:
+    def execute(
+        self, scheduled: list[ScheduledSequence], on_layer_kv: LayerKVHook | None = None
+    ) -> list[tuple[int, TokenLogprobs | None]]:
         """Run one step; returns (token id, logprobs) for each sequence that
-        samples, in the order of ``scheduled``."""
-        logits, rows = self._forward(scheduled)
+        samples, in the order of ``scheduled``. ``on_layer_kv(i)`` is called once
+        layer i's new K/V are written."""
+        logits, rows = self._forward(scheduled, on_layer_kv)
         if not rows:
             return []
         seqs = [scheduled[i].seq for i in rows]

@@ -111,6 +111,17 @@ class Scheduler:
         num_cached = len(hits) * self.block_manager.block_size
         return min(seq.num_tokens - num_cached, budget)
 
+    def adopt(self, seq: Sequence) -> None:
+        """Run a sequence whose blocks already hold its computed KV (a decode rank
+        receiving a prefilled request): it joins ``running`` directly."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def park(self, seq: Sequence) -> None:
+        """Stop scheduling a running sequence but keep its blocks (``finish`` frees them)."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.PARKED
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.cache_computed_blocks(seq)
         self.block_manager.free(seq)

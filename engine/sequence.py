@@ -12,6 +12,7 @@ from engine.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PARKED = "parked"  # prefill done on a prefill rank; blocks held while its KV is sent
     FINISHED = "finished"
 
 
@@ -31,6 +32,7 @@ class Sequence:
         params: SamplingParams,
         arrival: int,
         generator: torch.Generator | None = None,
+        prefill_only: bool = False,
     ):
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
@@ -38,6 +40,9 @@ class Sequence:
         self.params = params
         self.arrival = arrival
         self.generator = generator
+        # A prefill rank's request: parked (not finished) once its first token is
+        # sampled, so its blocks outlive the step until the KV hand-off is over.
+        self.prefill_only = prefill_only
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache

@@ -184,7 +184,6 @@ def _listening_ports(args: ServeArgs, given: frozenset[str]) -> Iterator[tuple[s
 
 def check_supported(args: ServeArgs, given: frozenset[str]) -> None:
     """Reject features whose implementation lands in a later issue (never ignore them)."""
-    scheduler_flags = ("host", "port", "db", "password", "topic", "ttl", "expire_period")
     unsupported = [
         (
             args.tensor_parallel_size > 1,
@@ -197,29 +196,7 @@ def check_supported(args: ServeArgs, given: frozenset[str]) -> None:
             f"--data-parallel-size {args.data_parallel_size}",
         ),
         (args.enable_expert_parallel, "expert parallelism", "--enable-expert-parallel"),
-        (
-            args.splitwise_role != "mixed",
-            "prefill/decode disaggregation",
-            f"--splitwise-role {args.splitwise_role}",
-        ),
-        (
-            args.scheduler_name != "local",
-            "the Redis cluster scheduler",
-            f"--scheduler-name {args.scheduler_name}",
-        ),
         (args.router is not None, "registering with pd-router", "--router"),
-        ("cache_transfer_protocols" in given, "KV cache transfer", "--cache-transfer-protocol"),
-        ("rdma_comm_ports" in given, "RDMA KV transfer", "--rdma-comm-ports"),
-        ("pd_comm_ports" in given, "the P/D control service", "--pd-comm-port"),
-        ("cache_queue_ports" in given, "the KV transfer queue", "--cache-queue-port"),
-        *(
-            (
-                f"scheduler_{name}" in given,
-                "the Redis scheduler",
-                f"--scheduler-{name.replace('_', '-')}",
-            )
-            for name in scheduler_flags
-        ),
         (args.metrics_ports is not None, "one metrics server per DP rank", "--metrics-ports"),
     ]
     for is_used, what, flag in unsupported:

@@ -40,6 +40,14 @@ class EngineOverloaded(RuntimeError):
     """More requests are waiting for their first token than the server allows."""
 
 
+class ClusterUnavailable(RuntimeError):
+    """The cluster cannot take the request now (no live rank of a role, no scheduler)."""
+
+
+class RequestFailed(RuntimeError):
+    """The cluster ended the request with an error (e.g. the rank running it died)."""
+
+
 def _log_send_failure(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is not None:
         logger.error("sending to the engine failed: %s", future.exception())
@@ -149,16 +157,23 @@ class EngineClient:
             self.child_to_parent[child_id] = request_id
         handle = RequestStream(self, request_id, entry)
         try:
-            frames = [
-                encode(Kind.ADD, AddRequest(child_id, prompt_token_ids, params.for_child(i)))
-                for i, child_id in enumerate(child_ids)
-            ]
+            self._submit(child_ids, prompt_token_ids, params)
         except BaseException:
             handle.release(submitted=False)
             raise
+        return handle
+
+    def _submit(self, child_ids: list[str], prompt_token_ids: list[int], params: SamplingParams):
+        """Send the children of a request to the engine (all or, raising, none)."""
+        frames = [
+            encode(Kind.ADD, AddRequest(child_id, prompt_token_ids, params.for_child(i)))
+            for i, child_id in enumerate(child_ids)
+        ]
         for frame in frames:
             self._send_nowait(frame)
-        return handle
+
+    def _abort(self, child_ids: list[str]) -> None:
+        self._send_nowait(encode(Kind.ABORT, child_ids))
 
     def _send_nowait(self, frame: bytes) -> None:
         # zmq.asyncio sends at once when it can and queues in order otherwise.
@@ -173,7 +188,7 @@ class EngineClient:
         elapsed = time.monotonic() - entry.arrival
         self.timings.on_finished(reason, elapsed, entry.num_prompt_tokens, entry.num_generated)
         if submitted and self.dead_reason is None:
-            self._send_nowait(encode(Kind.ABORT, entry.child_ids))
+            self._abort(entry.child_ids)
 
     def _forget(self, request_id: str) -> None:
         entry = self.streams.pop(request_id, None)
@@ -189,7 +204,7 @@ class EngineClient:
         while True:
             kind, payload = decode(await self.socket.recv())
             if kind is Kind.OUTPUTS:
-                await self._on_outputs(payload)
+                self._on_outputs(payload)
             elif kind is Kind.STATS:
                 self.stats = payload
                 self.timings.on_stats(
@@ -201,13 +216,13 @@ class EngineClient:
             elif kind is Kind.REJECTED:
                 self._on_rejected(*payload)
 
-    async def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         now = time.monotonic()
         for output in outputs:
             self._observe(output, now)
         processed = self.processor.process(outputs)
         if processed.to_abort:
-            self._send_nowait(encode(Kind.ABORT, processed.to_abort))
+            self._abort(processed.to_abort)
         for request_output in processed.request_outputs:
             entry = self.streams.get(request_output.request_id)
             if entry is None:
@@ -234,9 +249,12 @@ class EngineClient:
             entry.num_generated += len(output.new_token_ids)
 
     def _on_rejected(self, child_id: str, message: str) -> None:
+        self._fail(child_id, RequestRejected(message))
+
+    def _fail(self, child_id: str, error: Exception) -> None:
         entry = self.streams.get(self.child_to_parent.get(child_id, ""))
         if entry is not None:
-            entry.queue.put_nowait(RequestRejected(message))
+            entry.queue.put_nowait(error)
 
 
 class RequestStream:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -20,14 +20,24 @@ from engine.outputs import EngineCoreOutput
 from pd.engine_messages import AddRequest, EngineInfo, EngineStats, Kind, decode, encode
 from scheduler.local import LocalScheduler
 
+if TYPE_CHECKING:
+    from pd.rank.settings import RankSettings
+
 logger = logging.getLogger("pd.engine")
 
 _IDLE_POLL_MS = 50
 _STATS_INTERVAL_S = 0.1
 
 
-def run_engine_process(engine_kwargs: dict[str, Any], address: str, log_level: str) -> None:
-    """Entry point of the child process (spawned; everything heavy imports here)."""
+def run_engine_process(
+    engine_kwargs: dict[str, Any],
+    address: str,
+    log_level: str,
+    settings: RankSettings | None = None,
+) -> None:
+    """Entry point of the child process (spawned; everything heavy imports here).
+    With ``settings`` the rank joins a splitwise cluster; else it serves its API server
+    through the local scheduler."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s engine %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when we stop
     context = zmq.Context()
@@ -38,9 +48,19 @@ def run_engine_process(engine_kwargs: dict[str, Any], address: str, log_level: s
         from engine.config import make_engine_config
         from engine.engine_core import EngineCore
 
-        engine = EngineCore(make_engine_config(**engine_kwargs))
-        logger.info("model loaded; serving on %s", address)
-        EngineLoop(engine, socket).run()
+        config = make_engine_config(**engine_kwargs)
+        if settings is None:
+            engine = EngineCore(config)
+            logger.info("model loaded; serving on %s", address)
+            EngineLoop(engine, socket).run()
+        else:
+            from pd.rank.splitwise_loop import SplitwiseLoop
+            from pd.rank.transfer_setup import KVPool
+
+            pool = KVPool(settings.role, settings.protocols)
+            engine = EngineCore(config, allocate_kv=pool)
+            logger.info("model loaded; %s rank %s", settings.role, settings.rank_id)
+            SplitwiseLoop(engine, socket, settings, pool.shm_path).run()
     finally:
         socket.close()
         context.term()
@@ -91,7 +111,7 @@ class EngineLoop:
                 self.engine.add_request(request_id, request.prompt_token_ids, request.params)
             except ValueError as error:
                 self.scheduler.end_step([request_id])
-                self._send(identity, Kind.REJECTED, [request_id, str(error)])
+                self._send_rejected(identity, request_id, str(error))
                 continue
             self.owner[request_id] = identity
 
@@ -109,7 +129,7 @@ class EngineLoop:
             self.clients.add(identity)
             self._send(identity, Kind.READY, self.info)
         elif kind is Kind.ADD:
-            self._add(identity, payload)
+            self._add_from_api(identity, payload)
         elif kind is Kind.ABORT:
             for identity, request_id in self.scheduler.abort(payload):  # never admitted
                 aborted = EngineCoreOutput(request_id, [], finish_reason="abort")
@@ -118,7 +138,7 @@ class EngineLoop:
             logger.info("shutdown requested")
             self.running = False
 
-    def _add(self, identity: bytes, request: AddRequest) -> None:
+    def _add_from_api(self, identity: bytes, request: AddRequest) -> None:
         """Reject what can never run at once; queue the rest in the local scheduler."""
         try:
             self.engine.validate_prompt(request.prompt_token_ids)
@@ -127,7 +147,10 @@ class EngineLoop:
             num_tokens = len(request.prompt_token_ids)
             self.scheduler.put(request.request_id, identity, request, num_tokens)
         except ValueError as error:
-            self._send(identity, Kind.REJECTED, [request.request_id, str(error)])
+            self._send_rejected(identity, request.request_id, str(error))
+
+    def _send_rejected(self, identity: bytes, request_id: str, message: str) -> None:
+        self._send(identity, Kind.REJECTED, [request_id, message])
 
     def _send_outputs(self, identity: bytes, outputs: list) -> None:
         self._send(identity, Kind.OUTPUTS, outputs)

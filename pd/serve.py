@@ -14,8 +14,13 @@ import logging
 import multiprocessing
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from pd.args import ServeArgs, parse_args, pick_free_port
+from pd.cluster_instance import cluster_instance
+
+if TYPE_CHECKING:
+    from pd.rank.settings import RankSettings
 
 logger = logging.getLogger("pd.serve")
 
@@ -49,7 +54,9 @@ def engine_kwargs(args: ServeArgs) -> dict:
     }
 
 
-def start_engine(args: ServeArgs) -> tuple[multiprocessing.Process, str]:
+def start_engine(
+    args: ServeArgs, settings: RankSettings | None = None
+) -> tuple[multiprocessing.Process, str]:
     from pd.engine_process import run_engine_process
 
     port = args.engine_worker_queue_ports[0]
@@ -57,7 +64,7 @@ def start_engine(args: ServeArgs) -> tuple[multiprocessing.Process, str]:
     address = f"tcp://127.0.0.1:{port}"
     process = multiprocessing.get_context("spawn").Process(
         target=run_engine_process,
-        args=(engine_kwargs(args), address, args.log_level),
+        args=(engine_kwargs(args), address, args.log_level, settings),
         name="pd-engine-0",
         daemon=True,
     )
@@ -73,19 +80,29 @@ async def serve(args: ServeArgs) -> int:
     from pd.api.server import build_app
     from pd.api.state import ServerState
     from pd.engine_client import EngineClient, EngineDeadError
+    from scheduler.redis_link import SchedulerUnavailable
 
-    process, address = start_engine(args)
+    api_port = args.api_port or pick_free_port(args.host)
+    instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
+    process, address = start_engine(args, instance.rank_settings if instance else None)
     try:
         state = ServerState.create(args, load_tokenizer(args.model))
-        client = EngineClient(address, state.tokenizer, state.timings())
+        if instance is None:
+            client = EngineClient(address, state.tokenizer, state.timings())
+        else:
+            from pd.splitwise_client import SplitwiseEngineClient
+
+            client = SplitwiseEngineClient(
+                address, state.tokenizer, state.timings(), args.scheduler_config(), instance.api_id
+            )
         state.engine = client
         info = await client.wait_ready(process.is_alive, _READY_TIMEOUT_S)
-    except (EngineDeadError, ValueError, OSError) as error:
+    except (EngineDeadError, ValueError, OSError, SchedulerUnavailable) as error:
         logger.error("start-up failed: %s", error)
         _stop_engine(process)
         return 1
     state.max_model_len = info.max_model_len
-    servers = _make_servers(args, build_app(state), state, uvicorn)
+    servers = _make_servers(args, api_port, build_app(state), state, uvicorn)
     # NOTE: uvicorn captures SIGINT/SIGTERM while serving, drains, restores the
     # previous handlers and raises the signal again; ours make that a no-op, so
     # a drained shutdown exits 0 instead of dying by the signal.
@@ -101,8 +118,7 @@ async def serve(args: ServeArgs) -> int:
     return 1 if client.dead_reason else 0
 
 
-def _make_servers(args: ServeArgs, app, state, uvicorn) -> list:
-    port = args.api_port or pick_free_port(args.host)
+def _make_servers(args: ServeArgs, port: int, app, state, uvicorn) -> list:
     servers = [_server(uvicorn, app, args.host, port, args.log_level)]
     logger.info("OpenAI API on http://%s:%d/v1 (model %s)", args.host, port, state.model_names[0])
     if args.metrics_port is not None:

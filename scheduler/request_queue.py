@@ -165,6 +165,13 @@ class RankInbox:
         self._link.call(lambda r: r.lpush(self.proc_key, entry))
         self._entries[request.request_id] = entry
 
+    def was_aborted(self, request_id: str) -> bool:
+        """Whether an abort for ``request_id`` came before the request (consumes it)."""
+        if request_id not in self._aborted:
+            return False
+        del self._aborted[request_id]
+        return True
+
     def finish(self, request_ids: list[str]) -> None:
         """Mark requests finished; their entries leave T:proc with the next ``release_into``."""
         self._finished.update(request_ids)

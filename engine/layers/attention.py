@@ -25,6 +25,7 @@ class Attention(nn.Module):
         self.num_groups = num_heads // num_kv_heads  # query heads per KV head
         # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the model runner.
         self.kv_cache: torch.Tensor | None = None
+        self.layer_index = 0  # position among the model's attention layers; set with kv_cache
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq * D]."""
@@ -35,6 +36,8 @@ class Attention(nn.Module):
         v_cache = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
+        if meta.on_layer_kv is not None:
+            meta.on_layer_kv(self.layer_index)
         return self._attend(q, k_cache, v_cache, meta)
 
     def _attend(

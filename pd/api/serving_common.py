@@ -16,7 +16,14 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from pd.api.errors import APIError
 from pd.api.state import ServerState
-from pd.engine_client import EngineDeadError, EngineOverloaded, RequestRejected, RequestStream
+from pd.engine_client import (
+    ClusterUnavailable,
+    EngineDeadError,
+    EngineOverloaded,
+    RequestFailed,
+    RequestRejected,
+    RequestStream,
+)
 
 T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.25
@@ -93,6 +100,10 @@ def open_request(
         ) from error
     except EngineDeadError as error:
         raise APIError(503, f"engine unavailable: {error}", type="server_error") from error
+    except ClusterUnavailable as error:
+        raise APIError(
+            503, f"cluster unavailable: {error}", type="server_error", headers={"Retry-After": "1"}
+        ) from error
 
 
 async def outputs(stream: RequestStream) -> AsyncIterator[RequestOutput]:
@@ -104,6 +115,8 @@ async def outputs(stream: RequestStream) -> AsyncIterator[RequestOutput]:
         raise APIError(400, str(error)) from error
     except EngineDeadError as error:
         raise APIError(503, f"engine unavailable: {error}", type="server_error") from error
+    except RequestFailed as error:
+        raise APIError(503, f"request failed: {error}", type="server_error") from error
     finally:
         await stream.aclose()
 

@@ -60,10 +60,9 @@ class DecodeSide:
         self.server = PdCommServer(self.service, host=host)
         self.address = f"{host}:{self.server.port}"
 
-    def on_commit(self, request: pb.CommitRequest, block_ids: list[int]) -> str | None:
+    def on_commit(self, request: pb.CommitRequest, block_ids: list[int]) -> None:
         with self.lock:
             self.committed[request.request_id] = (request, block_ids)
-        return None
 
     def close(self) -> None:
         self.server.stop()

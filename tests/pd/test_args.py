@@ -194,28 +194,26 @@ NOT_SUPPORTED = [
     (["--tensor-parallel-size", "2"], "tensor parallelism (--tensor-parallel-size 2)"),
     (["--data-parallel-size", "2"], "data parallelism (--data-parallel-size 2)"),
     (["--enable-expert-parallel"], "expert parallelism (--enable-expert-parallel)"),
-    (
-        ["--splitwise-role", "prefill", "--scheduler-name", "splitwise"],
-        "prefill/decode disaggregation (--splitwise-role prefill)",
-    ),
-    (
-        ["--scheduler-name", "splitwise"],
-        "the Redis cluster scheduler (--scheduler-name splitwise)",
-    ),
     (["--router", "10.0.0.1:30000"], "registering with pd-router (--router)"),
-    (["--cache-transfer-protocol", "tcp"], "KV cache transfer (--cache-transfer-protocol)"),
-    (["--rdma-comm-ports", "7671"], "RDMA KV transfer (--rdma-comm-ports)"),
-    (["--pd-comm-port", "2334"], "the P/D control service (--pd-comm-port)"),
-    (["--cache-queue-port", "8183"], "the KV transfer queue (--cache-queue-port)"),
-    (["--scheduler-host", "127.0.0.1"], "the Redis scheduler (--scheduler-host)"),
-    (["--scheduler-port", "6379"], "the Redis scheduler (--scheduler-port)"),
-    (["--scheduler-db", "0"], "the Redis scheduler (--scheduler-db)"),
-    (["--scheduler-password", "pw"], "the Redis scheduler (--scheduler-password)"),
-    (["--scheduler-topic", "test"], "the Redis scheduler (--scheduler-topic)"),
-    (["--scheduler-ttl", "9000"], "the Redis scheduler (--scheduler-ttl)"),
-    (["--scheduler-expire-period", "500"], "the Redis scheduler (--scheduler-expire-period)"),
     (["--metrics-ports", "3101"], "one metrics server per DP rank (--metrics-ports)"),
 ]
+
+
+def test_the_seeds_splitwise_flags_parse():
+    """FastDeploy's prefill/decode example, at one DP rank, is accepted as typed."""
+    args = parse_args([
+        "--model", "/m", "--port", "8180", "--metrics-port", "8181",
+        "--engine-worker-queue-port", "25611", "--cache-queue-port", "8183",
+        "--cache-transfer-protocol", "rdma,ipc", "--rdma-comm-ports", "7671",
+        "--pd-comm-port", "2334", "--splitwise-role", "prefill", "--scheduler-name", "splitwise",
+        "--scheduler-host", "127.0.0.1", "--scheduler-port", "6379", "--scheduler-topic", "test",
+        "--scheduler-ttl", "9000",
+    ])  # fmt: skip
+    assert args.splitwise_role == "prefill"
+    assert args.cache_transfer_protocols == ["rdma", "ipc"]
+    assert (args.pd_comm_ports, args.rdma_comm_ports) == ([2334], [7671])
+    config = args.scheduler_config()
+    assert (config.name, config.topic, config.ttl_s) == ("splitwise", "test", 9000)
 
 
 @pytest.mark.parametrize(("extra", "message"), NOT_SUPPORTED)

@@ -1,0 +1,366 @@
+"""A prefill rank's side of the KV hand-off (DESIGN.md steps 3-5) for each request it
+prefills for a decode rank:
+
+    reserve   (worker thread)  Reserve on the dispatched decode rank; refused or
+                               unreachable -> one other decode rank; no room anywhere ->
+                               wait, bounded
+    prefill   (engine loop)    each layer's finished blocks are written into the decode
+                               rank's blocks as soon as the layer's K/V are in the cache
+    commit    (worker thread)  wait for the writes, then Commit(first token); a failed
+                               transfer or Commit -> everything again on one other
+                               decode rank, from the parked blocks; then a clear error
+
+Worker threads never touch the engine: they post their outcome to the loop
+(``LoopCalls``). A request's blocks stay parked in the engine until its hand-off ends,
+so no write ever reads a block that was given to another request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from cache_transfer.endpoints import endpoint_from_proto
+from cache_transfer.pd_comm import PdCommClient, PdCommError
+from cache_transfer.regions import BlockRuns, Regions, all_regions, block_runs, layer_regions
+from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle, wait_all
+from engine.kv_cache import KVCacheLayout
+from engine.outputs import EngineCoreOutput
+from engine.scheduler import ScheduledSequence
+from pd.cluster_wire import layout_from_proto
+from pd.rank.loop_calls import LoopCalls
+from proto import cluster_pb2 as cluster_pb
+from proto import pd_comm_pb2 as pb
+from scheduler.dispatch_policy import RankLoad, decode_cost, near_least, transfer_protocol
+from scheduler.redis_link import SchedulerUnavailable
+from scheduler.registry import RegistryReader, rank_view
+
+logger = logging.getLogger(__name__)
+
+MAX_DECODE_RANKS = 2  # the dispatched one, then one other (issue: "retried ... once")
+NO_ROOM_WAIT_S = 5.0  # how long to keep asking when every decode rank is full
+_NO_ROOM_PAUSE_S = 0.1
+
+
+class HandoffFailed(RuntimeError):
+    """No decode rank took the request; the message says what each one answered."""
+
+
+@dataclass(frozen=True)
+class DecodePeer:
+    rank_id: str
+    address: str  # host:pd-comm port
+    protocol: str
+    layout: KVCacheLayout
+
+
+@dataclass
+class Handoff:
+    """One request's KV on its way to a decode rank."""
+
+    request: cluster_pb.DispatchedRequest
+    peer: DecodePeer
+    peer_key: str  # the transfer engine's name for the peer's pool
+    transfer_id: int
+    dst_blocks: list[int]
+    tried: list[str]  # decode rank ids asked so far, with what they answered
+    reasons: list[str] = field(default_factory=list)
+    handles: list[TransferHandle] = field(default_factory=list)
+    num_sent_blocks: int = 0  # blocks of the prompt already written (whole, final)
+    write_error: str | None = None
+    aborted: bool = False  # the owner aborted: end with Abort, never Commit
+    src_blocks: list[int] = field(default_factory=list)  # set once parked
+    first_output: EngineCoreOutput | None = None  # the first token, sent once committed
+    first_token: int = 0
+    finished: bool = False  # the first token ended the request: nothing to commit
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+class PrefillHandoff:
+    def __init__(
+        self,
+        record: cluster_pb.InstanceRecord,
+        engines: dict[str, TransferEngine],
+        layout: KVCacheLayout,
+        fingerprint: pb.KvFingerprint,
+        registry: RegistryReader,
+        calls: LoopCalls,
+        on_reserved: Callable[[Handoff], None],
+        on_reserve_failed: Callable[[cluster_pb.DispatchedRequest, str], None],
+        on_done: Callable[[Handoff, str | None], None],
+        timeout_s: float,
+    ):
+        self.rank_id = record.rank_id
+        self.me = rank_view(record)
+        self.engines = engines
+        self.layout = layout
+        self.fingerprint = fingerprint
+        self.registry = registry
+        self.calls = calls
+        self.on_reserved = on_reserved
+        self.on_reserve_failed = on_reserve_failed
+        self.on_done = on_done
+        self.timeout_s = timeout_s
+        self.rng = random.Random()
+        self.workers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv-handoff")
+        self._clients: dict[str, PdCommClient] = {}
+        self._lock = threading.Lock()  # clients and engine connects
+
+    # -- reserve (worker) ------------------------------------------------------------
+
+    def reserve(self, request: cluster_pb.DispatchedRequest) -> None:
+        self.workers.submit(self._reserve_job, request)
+
+    def _reserve_job(self, request: cluster_pb.DispatchedRequest) -> None:
+        try:
+            handoff = self._reserve_somewhere(request, tried=[], reasons=[])
+        except Exception as e:  # a bug, too, must not leave the request hanging
+            if not isinstance(e, HandoffFailed):
+                logger.exception("reserving for %s failed", request.request_id)
+            message = str(e) if isinstance(e, HandoffFailed) else f"internal error: {e}"
+            self.calls.post(lambda: self.on_reserve_failed(request, message))
+        else:
+            self.calls.post(lambda: self.on_reserved(handoff))
+
+    def _reserve_somewhere(
+        self, request: cluster_pb.DispatchedRequest, tried: list[str], reasons: list[str]
+    ) -> Handoff:
+        deadline = time.monotonic() + NO_ROOM_WAIT_S
+        while True:
+            rank_id = self._next_decode(request, tried)
+            if rank_id is None:
+                all_full = reasons and all("(no room)" in r for r in reasons[-len(tried) :])
+                if all_full and time.monotonic() < deadline:  # wait, bounded
+                    time.sleep(_NO_ROOM_PAUSE_S)
+                    tried.clear()
+                    continue
+                raise HandoffFailed(
+                    f"no decode rank took request {request.request_id}: "
+                    + ("; ".join(reasons) or "none is registered")
+                )
+            tried.append(rank_id)
+            try:
+                return self._reserve_on(request, rank_id, tried, reasons)
+            except HandoffFailed as e:
+                reasons.append(str(e))
+                logger.warning("%s: %s", self.rank_id, e)
+
+    def _next_decode(self, request: cluster_pb.DispatchedRequest, tried: list[str]) -> str | None:
+        if len(tried) >= MAX_DECODE_RANKS:
+            return None
+        if not tried and request.decode_rank_id:
+            return request.decode_rank_id
+        try:
+            snapshot = self.registry.snapshot()
+        except SchedulerUnavailable:
+            return None
+        num_tokens = len(request.prompt_token_ids)
+        candidates = [
+            r for r in snapshot
+            if r.role == "decode" and r.rank_id not in tried
+            and transfer_protocol(self.me, r) is not None
+        ]  # fmt: skip
+        if not candidates:
+            return None
+        cost = {r.rank_id: decode_cost(r, num_tokens) for r in candidates}
+        return near_least(candidates, cost, 0.1, self.rng).rank_id
+
+    def _peer(self, rank_id: str) -> DecodePeer:
+        record = self.registry.record(rank_id)
+        if record is None:
+            self.registry.snapshot(max_age_s=0)
+            record = self.registry.record(rank_id)
+        if record is None:
+            raise HandoffFailed(f"decode rank {rank_id} is not registered (gone?)")
+        decode: RankLoad = rank_view(record)
+        protocol = transfer_protocol(self.me, decode)
+        if protocol is None:
+            raise HandoffFailed(f"decode rank {rank_id} shares no KV-transfer protocol with us")
+        return DecodePeer(
+            rank_id, f"{record.host}:{record.pd_comm_port}", protocol,
+            layout_from_proto(record.kv_layout),
+        )  # fmt: skip
+
+    def _client(self, address: str) -> PdCommClient:
+        with self._lock:
+            if address not in self._clients:
+                self._clients[address] = PdCommClient(address, timeout_s=5.0)
+            return self._clients[address]
+
+    def _reserve_on(
+        self,
+        request: cluster_pb.DispatchedRequest,
+        rank_id: str,
+        tried: list[str],
+        reasons: list[str],
+    ) -> Handoff:
+        peer = self._peer(rank_id)
+        try:
+            reply = self._client(peer.address).reserve(
+                pb.ReserveRequest(
+                    request_id=request.request_id,
+                    num_tokens=len(request.prompt_token_ids),
+                    fingerprint=self.fingerprint,
+                    protocol=peer.protocol,
+                    prefill_rank_id=self.rank_id,
+                )
+            )
+        except PdCommError as e:
+            raise HandoffFailed(f"decode rank {rank_id}: {e}") from None
+        if reply.status != pb.ReserveReply.OK:
+            status = pb.ReserveReply.Status.Name(reply.status).lower().replace("_", " ")
+            raise HandoffFailed(f"decode rank {rank_id} refused ({status}): {reply.message}")
+        endpoint = endpoint_from_proto(reply.endpoint)
+        digest = hashlib.blake2b(reply.endpoint.SerializeToString(), digest_size=6).hexdigest()
+        peer_key = f"{rank_id}/{digest}"  # a restarted decode rank is a new peer
+        try:
+            with self._lock:
+                self.engines[peer.protocol].connect(peer_key, endpoint)
+        except TransferError as e:
+            self._abort_quietly(peer, request.request_id)
+            raise HandoffFailed(f"decode rank {rank_id}: {e}") from None
+        request.decode_rank_id = rank_id
+        request.protocol = peer.protocol
+        return Handoff(
+            request, peer, peer_key, reply.transfer_id, list(reply.block_ids), tried, reasons
+        )
+
+    def _abort_quietly(self, peer: DecodePeer, request_id: str) -> None:
+        try:
+            self._client(peer.address).abort(request_id, timeout_s=2.0)
+        except PdCommError as e:  # its lease frees the blocks anyway
+            logger.info("%s: Abort of %s on %s failed: %s", self.rank_id, request_id, peer, e)
+
+    # -- layer-wise writes (engine loop) ---------------------------------------------
+
+    def layer_hook(
+        self, handoffs: dict[str, Handoff], scheduled: list[ScheduledSequence]
+    ) -> Callable[[int], None] | None:
+        """Plan this step's writes (blocks its prompt chunks complete) and return the hook
+        that submits each layer's share as soon as that layer's K/V are in the cache."""
+        size = self.layout.block_size
+        plans: list[tuple[Handoff, BlockRuns]] = []
+        for item in scheduled:
+            handoff = handoffs.get(item.seq.request_id)
+            if handoff is None or handoff.write_error is not None:
+                continue
+            seq = item.seq
+            end = seq.num_computed_tokens + item.num_new_tokens
+            # A block is written once, when whole; the prompt's last partial block with
+            # the last chunk. (Rewriting a block could reorder across tcp streams.)
+            end_block = -(-end // size) if end == seq.num_prompt_tokens else end // size
+            first = handoff.num_sent_blocks
+            if end_block > first:
+                runs = block_runs(
+                    seq.block_ids[first:end_block], handoff.dst_blocks[first:end_block]
+                )
+                plans.append((handoff, runs))
+                handoff.num_sent_blocks = end_block
+        if not plans:
+            return None
+
+        def on_layer(layer: int) -> None:
+            for handoff, runs in plans:
+                regions = layer_regions(self.layout, handoff.peer.layout, runs, layer)
+                self._write(handoff, regions)
+
+        return on_layer
+
+    def _write(self, handoff: Handoff, regions: Regions) -> None:
+        if handoff.write_error is not None:
+            return
+        engine = self.engines[handoff.peer.protocol]
+        try:
+            handoff.handles.append(engine.write(handoff.peer_key, handoff.transfer_id, regions))
+        except TransferError as e:
+            handoff.write_error = str(e)
+
+    # -- commit (worker) -------------------------------------------------------------
+
+    def complete(self, handoff: Handoff) -> None:
+        """The prompt is prefilled (``src_blocks``, ``first_token``, ``finished`` set) or
+        the request was aborted: wait for the writes, then Commit or Abort."""
+        self.workers.submit(self._complete_job, handoff)
+
+    def _complete_job(self, handoff: Handoff) -> None:
+        try:
+            error = self._settle(handoff)
+        except Exception as e:
+            logger.exception("hand-off of %s failed", handoff.request_id)
+            error = f"internal error: {e}"
+        self.calls.post(lambda: self.on_done(handoff, error))
+
+    def _settle(self, handoff: Handoff) -> str | None:
+        """None when the request is done here (committed, finished, or aborted)."""
+        error = self._wait_writes(handoff)
+        if handoff.aborted or handoff.finished:
+            self._abort_quietly(handoff.peer, handoff.request_id)
+            return None
+        if error is None:
+            error = self._commit(handoff)
+            if error is None:
+                return None
+        self._abort_quietly(handoff.peer, handoff.request_id)
+        handoff.reasons.append(error)
+        logger.warning("%s: %s; trying another decode rank", self.rank_id, error)
+        try:  # once more, elsewhere, from the parked blocks
+            retry = self._reserve_somewhere(handoff.request, handoff.tried, handoff.reasons)
+        except HandoffFailed as e:
+            return str(e)
+        retry.first_token = handoff.first_token
+        regions = all_regions(self.layout, retry.peer.layout, handoff.src_blocks, retry.dst_blocks)
+        self._write(retry, regions)
+        error = self._wait_writes(retry) or self._commit(retry)
+        if error is not None:
+            self._abort_quietly(retry.peer, retry.request_id)
+            reasons = "; ".join([*handoff.reasons, error])
+            return f"KV hand-off of {handoff.request_id} failed twice: {reasons}"
+        handoff.peer = retry.peer
+        handoff.aborted = retry.aborted
+        return None
+
+    def _wait_writes(self, handoff: Handoff) -> str | None:
+        if handoff.write_error is not None:
+            return f"KV write to {handoff.peer.rank_id} failed: {handoff.write_error}"
+        try:
+            wait_all(handoff.handles, self.timeout_s)
+        except TransferError as e:
+            return f"KV write to {handoff.peer.rank_id} failed: {e}"
+        return None
+
+    def _commit(self, handoff: Handoff) -> str | None:
+        request = handoff.request
+        try:
+            reply = self._client(handoff.peer.address).commit(
+                pb.CommitRequest(
+                    request_id=request.request_id,
+                    transfer_id=handoff.transfer_id,
+                    first_token_id=handoff.first_token,
+                    num_computed_tokens=len(request.prompt_token_ids),
+                    request=request,
+                )
+            )
+        except PdCommError as e:
+            return str(e)
+        if reply.ok:
+            return None
+        if reply.aborted:
+            handoff.aborted = True
+            return None
+        return f"decode rank {handoff.peer.rank_id} refused Commit: {reply.message}"
+
+    def close(self) -> None:
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()

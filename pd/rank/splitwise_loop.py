@@ -1,0 +1,323 @@
+"""The engine loop of a rank in a splitwise (Redis) cluster.
+
+Requests arrive from Redis (the queue of a prefill or mixed rank) or from a prefill
+rank's Commit (a decode rank); results go to each request's API server over Redis, one
+batch per step, indexed so that the first token (prefill's) and the rest (decode's)
+arrive in order. The instance's own API server still says HELLO/SHUTDOWN and reads
+stats over ZMQ, but submits through Redis like any other.
+
+    prefill: take -> Reserve (worker) -> prefill, writing each layer's blocks ->
+             parked -> writes done + Commit (worker) -> first token out, blocks freed
+    decode:  Reserve / Commit on the loop (pd-comm) -> adopted into the running batch
+    mixed:   take -> the whole request here
+
+One iteration: ZMQ messages, work posted by other threads, take + aborts (Redis), one
+engine step, results + releases (one Redis round trip), load. A Redis outage pauses
+the Redis parts only; the engine keeps stepping what it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from cache_transfer.pd_comm import CommitRefused
+from cache_transfer.transfer_engine import TransferEngine
+from engine.engine_core import EngineCore
+from engine.outputs import EngineCoreOutput
+from engine.scheduler import ScheduledSequence
+from engine.sequence import SequenceStatus
+from pd.cluster_wire import kv_fingerprint, layout_to_proto, output_to_entry, params_from_proto
+from pd.engine_process import EngineLoop
+from pd.rank.decode_intake import DecodeIntake
+from pd.rank.loop_calls import LoopCalls
+from pd.rank.prefill_handoff import Handoff, PrefillHandoff
+from pd.rank.settings import RankSettings
+from pd.rank.transfer_setup import make_transfer_engines
+from proto import cluster_pb2 as pb
+from proto import pd_comm_pb2 as comm_pb
+from scheduler.redis_link import SchedulerUnavailable
+from scheduler.registry import RegistryReader
+from scheduler.splitwise import SplitwiseRank
+
+logger = logging.getLogger("pd.engine")
+
+_IDLE_S = 0.05
+_PENDING_POLL_MS = 5  # while hand-offs are in flight: their outcomes also wake us
+
+
+class SplitwiseLoop(EngineLoop):
+    def __init__(
+        self,
+        engine: EngineCore,
+        socket: zmq.Socket,
+        settings: RankSettings,
+        shm_path: str | None = None,
+    ):
+        super().__init__(engine, socket)
+        self.settings = settings
+        self.role = settings.role
+        self.rank_id = settings.rank_id
+        self.calls = LoopCalls()
+        self.poller = zmq.Poller()
+        self.poller.register(socket, zmq.POLLIN)
+        self.poller.register(self.calls.fileno(), zmq.POLLIN)
+        self.owners: dict[str, str] = {}  # request id -> API server id
+        self.emitted: dict[str, int] = {}  # request id -> index of its next token
+        self.finished: list[str] = []  # done here; released with the next results
+        self.reserving: dict[str, pb.DispatchedRequest] = {}
+        self.aborted_reserving: set[str] = set()
+        self.handoffs: dict[str, Handoff] = {}
+        self.redis_down = False
+        runner = engine.runner
+        self.fingerprint = kv_fingerprint(settings.model, runner.layout)
+        self.transfer_engines: dict[str, TransferEngine] = {}
+        if self.role != "mixed":
+            self.transfer_engines = make_transfer_engines(
+                self.role, runner.kv_cache, runner.layout, settings.protocols, settings.host,
+                shm_path, settings.rdma_comm_ports[0],
+            )  # fmt: skip
+        self.intake: DecodeIntake | None = None
+        pd_comm_port = 0
+        if self.role == "decode":
+            self.intake = DecodeIntake(
+                self.rank_id, self.fingerprint, engine.block_manager, self.transfer_engines,
+                self.calls, self._adopt, settings.host, settings.pd_comm_port, settings.lease_s,
+            )  # fmt: skip
+            pd_comm_port = self.intake.port
+        record = pb.InstanceRecord(
+            rank_id=self.rank_id, role=self.role, host=settings.host, model=settings.model,
+            dp_rank=0, dp_size=1, tp_size=1, api_port=settings.api_port,
+            pd_comm_port=pd_comm_port, protocols=settings.protocols,
+            rdma_comm_ports=settings.rdma_comm_ports, kv_layout=layout_to_proto(runner.layout),
+        )  # fmt: skip
+        self.registry: RegistryReader | None = None
+        self.handoff: PrefillHandoff | None = None
+        if self.role == "prefill":
+            self.registry = RegistryReader(settings.scheduler, name=f"registry[{self.rank_id}]")
+            self.handoff = PrefillHandoff(
+                record, self.transfer_engines, runner.layout, self.fingerprint, self.registry,
+                self.calls, self._on_reserved, self._on_reserve_failed, self._on_handoff_done,
+                settings.handoff_timeout_s,
+            )  # fmt: skip
+        self.rank = SplitwiseRank(settings.scheduler, record).start()
+        logger.info("rank %s (%s) registered in topic %r", self.rank_id, self.role,
+                    settings.scheduler.topic)  # fmt: skip
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while self.running:
+                self._drain_messages()
+                self.calls.run_pending()
+                self._sync_with_scheduler()
+                if self.engine.has_unfinished():
+                    hook = self._layer_hook if self.handoff is not None else None
+                    for output in self.engine.step(hook):
+                        self._on_output(output)
+                self._end_step()
+                self._report_load()
+                self._maybe_send_stats()
+                if not (self.engine.has_unfinished() and not self.engine.stalled):
+                    self._idle()
+        finally:
+            self.close()
+
+    def _sync_with_scheduler(self) -> None:
+        try:
+            if self.role != "decode":
+                self._take(self.rank.take(self._capacity()))
+            for request_id in self.rank.take_aborts():
+                self._abort(request_id)
+            self.redis_down = False
+        except SchedulerUnavailable:
+            self.redis_down = True
+
+    def _idle(self) -> None:
+        """Wait for work: a prefill or mixed rank with nothing in flight blocks on its
+        Redis queue; otherwise ZMQ messages and posted work wake us."""
+        pending = bool(self.reserving or self.handoffs)
+        capacity = self._capacity()
+        if self.role != "decode" and not pending and capacity > 0 and not self.redis_down:
+            try:
+                self._take(self.rank.take(capacity, block_s=_IDLE_S))
+                return
+            except SchedulerUnavailable:
+                self.redis_down = True
+        timeout_ms = _PENDING_POLL_MS if pending else int(_IDLE_S * 1000)
+        self.poller.poll(timeout_ms)
+
+    def _capacity(self) -> int:
+        max_num_seqs = self.engine.config.scheduler.max_num_seqs
+        return max_num_seqs - len(self.engine.sequences) - len(self.reserving)
+
+    def _end_step(self) -> None:
+        finished, self.finished = self.finished, []
+        try:
+            self.rank.end_step(finished)  # marks them finished first: a failure keeps them
+        except SchedulerUnavailable:
+            self.redis_down = True
+
+    def _report_load(self) -> None:
+        scheduler = self.engine.scheduler
+        queued = sum(s.num_uncomputed_tokens for s in scheduler.waiting)
+        queued += sum(len(r.prompt_token_ids) for r in self.reserving.values())
+        self.rank.update_load(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting) + len(self.reserving),
+            num_queued_prompt_tokens=queued,
+            num_free_blocks=self.engine.block_manager.num_free_blocks,
+        )
+
+    # -- requests in -----------------------------------------------------------------
+
+    def _take(self, requests: list[pb.DispatchedRequest]) -> None:
+        for request in requests:
+            request_id = request.request_id
+            self.owners[request_id] = request.owner
+            disaggregated = request.decode_rank_id not in ("", self.rank_id)
+            if self.role == "prefill" and disaggregated:
+                self.reserving[request_id] = request
+                self.handoff.reserve(request)  # type: ignore[union-attr]
+            else:
+                self._add_to_engine(request)
+
+    def _add_to_engine(self, request: pb.DispatchedRequest, prefill_only: bool = False) -> bool:
+        try:
+            params = params_from_proto(request.sampling)
+            self.engine.add_request(
+                request.request_id, list(request.prompt_token_ids), params, prefill_only
+            )
+        except ValueError as e:
+            self._fail(request.request_id, f"request refused by {self.rank_id}: {e}")
+            return False
+        self.emitted[request.request_id] = 0
+        return True
+
+    def _on_reserved(self, handoff: Handoff) -> None:
+        request_id = handoff.request_id
+        self.reserving.pop(request_id, None)
+        if request_id in self.aborted_reserving:
+            self.aborted_reserving.discard(request_id)
+            handoff.aborted = True
+        elif self._add_to_engine(handoff.request, prefill_only=True):
+            self.handoffs[request_id] = handoff
+            return
+        else:
+            handoff.aborted = True  # refused by the engine: give the blocks back
+        self.handoff.complete(handoff)  # type: ignore[union-attr]
+
+    def _on_reserve_failed(self, request: pb.DispatchedRequest, message: str) -> None:
+        request_id = request.request_id
+        self.reserving.pop(request_id, None)
+        if request_id in self.aborted_reserving:
+            self.aborted_reserving.discard(request_id)
+            self._finish(request_id)
+        else:
+            self._fail(request_id, message)
+
+    def _adopt(self, commit: comm_pb.CommitRequest, block_ids: list[int]) -> None:
+        """A decode rank takes over a prefilled request (on the loop, from pd-comm)."""
+        request = commit.request
+        request_id = request.request_id
+        if self.rank.inbox.was_aborted(request_id):
+            raise CommitRefused(f"request {request_id} was aborted", aborted=True)
+        try:
+            params = params_from_proto(request.sampling)
+            self.engine.validate_prompt(list(request.prompt_token_ids))
+        except ValueError as e:
+            raise CommitRefused(f"{self.rank_id} cannot run {request_id}: {e}") from None
+        try:
+            self.rank.inbox.adopt(request)  # from here the reaper answers for it if we die
+        except SchedulerUnavailable as e:
+            raise CommitRefused(f"{self.rank_id} cannot reach the scheduler: {e}") from None
+        self.engine.adopt_request(
+            request_id, list(request.prompt_token_ids), [commit.first_token_id], params, block_ids
+        )
+        self.owners[request_id] = request.owner
+        self.emitted[request_id] = 1
+
+    def _abort(self, request_id: str) -> None:
+        if request_id in self.reserving:
+            self.aborted_reserving.add(request_id)  # settled when the Reserve returns
+            return
+        handoff = self.handoffs.get(request_id)
+        if handoff is not None:
+            handoff.aborted = True
+            seq = self.engine.sequences.get(request_id)
+            if seq is not None and seq.status is not SequenceStatus.PARKED:
+                self.engine.abort_requests([request_id])  # stop prefilling; writes settle
+                self.handoff.complete(handoff)  # type: ignore[union-attr]
+            return  # a parked one: its hand-off sees the flag and Aborts
+        self.engine.abort_requests([request_id])
+        self._finish(request_id)
+
+    # -- prefill's writes ------------------------------------------------------------
+
+    def _layer_hook(self, scheduled: list[ScheduledSequence]):  # type: ignore[no-untyped-def]
+        return self.handoff.layer_hook(self.handoffs, scheduled)  # type: ignore[union-attr]
+
+    def _on_handoff_done(self, handoff: Handoff, error: str | None) -> None:
+        request_id = handoff.request_id
+        self.handoffs.pop(request_id, None)
+        seq = self.engine.sequences.get(request_id)
+        if seq is not None and seq.status is SequenceStatus.PARKED:
+            self.engine.release_parked(request_id)
+        if error is not None and not handoff.aborted:
+            self._fail(request_id, error)
+            return
+        if not handoff.aborted:
+            first = handoff.first_output
+            self.rank.add_result(self.owners[request_id], output_to_entry(first, 0, self.rank_id))
+        self._finish(request_id)
+
+    # -- results out -----------------------------------------------------------------
+
+    def _on_output(self, output: EngineCoreOutput) -> None:
+        request_id = output.request_id
+        handoff = self.handoffs.get(request_id)
+        if handoff is not None:  # prefilled: hand it over before saying anything
+            handoff.src_blocks = list(self.engine.sequences[request_id].block_ids)
+            handoff.first_output = output
+            handoff.first_token = output.new_token_ids[0]
+            handoff.finished = output.finished
+            self.handoff.complete(handoff)  # type: ignore[union-attr]
+            return
+        index = self.emitted[request_id]
+        self.emitted[request_id] = index + len(output.new_token_ids)
+        self.rank.add_result(self.owners[request_id], output_to_entry(output, index, self.rank_id))
+        if output.finished:
+            self._finish(request_id)
+
+    def _fail(self, request_id: str, message: str) -> None:
+        logger.warning("%s: request %s failed: %s", self.rank_id, request_id, message)
+        entry = pb.ResultEntry(
+            request_id=request_id, finish_reason="error", error=message, rank_id=self.rank_id
+        )
+        self.rank.add_result(self.owners[request_id], entry)
+        self._finish(request_id)
+
+    def _finish(self, request_id: str) -> None:
+        self.finished.append(request_id)
+        self.owners.pop(request_id, None)
+        self.emitted.pop(request_id, None)
+
+    # -- the local API server --------------------------------------------------------
+
+    def _add_from_api(self, identity: bytes, request) -> None:  # type: ignore[no-untyped-def]
+        self._send_rejected(identity, request.request_id, "this instance takes requests "
+                            "through the splitwise scheduler, not directly")  # fmt: skip
+
+    def close(self) -> None:
+        self.rank.close(deregister=True)
+        if self.intake is not None:
+            self.intake.close()
+        if self.handoff is not None:
+            self.handoff.close()
+        for engine in self.transfer_engines.values():
+            engine.close()
+        if self.registry is not None:
+            self.registry.close()
+        self.calls.close()

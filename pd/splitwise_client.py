@@ -1,0 +1,107 @@
+"""The API server's handle on a splitwise cluster.
+
+Requests go through Redis to whichever prefill and decode ranks the dispatcher picks
+(this instance's own rank or any other); their tokens come back on this API server's
+result channel, in order, and are processed exactly as a local engine's outputs are.
+The instance's own engine process is still watched over ZMQ (readiness, stats, death).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.sampling_params import SamplingParams
+from pd.cluster_wire import entry_to_output, params_to_proto
+from pd.engine_client import (
+    ClusterUnavailable,
+    EngineClient,
+    EngineInfo,
+    RequestFailed,
+    RequestTimings,
+)
+from proto import cluster_pb2 as pb
+from scheduler.config import SchedulerConfig
+from scheduler.dispatch_policy import NoRankAvailable
+from scheduler.redis_link import SchedulerUnavailable
+from scheduler.splitwise import SplitwiseFrontend
+
+logger = logging.getLogger("pd.api")
+
+
+class SplitwiseEngineClient(EngineClient):
+    def __init__(
+        self,
+        address: str,
+        tokenizer,  # type: ignore[no-untyped-def]
+        timings: RequestTimings | None,
+        scheduler: SchedulerConfig,
+        api_id: str,
+    ):
+        super().__init__(address, tokenizer, timings)
+        self.scheduler = scheduler
+        self.api_id = api_id
+        self.frontend: SplitwiseFrontend | None = None
+        self._aborts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aborts")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def wait_ready(self, is_alive, timeout: float) -> EngineInfo:  # type: ignore[no-untyped-def]
+        info = await super().wait_ready(is_alive, timeout)
+        self._loop = asyncio.get_running_loop()
+        self.frontend = await asyncio.to_thread(
+            SplitwiseFrontend, self.scheduler, self.api_id, self._on_results
+        )
+        return info
+
+    def _submit(self, child_ids: list[str], prompt_token_ids: list[int], params: SamplingParams):
+        """Queue each child on a prefill rank (one Redis round trip each)."""
+        assert self.frontend is not None
+        for i, child_id in enumerate(child_ids):
+            request = pb.DispatchedRequest(
+                request_id=child_id,
+                prompt_token_ids=prompt_token_ids,
+                sampling=params_to_proto(params.for_child(i)),
+            )
+            try:
+                self.frontend.submit(request)
+            except (NoRankAvailable, SchedulerUnavailable) as e:
+                if i:
+                    self._abort(child_ids[:i])
+                raise ClusterUnavailable(str(e)) from None
+
+    def _abort(self, child_ids: list[str]) -> None:
+        """Off the event loop: an abort is a Redis round trip or two per child."""
+        frontend = self.frontend
+        if frontend is None:
+            return
+
+        def abort() -> None:
+            for child_id in child_ids:
+                try:
+                    frontend.abort(child_id)
+                except SchedulerUnavailable as e:  # the rank finishes it; results are dropped
+                    logger.warning("abort of %s not delivered: %s", child_id, e)
+
+        self._aborts.submit(abort)
+
+    def _on_results(self, request_id: str, entries: list[pb.ResultEntry]) -> None:
+        """The result reader's thread: hand the entries to the event loop."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, entries)
+
+    def _deliver(self, entries: list[pb.ResultEntry]) -> None:
+        outputs = []
+        for entry in entries:
+            if entry.finish_reason == "error":
+                self._fail(entry.request_id, RequestFailed(entry.error))
+            else:
+                outputs.append(entry_to_output(entry))
+        if outputs:
+            self._on_outputs(outputs)
+
+    async def shutdown(self) -> None:
+        if self.frontend is not None:
+            await asyncio.to_thread(self.frontend.close)
+        self._aborts.shutdown(wait=False)
+        await super().shutdown()
