@@ -30,6 +30,11 @@ _ENGINE_STOP_TIMEOUT_S = 10.0
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cluster"]:
+        from pd.cluster import main as cluster_main
+
+        sys.exit(cluster_main(argv[1:]))
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

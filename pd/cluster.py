@@ -1,0 +1,217 @@
+"""``pd-serve cluster``: a local prefill/decode cluster in one command.
+
+Starts an embedded Redis (unless ``--scheduler-host/--scheduler-port`` name one),
+``--prefill N`` prefill and ``--decode M`` decode instances of ``pd-serve`` (or
+``--mixed K`` mixed ones) on one model — a tiny generated one when ``--model`` is left
+out — waits until every instance is ready, and prints the OpenAI base URL. ``--ask``
+sends one chat request and prints the answer (``--once``: then stop). Ctrl-C or SIGTERM
+stops the instances (each drains), then Redis. Flags it does not know go to every
+instance (e.g. ``--max-num-seqs 64 --cache-transfer-protocol tcp``).
+
+    pd-serve cluster --prefill 1 --decode 1 --ask "Hello"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pd.args import pick_free_port
+
+_READY_TIMEOUT_S = 600.0
+_STOP_TIMEOUT_S = 40.0
+
+
+@dataclass
+class Instance:
+    role: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log_tail(self, num_chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-num_chars:]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pd-serve cluster",
+        description="Start a local prefill/decode cluster (embedded Redis + pd-serve "
+        "instances); other flags go to every instance.",
+    )
+    parser.add_argument("--model", help="HF checkpoint folder (default: a tiny generated model)")
+    parser.add_argument("--prefill", type=int, default=1, metavar="N", help="(default: 1)")
+    parser.add_argument("--decode", type=int, default=1, metavar="N", help="(default: 1)")
+    parser.add_argument("--mixed", type=int, default=0, metavar="N", help="(default: 0)")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="first API port; the rest follow (0: free ports)"
+    )
+    parser.add_argument("--scheduler-host", help="use this Redis instead of an embedded one")
+    parser.add_argument("--scheduler-port", type=int)
+    parser.add_argument("--scheduler-topic", default="local-cluster")
+    parser.add_argument("--log-dir", help="instance logs (default: a temp dir)")
+    parser.add_argument("--ask", metavar="TEXT", help="send one chat request and print the answer")
+    parser.add_argument("--once", action="store_true", help="stop after --ask")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, passthrough = build_parser().parse_known_args(argv)
+    if args.prefill < 0 or args.decode < 0 or args.mixed < 0:
+        sys.exit("pd-serve cluster: instance counts must be >= 0")
+    if args.mixed == 0 and (args.prefill == 0 or args.decode == 0):
+        sys.exit("pd-serve cluster: needs --prefill >= 1 and --decode >= 1 (or --mixed >= 1)")
+    stop = _install_stop_handlers()
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pd-cluster-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    model = args.model or str(_tiny_model())
+    redis_server = None
+    if args.scheduler_host is None and args.scheduler_port is None:
+        from scheduler.redis_server import EmbeddedRedis
+
+        redis_server = EmbeddedRedis().start()
+        print(f"embedded Redis on {redis_server.url}", flush=True)
+    host = args.scheduler_host or "127.0.0.1"
+    port = args.scheduler_port or (redis_server.port if redis_server else 6379)
+    common = [
+        "--model", model, "--host", "127.0.0.1", "--scheduler-name", "splitwise",
+        "--scheduler-host", host, "--scheduler-port", str(port),
+        "--scheduler-topic", args.scheduler_topic, *passthrough,
+    ]  # fmt: skip
+    roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["mixed"] * args.mixed
+    instances: list[Instance] = []
+    try:
+        for index, role in enumerate(roles):
+            api_port = args.port + index if args.port else pick_free_port()
+            instances.append(_start(role, api_port, common, log_dir / f"{role}-{index}.log"))
+        if not _wait_ready(instances, stop):
+            return 1
+        print(f"cluster ready ({', '.join(roles)}; logs in {log_dir})", flush=True)
+        for instance in instances:
+            print(f"  {instance.role:8s} {instance.base_url}", flush=True)
+        print(f"OpenAI base URL: {instances[0].base_url}", flush=True)
+        if args.ask is not None:
+            print(_ask(instances[0].base_url, args.ask), flush=True)
+            if args.once:
+                return 0
+        return _watch(instances, stop)
+    finally:
+        _stop_all(instances)
+        if redis_server is not None:
+            redis_server.close()
+
+
+def _install_stop_handlers() -> list[int]:
+    """A list that gets the signal number when SIGINT/SIGTERM arrives."""
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _frame: received.append(number))
+    return received
+
+
+def _tiny_model() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pd-serve"
+    path = cache / "tiny-llama"
+    if not (path / "config.json").exists():
+        from scripts.make_tiny_model import make_tiny_model
+
+        print(f"generating a tiny model in {path}", flush=True)
+        make_tiny_model(path, arch="llama")
+    return path
+
+
+def _start(role: str, port: int, common: list[str], log_path: Path) -> Instance:
+    command = [sys.executable, "-m", "pd.serve", *common, "--port", str(port)]
+    command += ["--splitwise-role", role]
+    log = log_path.open("w")
+    # NOTE: a session of its own, so that Ctrl-C reaches only us and we stop the
+    # instances before Redis (else they would spend their drain without a scheduler).
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    return Instance(role, port, process, log_path)
+
+
+def _wait_ready(instances: list[Instance], stop: list[int]) -> bool:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    pending = list(instances)
+    while pending:
+        if stop:
+            return False
+        for instance in list(pending):
+            if instance.process.poll() is not None:
+                _report_exit(instance, "")
+                return False
+            if "pd-serve ready" in instance.log_path.read_text(errors="replace"):
+                pending.remove(instance)
+        if time.monotonic() > deadline:
+            print(f"instances not ready after {_READY_TIMEOUT_S:.0f} s", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _ask(base_url: str, text: str) -> str:
+    import httpx
+
+    body = {
+        "model": httpx.get(f"{base_url}/models", timeout=30).json()["data"][0]["id"],
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+    reply = httpx.post(f"{base_url}/chat/completions", json=body, timeout=120)
+    if reply.status_code != 200:
+        return f"the cluster answered {reply.status_code}: {reply.text}"
+    answer = reply.json()
+    usage = answer["usage"]
+    return (
+        f"Q: {text}\nA: {answer['choices'][0]['message']['content']!r} "
+        f"({usage['prompt_tokens']} prompt + {usage['completion_tokens']} new tokens)"
+    )
+
+
+def _watch(instances: list[Instance], stop: list[int]) -> int:
+    """Serve until a signal (exit 0) or until an instance dies (exit 1)."""
+    print("Ctrl-C stops the cluster", flush=True)
+    while not stop:
+        for instance in instances:
+            if instance.process.poll() is not None:
+                _report_exit(instance, "; stopping the cluster")
+                return 1
+        time.sleep(0.2)
+    return 0
+
+
+def _report_exit(instance: Instance, consequence: str) -> None:
+    code = instance.process.returncode
+    print(
+        f"{instance.role} instance on port {instance.port} exited with {code}{consequence}:\n"
+        f"{instance.log_tail()}",
+        file=sys.stderr,
+    )
+
+
+def _stop_all(instances: list[Instance]) -> None:
+    for instance in instances:
+        if instance.process.poll() is None:
+            instance.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    for instance in instances:
+        try:
+            instance.process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            instance.process.kill()
+            instance.process.wait()
