@@ -10,6 +10,7 @@ client the outputs of its requests, and report load.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,7 @@ class EngineLoop:
         self.clients: set[bytes] = set()
         self.scheduler: LocalScheduler[AddRequest, Any] = LocalScheduler(self._send_outputs)
         self.running = True
+        self._parent_pid = os.getppid()
         self._last_stats = 0.0
         config = engine.config
         self.info = EngineInfo(
@@ -160,6 +162,9 @@ class EngineLoop:
         if now - self._last_stats < _STATS_INTERVAL_S:
             return
         self._last_stats = now
+        if os.getppid() != self._parent_pid:  # the API server died (e.g. SIGKILL)
+            logger.error("the API server process is gone; stopping")
+            self.running = False
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
         stats = EngineStats(
             num_running=len(scheduler.running),
