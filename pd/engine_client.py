@@ -71,6 +71,7 @@ class RequestTimings:
     on_inter_token: Callable[[float], None] = lambda seconds: None
     on_finished: Callable[[str, float, int, int], None] = lambda *args: None
     on_stats: Callable[[int, int, int, int], None] = lambda *args: None
+    on_kv_events: Callable[[list], None] = lambda events: None
 
 
 class EngineClient:
@@ -207,6 +208,7 @@ class EngineClient:
                 self._on_outputs(payload)
             elif kind is Kind.STATS:
                 self.stats = payload
+                self.timings.on_kv_events(payload.kv_events)
                 self.timings.on_stats(
                     payload.num_running,
                     payload.num_waiting,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -43,6 +43,12 @@ class EngineStats:
     num_waiting: int
     num_free_blocks: int
     num_blocks: int
+    # KV hand-off events since the last stats: [kind, protocol, bytes, seconds], kind one
+    # of KV_EVENT_KINDS (a prefill rank's view; empty elsewhere)
+    kv_events: list = field(default_factory=list)
+
+
+KV_EVENT_KINDS = ("transfer", "transfer_failed", "reserve_refused", "redispatched")
 
 
 @dataclass

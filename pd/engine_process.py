@@ -171,9 +171,13 @@ class EngineLoop:
             num_waiting=len(scheduler.waiting) + self.scheduler.num_queued,
             num_free_blocks=blocks.num_free_blocks,
             num_blocks=blocks.num_blocks,
+            kv_events=self._kv_events(),
         )
         for identity in self.clients:
             self._send(identity, Kind.STATS, stats)
+
+    def _kv_events(self) -> list:
+        return []  # a local instance moves no KV
 
     def _send(self, identity: bytes, kind: Kind, payload: Any) -> None:
         self.socket.send_multipart([identity, encode(kind, payload)])

@@ -33,6 +33,13 @@ E2E_BUCKETS = (
 )  # fmt: skip
 
 
+KV_BYTES_BUCKETS = tuple(float(1 << n) for n in range(10, 36, 2))  # 1 KiB .. 32 GiB
+KV_SECONDS_BUCKETS = (
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+KV_GBPS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0)
+
+
 class ServerMetrics:
     """The metrics of one served model; every series carries ``model_name``."""
 
@@ -42,6 +49,7 @@ class ServerMetrics:
         self._make_gauges()
         self._make_counters()
         self._make_histograms()
+        self._make_kv_transfer_metrics()
 
     def _make_gauges(self) -> None:
         def gauge(name: str, doc: str) -> Gauge:
@@ -84,6 +92,53 @@ class ServerMetrics:
         self._e2e = histogram(
             "pd:e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS
         )
+
+    def _make_kv_transfer_metrics(self) -> None:
+        """A prefill rank's KV hand-offs (DESIGN.md step 4), by transfer protocol."""
+        labels = ["model_name", "protocol"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry)
+
+        self._kv_bytes = histogram(
+            "pd:kv_transfer_bytes", "KV bytes written to a decode rank per request.",
+            KV_BYTES_BUCKETS,
+        )  # fmt: skip
+        self._kv_seconds = histogram(
+            "pd:kv_transfer_seconds",
+            "From a request's first KV write until all its writes landed.",
+            KV_SECONDS_BUCKETS,
+        )
+        self._kv_gbps = histogram(
+            "pd:kv_transfer_gbps", "KV transfer speed per request (GB/s).", KV_GBPS_BUCKETS
+        )
+        self._kv_events = {
+            "transfer_failed": counter(
+                "pd:kv_transfer_failures_total", "KV writes that failed or timed out."
+            ),
+            "reserve_refused": counter(
+                "pd:kv_reservation_refusals_total",
+                "Reserve calls a decode rank refused (no room, incompatible layout, ...).",
+            ),
+            "redispatched": counter(
+                "pd:requests_redispatched_total",
+                "Requests handed off again to another decode rank after a failure.",
+            ),
+        }
+
+    def observe_kv_events(self, events: list) -> None:
+        """[kind, protocol, bytes, seconds] events from the engine's stats."""
+        for kind, protocol, nbytes, seconds in events:
+            if kind == "transfer":
+                self._kv_bytes.labels(self.model_name, protocol).observe(nbytes)
+                self._kv_seconds.labels(self.model_name, protocol).observe(seconds)
+                gbps = nbytes / seconds / 1e9 if seconds > 0 else 0.0
+                self._kv_gbps.labels(self.model_name, protocol).observe(gbps)
+            elif kind in self._kv_events:
+                self._kv_events[kind].labels(self.model_name, protocol).inc()
 
     def observe_first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)

@@ -43,4 +43,5 @@ class ServerState:
             on_inter_token=self.metrics.observe_inter_token,
             on_finished=self.metrics.observe_finished,
             on_stats=self.metrics.set_engine_stats,
+            on_kv_events=self.metrics.observe_kv_events,
         )

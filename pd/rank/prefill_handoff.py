@@ -17,6 +17,7 @@ so no write ever reads a block that was given to another request.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import random
@@ -74,6 +75,8 @@ class Handoff:
     handles: list[TransferHandle] = field(default_factory=list)
     num_sent_blocks: int = 0  # blocks of the prompt already written (whole, final)
     write_error: str | None = None
+    num_bytes: int = 0
+    started_at: float | None = None  # the first write
     aborted: bool = False  # the owner aborted: end with Abort, never Commit
     src_blocks: list[int] = field(default_factory=list)  # set once parked
     first_output: EngineCoreOutput | None = None  # the first token, sent once committed
@@ -113,6 +116,9 @@ class PrefillHandoff:
         self.rng = random.Random()
         self.workers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv-handoff")
         self._clients: dict[str, PdCommClient] = {}
+        # [kind, protocol, bytes, seconds] for metrics (engine_messages.KV_EVENT_KINDS);
+        # appended by workers, drained by the loop
+        self.events: collections.deque[list] = collections.deque(maxlen=10_000)
         self._lock = threading.Lock()  # clients and engine connects
 
     # -- reserve (worker) ------------------------------------------------------------
@@ -147,6 +153,8 @@ class PrefillHandoff:
                     f"no decode rank took request {request.request_id}: "
                     + ("; ".join(reasons) or "none is registered")
                 )
+            if tried:
+                self.events.append(["redispatched", "", 0, 0.0])
             tried.append(rank_id)
             try:
                 return self._reserve_on(request, rank_id, tried, reasons)
@@ -217,6 +225,7 @@ class PrefillHandoff:
         except PdCommError as e:
             raise HandoffFailed(f"decode rank {rank_id}: {e}") from None
         if reply.status != pb.ReserveReply.OK:
+            self.events.append(["reserve_refused", peer.protocol, 0, 0.0])
             status = pb.ReserveReply.Status.Name(reply.status).lower().replace("_", " ")
             raise HandoffFailed(f"decode rank {rank_id} refused ({status}): {reply.message}")
         endpoint = endpoint_from_proto(reply.endpoint)
@@ -279,10 +288,13 @@ class PrefillHandoff:
         if handoff.write_error is not None:
             return
         engine = self.engines[handoff.peer.protocol]
+        if handoff.started_at is None:
+            handoff.started_at = time.monotonic()
         try:
             handoff.handles.append(engine.write(handoff.peer_key, handoff.transfer_id, regions))
         except TransferError as e:
             handoff.write_error = str(e)
+        handoff.num_bytes += regions.total_bytes
 
     # -- commit (worker) -------------------------------------------------------------
 
@@ -329,12 +341,19 @@ class PrefillHandoff:
         return None
 
     def _wait_writes(self, handoff: Handoff) -> str | None:
-        if handoff.write_error is not None:
-            return f"KV write to {handoff.peer.rank_id} failed: {handoff.write_error}"
-        try:
-            wait_all(handoff.handles, self.timeout_s)
-        except TransferError as e:
-            return f"KV write to {handoff.peer.rank_id} failed: {e}"
+        protocol = handoff.peer.protocol
+        error = handoff.write_error
+        if error is None:
+            try:
+                wait_all(handoff.handles, self.timeout_s)
+            except TransferError as e:
+                error = str(e)
+        if error is not None:
+            self.events.append(["transfer_failed", protocol, 0, 0.0])
+            return f"KV write to {handoff.peer.rank_id} failed: {error}"
+        if handoff.started_at is not None and not handoff.aborted:
+            seconds = time.monotonic() - handoff.started_at
+            self.events.append(["transfer", protocol, handoff.num_bytes, seconds])
         return None
 
     def _commit(self, handoff: Handoff) -> str | None:

@@ -304,6 +304,12 @@ class SplitwiseLoop(EngineLoop):
         self.owners.pop(request_id, None)
         self.emitted.pop(request_id, None)
 
+    def _kv_events(self) -> list:
+        events = []
+        while self.handoff is not None and self.handoff.events:
+            events.append(self.handoff.events.popleft())
+        return events
+
     # -- the local API server --------------------------------------------------------
 
     def _add_from_api(self, identity: bytes, request) -> None:  # type: ignore[no-untyped-def]

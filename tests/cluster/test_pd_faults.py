@@ -125,6 +125,7 @@ def test_layout_mismatch_is_refused_by_name_then_retried_elsewhere(make_cluster)
     good = cluster.start("decode")
     texts = {complete(prefill) for _ in range(6)}  # some dispatched to the bad one first
     assert len(texts) == 1
+    assert prefill.metric("pd:kv_reservation_refusals_total", 'protocol="ipc"') >= 1
     wait_blocks_free([prefill, good])
 
 

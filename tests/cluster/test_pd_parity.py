@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import openai
 import pytest
@@ -81,6 +82,17 @@ def test_greedy_outputs_equal_offline(make_cluster, reference: dict[str, str], l
     )  # fmt: skip
     deltas = [chunk.choices[0].text for chunk in stream if chunk.choices]
     assert "".join(deltas) == reference[prompt]
-    if "tcp" in layout:
-        assert "KV transfer protocols offered: tcp" in servers[0].log()
+    if layout != "mixed":  # every request's KV moved, over the layout's protocol
+        protocol = 'protocol="tcp"' if "tcp" in layout else 'protocol="ipc"'
+        prefills = [s for s, role in zip(servers, roles, strict=True) if role == "prefill"]
+        wait_until_counted(prefills, "pd:kv_transfer_bytes_count", protocol, len(texts) + 1)
     wait_blocks_free(servers)
+
+
+def wait_until_counted(servers, name: str, labels: str, expected: int) -> None:  # type: ignore[no-untyped-def]
+    """The metric summed over ``servers`` reaches ``expected`` (stats come every 100 ms)."""
+    deadline = time.monotonic() + 5
+    while (total := sum(s.metric(name, labels) for s in servers)) < expected:
+        assert time.monotonic() < deadline, f"{name}{{{labels}}} = {total}, not {expected}"
+        time.sleep(0.1)
+    assert total == expected
