@@ -157,10 +157,11 @@ class EngineLoop:
     def _send_outputs(self, identity: bytes, outputs: list) -> None:
         self._send(identity, Kind.OUTPUTS, outputs)
 
-    def _maybe_send_stats(self) -> None:
+    def _maybe_send_stats(self) -> bool:
+        """Send stats when the interval has passed; True when it did."""
         now = time.monotonic()
         if now - self._last_stats < _STATS_INTERVAL_S:
-            return
+            return False
         self._last_stats = now
         if os.getppid() != self._parent_pid:  # the API server died (e.g. SIGKILL)
             logger.error("the API server process is gone; stopping")
@@ -175,6 +176,7 @@ class EngineLoop:
         )
         for identity in self.clients:
             self._send(identity, Kind.STATS, stats)
+        return True
 
     def _kv_events(self) -> list:
         return []  # a local instance moves no KV

@@ -100,6 +100,22 @@ def near_least(
     return rng.choice([r for r in ranks if cost[r.rank_id] < limit])
 
 
+def pick_decode(
+    prefill: RankLoad,
+    decodes: Sequence[RankLoad],
+    num_prompt_tokens: int,
+    rng: random.Random,
+    tolerance: float = 0.1,
+) -> RankLoad | None:
+    """The decode rank for a prefill rank's request: least decode cost among those that
+    share a KV-transfer protocol with it (a near-equal pick); None when none does."""
+    paired = [d for d in decodes if transfer_protocol(prefill, d) is not None]
+    if not paired:
+        return None
+    cost = {r.rank_id: decode_cost(r, num_prompt_tokens) for r in paired}
+    return near_least(paired, cost, tolerance, rng)
+
+
 def dispatch(
     snapshot: Sequence[RankLoad],
     num_prompt_tokens: int,
@@ -112,15 +128,13 @@ def dispatch(
     if not prefills:
         raise NoRankAvailable("no live prefill or mixed rank is registered")
     p_cost = {r.rank_id: prefill_cost(r) for r in prefills}
-    d_cost = {r.rank_id: decode_cost(r, num_prompt_tokens) for r in decodes}
     remaining = list(prefills)
     while remaining:
         prefill = near_least(remaining, p_cost, tolerance, rng)
         if prefill.role == "mixed":
             return Dispatch(prefill, prefill, None)
-        paired = [d for d in decodes if transfer_protocol(prefill, d) is not None]
-        if paired:
-            decode = near_least(paired, d_cost, tolerance, rng)
+        decode = pick_decode(prefill, decodes, num_prompt_tokens, rng, tolerance)
+        if decode is not None:
             return Dispatch(prefill, decode, transfer_protocol(prefill, decode))
         remaining.remove(prefill)
     if not decodes:

@@ -61,10 +61,6 @@ class LoopBlockAllocator:
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
 
-    @property
-    def num_reserved_blocks(self) -> int:
-        return sum(len(b) for b in list(self.reserved.values()))
-
 
 # Runs on the loop: takes over a committed request, or raises CommitRefused.
 Adopt = Callable[[pb.CommitRequest, list[int]], None]
@@ -105,10 +101,6 @@ class DecodeIntake:
             self.calls.call(adopt, _LOOP_TIMEOUT_S)
         except LoopCallTimeout as e:
             raise CommitRefused(str(e)) from None
-
-    @property
-    def num_reservations(self) -> int:
-        return len(self.service.reservations)
 
     def close(self) -> None:
         self.server.stop(grace_s=0.5)

@@ -38,7 +38,7 @@ from pd.cluster_wire import layout_from_proto
 from pd.rank.loop_calls import LoopCalls
 from proto import cluster_pb2 as cluster_pb
 from proto import pd_comm_pb2 as pb
-from scheduler.dispatch_policy import RankLoad, decode_cost, near_least, transfer_protocol
+from scheduler.dispatch_policy import RankLoad, pick_decode, transfer_protocol
 from scheduler.redis_link import SchedulerUnavailable
 from scheduler.registry import RegistryReader, rank_view
 
@@ -80,8 +80,16 @@ class Handoff:
     aborted: bool = False  # the owner aborted: end with Abort, never Commit
     src_blocks: list[int] = field(default_factory=list)  # set once parked
     first_output: EngineCoreOutput | None = None  # the first token, sent once committed
-    first_token: int = 0
-    finished: bool = False  # the first token ended the request: nothing to commit
+
+    @property
+    def finished(self) -> bool:
+        """The first token ended the request: nothing to commit."""
+        return self.first_output is not None and self.first_output.finished
+
+    @property
+    def first_token(self) -> int:
+        assert self.first_output is not None
+        return self.first_output.new_token_ids[0]
 
     @property
     def request_id(self) -> str:
@@ -171,16 +179,9 @@ class PrefillHandoff:
             snapshot = self.registry.snapshot()
         except SchedulerUnavailable:
             return None
-        num_tokens = len(request.prompt_token_ids)
-        candidates = [
-            r for r in snapshot
-            if r.role == "decode" and r.rank_id not in tried
-            and transfer_protocol(self.me, r) is not None
-        ]  # fmt: skip
-        if not candidates:
-            return None
-        cost = {r.rank_id: decode_cost(r, num_tokens) for r in candidates}
-        return near_least(candidates, cost, 0.1, self.rng).rank_id
+        decodes = [r for r in snapshot if r.role == "decode" and r.rank_id not in tried]
+        decode = pick_decode(self.me, decodes, len(request.prompt_token_ids), self.rng)
+        return None if decode is None else decode.rank_id
 
     def _peer(self, rank_id: str) -> DecodePeer:
         record = self.registry.record(rank_id)
@@ -299,7 +300,7 @@ class PrefillHandoff:
     # -- commit (worker) -------------------------------------------------------------
 
     def complete(self, handoff: Handoff) -> None:
-        """The prompt is prefilled (``src_blocks``, ``first_token``, ``finished`` set) or
+        """The prompt is prefilled (``src_blocks`` and ``first_output`` set) or
         the request was aborted: wait for the writes, then Commit or Abort."""
         self.workers.submit(self._complete_job, handoff)
 
@@ -328,7 +329,7 @@ class PrefillHandoff:
             retry = self._reserve_somewhere(handoff.request, handoff.tried, handoff.reasons)
         except HandoffFailed as e:
             return str(e)
-        retry.first_token = handoff.first_token
+        retry.first_output = handoff.first_output
         regions = all_regions(self.layout, retry.peer.layout, handoff.src_blocks, retry.dst_blocks)
         self._write(retry, regions)
         error = self._wait_writes(retry) or self._commit(retry)

@@ -118,7 +118,6 @@ class SplitwiseLoop(EngineLoop):
                     for output in self.engine.step(hook):
                         self._on_output(output)
                 self._end_step()
-                self._report_load()
                 self._maybe_send_stats()
                 if not (self.engine.has_unfinished() and not self.engine.stalled):
                     self._idle()
@@ -281,8 +280,6 @@ class SplitwiseLoop(EngineLoop):
         if handoff is not None:  # prefilled: hand it over before saying anything
             handoff.src_blocks = list(self.engine.sequences[request_id].block_ids)
             handoff.first_output = output
-            handoff.first_token = output.new_token_ids[0]
-            handoff.finished = output.finished
             self.handoff.complete(handoff)  # type: ignore[union-attr]
             return
         index = self.emitted[request_id]
@@ -303,6 +300,12 @@ class SplitwiseLoop(EngineLoop):
         self.finished.append(request_id)
         self.owners.pop(request_id, None)
         self.emitted.pop(request_id, None)
+
+    def _maybe_send_stats(self) -> bool:
+        sent = super()._maybe_send_stats()
+        if sent:  # the registry sees load at the same 100 ms beat
+            self._report_load()
+        return sent
 
     def _kv_events(self) -> list:
         events = []

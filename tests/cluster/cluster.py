@@ -27,6 +27,7 @@ class Cluster:
         self.topic = topic
         self.keys = Keys(topic)
         self.instances: list[ServerProcess] = []
+        self.roles: dict[int, str] = {}  # API port -> role
 
     def start(self, role: str, *extra: str, model_dir: Path | None = None) -> ServerProcess:
         index = len(self.instances)
@@ -38,11 +39,12 @@ class Cluster:
             "--scheduler-expire-period", str(EXPIRE_PERIOD_MS), *extra,
         )  # fmt: skip
         self.instances.append(server)
+        self.roles[server.port] = role
         return server
 
     def rank_id(self, server: ServerProcess) -> str:
-        role = next(r for r in ("prefill", "decode", "mixed") if f"{r}-127.0.0.1-" in server.log())
-        return f"{role}-127.0.0.1-{server.port}.dp0"
+        """As pd/cluster_instance.py names it."""
+        return f"{self.roles[server.port]}-127.0.0.1-{server.port}.dp0"
 
     def redis_client(self) -> redis.Redis:
         return redis.Redis(port=self.redis.port)
