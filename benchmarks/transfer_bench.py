@@ -5,7 +5,8 @@
 
 Each row moves a request's blocks (all layers, K and V) from a sender pool into a
 receiver pool owned by another process. "contiguous" blocks coalesce into one region
-per layer and K|V; "scattered" blocks are every other block, so nothing coalesces.
+per layer and K|V; "scattered" blocks are every other block, so nothing coalesces;
+"by layer" sends the scattered blocks as one write per layer, as prefill ranks do.
 References, measured in the same run: for ipc on CPU a single memcpy of the same byte
 count; for tcp a raw socket stream of the same byte count between the same processes;
 for CUDA IPC a plain peer copy GPU0 -> GPU1 of the same bytes.
@@ -27,8 +28,9 @@ import torch
 
 from cache_transfer.endpoints import endpoint_from_proto, endpoint_to_proto
 from cache_transfer.ipc import IpcTransferEngine, allocate_shared_pool
-from cache_transfer.regions import all_regions
+from cache_transfer.regions import all_regions, block_runs, layer_regions
 from cache_transfer.tcp import TcpTransferEngine
+from cache_transfer.transfer_engine import wait_all
 from engine.kv_cache import KVCacheLayout
 
 
@@ -105,11 +107,20 @@ def bench(protocol: str, device: str, num_blocks: int, block_size: int, num_laye
               else TcpTransferEngine(src, layout, listen=False))  # fmt: skip
     engine.connect("peer", endpoint)
     rows = []
-    for pattern, blocks in (("contiguous", list(range(num_blocks))),
-                            ("scattered", list(range(0, 2 * num_blocks, 2)))):  # fmt: skip
-        regions = all_regions(layout, layout, blocks, blocks)
-        nbytes = sum(r.nbytes for r in regions)
-        dt = timed(lambda r=regions: engine.write("peer", 1, r).wait(120), repeats)
+    contiguous, scattered = list(range(num_blocks)), list(range(0, 2 * num_blocks, 2))
+    for pattern, blocks in (("contiguous", contiguous), ("scattered", scattered),
+                            ("by layer", scattered)):  # fmt: skip
+        if pattern == "by layer":  # one write per layer, as prefill sends them
+            runs = block_runs(blocks, blocks)
+            writes = [layer_regions(layout, layout, runs, i) for i in range(num_layers)]
+        else:
+            writes = [all_regions(layout, layout, blocks, blocks)]
+        nbytes = sum(w.total_bytes for w in writes)
+
+        def transfer(writes=writes) -> None:  # type: ignore[no-untyped-def]
+            wait_all([engine.write("peer", 1, w) for w in writes], timeout_s=120)
+
+        dt = timed(transfer, repeats)
         rows.append((protocol, device, pattern, num_blocks, block_size, nbytes, nbytes / dt))
     nbytes = rows[0][5]
     if protocol == "tcp":

@@ -85,11 +85,13 @@ class Reservations:
     def release(self, request_id: str) -> bool:
         with self._lock:
             reservation = self._by_request.pop(request_id, None)
-            if reservation is not None:
-                self.allocator.release(request_id)
-        if reservation is not None:
-            self.on_end(reservation)
-        return reservation is not None
+        if reservation is None:
+            return False
+        # Revoke first: on_end returns once no write of the transfer can still land, so
+        # the blocks are quiet before another request may get them.
+        self.on_end(reservation)
+        self.allocator.release(request_id)
+        return True
 
     def __len__(self) -> int:
         return len(self._by_request)

@@ -15,12 +15,12 @@ released and handed to another request.
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from cache_transfer.regions import Region
@@ -107,8 +107,8 @@ class TransferEngine(ABC):
             raise ValueError("the KV pool must be one contiguous tensor")
         self.pool = pool
         self.layout = layout
-        # transfer id -> (sorted range starts, sorted [start, end) ranges)
-        self._allowed: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
+        # transfer id -> (range starts, range ends), sorted by start
+        self._allowed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._allowed_lock = threading.Lock()
 
     # -- receiving side -------------------------------------------------------------
@@ -119,28 +119,40 @@ class TransferEngine(ABC):
 
     def allow(self, transfer_id: int, byte_ranges: Sequence[tuple[int, int]]) -> None:
         """Accept writes of ``transfer_id`` into these [start, end) ranges of the pool.
-        NOTE: one-sided backends (ipc, rdma) cannot refuse a write at the receiver; for
-        them this bookkeeping documents intent, and the lease (pd-comm) bounds exposure."""
-        ranges = sorted(byte_ranges)
+        NOTE: rdma writes are one-sided: the receiver cannot refuse them, so for rdma this
+        documents intent and the lease (pd-comm) bounds exposure. tcp and ipc check it."""
+        ranges = np.array(sorted(byte_ranges), dtype=np.int64).reshape(-1, 2)
         with self._allowed_lock:
-            self._allowed[transfer_id] = ([start for start, _ in ranges], ranges)
+            self._allowed[transfer_id] = (ranges[:, 0].copy(), ranges[:, 1].copy())
 
     def revoke(self, transfer_id: int) -> None:
-        """Stop accepting writes of ``transfer_id`` (committed, aborted or expired)."""
+        """Stop accepting writes of ``transfer_id`` (committed, aborted or expired).
+        Returns once none of its writes can still land."""
         with self._allowed_lock:
             self._allowed.pop(transfer_id, None)
 
     def check_allowed(self, transfer_id: int, offset: int, nbytes: int) -> str | None:
         """None if a write of [offset, offset + nbytes) may land; else why not."""
+        one = np.array([offset], dtype=np.int64)
+        return self.check_allowed_regions(transfer_id, one, np.array([nbytes], dtype=np.int64))
+
+    def check_allowed_regions(
+        self, transfer_id: int, offsets: np.ndarray, nbytes: np.ndarray
+    ) -> str | None:
+        """None if every write [offsets[i], offsets[i] + nbytes[i]) may land; else why
+        the first that may not cannot."""
         with self._allowed_lock:
             allowed = self._allowed.get(transfer_id)
         if allowed is None:
             return f"transfer {transfer_id} is not open (never reserved, committed or aborted)"
-        starts, ranges = allowed
-        i = bisect.bisect_right(starts, offset) - 1  # the range starting at or before offset
-        if i >= 0 and offset + nbytes <= ranges[i][1]:
+        starts, ends = allowed
+        i = np.searchsorted(starts, offsets, side="right") - 1  # the range at or before
+        inside = (i >= 0) & (nbytes > 0) & (offsets + nbytes <= ends[np.maximum(i, 0)])
+        if inside.all():
             return None
-        return f"bytes [{offset}, {offset + nbytes}) are outside transfer {transfer_id}'s blocks"
+        k = int(np.argmin(inside))
+        start, end = int(offsets[k]), int(offsets[k] + nbytes[k])
+        return f"bytes [{start}, {end}) are outside transfer {transfer_id}'s blocks"
 
     # -- sending side ---------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""CUDA IPC between two processes: the decode pool on the last GPU, written from the
-first (GPU0 -> GPU1 over NVLink where there are two), bit-exact, per layer."""
+"""CUDA ipc between two processes: the decode pool on the last GPU pulls from the
+prefill pool on the first (GPU0 -> GPU1 over NVLink where there are two), bit-exact,
+per layer; writes outside the transfer's blocks are refused by the receiver."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import torch
 
 from cache_transfer.endpoints import endpoint_from_proto, endpoint_to_proto
 from cache_transfer.ipc import IpcTransferEngine
-from cache_transfer.regions import block_runs, layer_regions
-from cache_transfer.transfer_engine import wait_all
+from cache_transfer.regions import Region, block_runs, dst_block_ranges, layer_regions
+from cache_transfer.transfer_engine import TransferError, wait_all
 from proto import pd_comm_pb2 as pb
 from tests.cache_transfer.kv_cluster import layout
 
 pytestmark = pytest.mark.gpu
 SRC_BLOCKS = [5, 6, 7, 30, 2, 9, 10, 11, 12, 40]
 DST_BLOCKS = [100, 101, 102, 103, 7, 8, 50, 51, 52, 0]
+TRANSFER = 1
 
 
 def source(device: str) -> torch.Tensor:
@@ -29,12 +31,15 @@ def decode_process(conn, device: str) -> None:  # type: ignore[no-untyped-def]
     dst_layout = layout(128)
     pool = torch.zeros(dst_layout.shape, dtype=dst_layout.dtype, device=device)
     engine = IpcTransferEngine(pool, dst_layout)
+    engine.allow(TRANSFER, dst_block_ranges(dst_layout, DST_BLOCKS))
     conn.send(endpoint_to_proto(engine.endpoint()).SerializeToString())
     conn.recv()  # the writes are done
+    engine.revoke(TRANSFER)
     expected = source(device)[:, :, SRC_BLOCKS]
     untouched = sorted(set(range(128)) - set(DST_BLOCKS))
     conn.send((bool(torch.equal(pool[:, :, DST_BLOCKS], expected)),
                bool(pool[:, :, untouched].any())))  # fmt: skip
+    conn.recv()
     engine.close()
 
 
@@ -51,14 +56,22 @@ def test_cuda_ipc_write_lands_bit_exact_in_another_process() -> None:
         engine.connect("d0", endpoint)
         runs = block_runs(SRC_BLOCKS, DST_BLOCKS)
         handles = [
-            engine.write("d0", 1, layer_regions(src_layout, dst_layout, runs, layer))
+            engine.write("d0", TRANSFER, layer_regions(src_layout, dst_layout, runs, layer))
             for layer in range(src_layout.num_layers)
         ]
         wait_all(handles, timeout_s=30)
+        outside = Region(0, 1 * dst_layout.block_bytes, dst_layout.block_bytes)  # dst block 1
+        with pytest.raises(TransferError, match="outside transfer 1's blocks"):
+            engine.write("d0", TRANSFER, [outside]).wait(30)
+        with pytest.raises(TransferError, match="transfer 2 is not open"):
+            engine.write("d0", 2, [Region(0, 0, dst_layout.block_bytes)]).wait(30)
         parent.send("done")
         landed, leaked = parent.recv()
-        assert landed, "blocks differ after the CUDA IPC write"
+        assert landed, "blocks differ after the CUDA ipc write"
         assert not leaked, "bytes landed outside the destination blocks"
+        with pytest.raises(TransferError, match="is not open"):  # revoked after the check
+            engine.write("d0", TRANSFER, layer_regions(src_layout, dst_layout, runs, 0)).wait(30)
+        parent.send("close")
         engine.close()
     finally:
         proc.join(timeout=30)

@@ -81,7 +81,8 @@ def test_compatibility_names_the_field() -> None:
 
 @pytest.mark.parametrize("scattered", [False, True])
 def test_ipc_copy_paths_move_exactly_the_regions(scattered: bool) -> None:
-    from cache_transfer.ipc import copy_regions, copy_regions_host
+    from cache_transfer.cuda_copy import copy_regions
+    from cache_transfer.ipc import copy_regions_host
 
     src_layout, dst_layout = layout(40), layout(64)
     src = torch.randn(src_layout.shape).to(torch.float16)
