@@ -152,8 +152,10 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="also CUDA IPC GPU0 -> GPU1")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpu-protocols", nargs="*", default=["ipc", "tcp"],
+                        choices=["ipc", "tcp"], help="CPU backends (none: skip)")  # fmt: skip
     args = parser.parse_args()
-    cases = [(p, "cpu", n, bs) for p in ("ipc", "tcp") for n in (16, 256) for bs in (16, 64)]
+    cases = [(p, "cpu", n, bs) for p in args.cpu_protocols for n in (16, 256) for bs in (16, 64)]
     if args.gpu:
         cases += [("ipc", "cuda:1", n, bs) for n in (16, 256, 1024) for bs in (16, 64)]
     rows = [row for case in cases for row in bench(*case, args.layers, args.repeats)]

@@ -5,12 +5,16 @@ a reader thread (acknowledgements in). A write is cut into chunks of at most
 ``chunk_bytes`` (regions are already coalesced runs of blocks, so there is no
 per-block round trip), spread over the streams by bytes, and closed on each stream
 it used by a SYNC frame; it completes when every such stream has acknowledged it.
-Receiver: one thread per incoming stream reads each DATA frame's payload straight
-into the pool (``recv_into`` at the destination offset) after checking that the
-range is open for the frame's transfer id; a refused frame is drained and the
-transfer's next SYNC is answered with NACK and the reason.
+Host pools send many chunks per frame (DATAV: a table of destinations, then the
+payloads back to back), so small scattered blocks cost no per-block header or check.
+Receiver: one thread per incoming stream reads each frame's payload straight into
+the pool (``recv_into`` at the destination offset; for DATAV one ``recvmsg_into``
+fills many destinations per system call) after checking that the ranges are open for
+the frame's transfer id; a refused frame is drained and the transfer's next SYNC is
+answered with NACK and the reason.
 
-    frame header  <4s B 3x Q Q Q : magic, kind, transfer id, offset|seq, nbytes
+    frame header  <4s B 3x Q Q Q : magic, kind, transfer id, offset|seq|count, nbytes
+    DATAV table   count x <Q Q   : destination offset, bytes (then the payloads)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cache_transfer.pool_bytes import Staging, host_view
@@ -36,9 +41,10 @@ logger = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<4sB3xQQQ")
 MAGIC = b"PDKV"
-DATA, SYNC, ACK, NACK = 1, 2, 3, 4
+DATA, SYNC, ACK, NACK, DATAV = 1, 2, 3, 4, 5
 CHUNK_BYTES = 4 << 20
-FRAMES_PER_SENDMSG = 64
+CHUNKS_PER_FRAME = 256  # DATAV; also bounds what a cancelled write still sends
+BUFFERS_PER_SYSCALL = 64  # below IOV_MAX (1024); larger lists cost more to slice
 SOCKET_TIMEOUT_S = 30.0
 
 
@@ -49,6 +55,23 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise ConnectionError("peer closed the stream")
         view = view[n:]
+
+
+def recv_into_all(sock: socket.socket, views: list[memoryview]) -> None:
+    """Fill ``views`` in order from ``sock`` (scatter reads: many views per system
+    call); ConnectionError if the peer closes first."""
+    i = 0
+    while i < len(views):
+        n = sock.recvmsg_into(views[i : i + BUFFERS_PER_SYSCALL])[0]
+        if n == 0:
+            raise ConnectionError("peer closed the stream")
+        while n:  # step over the views this call filled
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
 
 
 def _send_all(sock: socket.socket, buffers: list[memoryview | bytes]) -> None:
@@ -112,17 +135,22 @@ class _Stream:
             self._break(TransferError(f"{self.name}: send failed: {e}"))
 
     def _send(self, job: _Job) -> None:
-        # Host pools: many frames per sendmsg (scattered blocks are small). GPU pools go
-        # chunk by chunk through the one staging buffer.
-        batch = 1 if self._staging is not None else FRAMES_PER_SENDMSG
+        # Host pools: many chunks per DATAV frame (scattered blocks are small). GPU pools
+        # go chunk by chunk through the one staging buffer.
+        batch = 1 if self._staging is not None else CHUNKS_PER_FRAME
         for first in range(0, len(job.chunks), batch):
             if job.handle.is_done:  # cancelled or failed elsewhere: skip what is left
                 break
-            buffers: list[memoryview | bytes] = []
-            for chunk in job.chunks[first : first + batch]:
+            group = job.chunks[first : first + batch]
+            if self._staging is not None:
+                (chunk,) = group
                 header = HEADER.pack(MAGIC, DATA, job.transfer_id, chunk.dst_offset, chunk.nbytes)
-                buffers += [header, self._payload(chunk)]
-            _send_all(self.sock, buffers)
+                _send_all(self.sock, [header, self._payload(chunk)])
+                continue
+            table = np.array([(c.dst_offset, c.nbytes) for c in group], dtype="<u8")
+            nbytes = int(table[:, 1].sum())
+            header = HEADER.pack(MAGIC, DATAV, job.transfer_id, len(group), nbytes)
+            _send_all(self.sock, [header, table.tobytes(), *map(self._payload, group)])
         with self.lock:
             self._seq += 1
             self.pending.append((self._seq, job.handle))
@@ -210,7 +238,7 @@ class _Receiver:
             while True:
                 recv_exact(sock, memoryview(header))
                 magic, kind, transfer_id, offset, nbytes = HEADER.unpack(header)
-                if magic != MAGIC or kind not in (DATA, SYNC):
+                if magic != MAGIC or kind not in (DATA, DATAV, SYNC):
                     raise ConnectionError(f"not a KV stream (magic {magic!r}, kind {kind})")
                 if kind == SYNC:
                     why = refused.pop(transfer_id, None)
@@ -220,6 +248,11 @@ class _Receiver:
                         reason = why.encode()
                         sock.sendall(HEADER.pack(MAGIC, NACK, transfer_id, offset, len(reason)))
                         sock.sendall(reason)
+                    continue
+                if kind == DATAV:
+                    why = self._land_many(sock, transfer_id, offset, nbytes, staging)
+                    if why is not None:
+                        refused[transfer_id] = why
                     continue
                 why = engine.check_allowed(transfer_id, offset, nbytes)
                 if why is not None or nbytes > CHUNK_BYTES:
@@ -235,6 +268,30 @@ class _Receiver:
                 logger.debug("tcp KV stream from %s ended: %s", peer, e)
         finally:
             sock.close()
+
+    def _land_many(self, sock: socket.socket, transfer_id: int, count: int, nbytes: int,
+                   staging: Staging | None) -> str | None:  # fmt: skip
+        """Receive a DATAV frame into the pool; why it was refused, or None."""
+        if not 0 < count <= CHUNKS_PER_FRAME:
+            raise ConnectionError(f"a DATAV frame of {count} chunks")
+        table = bytearray(16 * count)
+        recv_exact(sock, memoryview(table))
+        offsets, sizes = np.frombuffer(table, dtype="<i8").reshape(count, 2).T
+        if int(sizes.sum()) != nbytes:
+            raise ConnectionError("a DATAV frame's table does not add up to its payload")
+        why = self.engine.check_allowed_regions(transfer_id, offsets, sizes)
+        if why is None and (sizes > CHUNK_BYTES).any():
+            why = f"a chunk exceeds {CHUNK_BYTES} bytes"
+        if why is not None:
+            self._drain(sock, nbytes)
+        elif staging is not None:
+            for offset, size in zip(offsets.tolist(), sizes.tolist(), strict=True):
+                recv_exact(sock, staging.view[:size])
+                staging.store(offset, size)
+        else:
+            host, ends = self.engine.host, (offsets + sizes).tolist()
+            recv_into_all(sock, [host[a:b] for a, b in zip(offsets.tolist(), ends, strict=True)])
+        return why
 
     @staticmethod
     def _drain(sock: socket.socket, nbytes: int) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import socket
+import threading
 import time
 
 import torch
@@ -28,3 +31,28 @@ def test_an_idle_tcp_stream_survives_its_socket_timeout(monkeypatch) -> None:
     finally:
         sender.close()
         receiver.close()
+
+
+def test_scatter_reads_fill_every_view_whatever_the_pieces_arrive_in() -> None:
+    rng = random.Random(5)
+    sizes = [rng.randint(1, 300) for _ in range(500)]  # more views than one call takes
+    payload = bytes(rng.getrandbits(8) for _ in range(sum(sizes)))
+    landing = bytearray(sum(sizes) + 7)
+    views, at = [], 3
+    for size in sizes:
+        views.append(memoryview(landing)[at : at + size])
+        at += size
+    a, b = socket.socketpair()
+    with a, b:
+
+        def send_in_odd_pieces() -> None:
+            for start in range(0, len(payload), 997):
+                a.sendall(payload[start : start + 997])
+                time.sleep(0.0005)
+
+        sender = threading.Thread(target=send_in_odd_pieces)
+        sender.start()
+        tcp.recv_into_all(b, views)
+        sender.join()
+    assert bytes(landing[3 : 3 + len(payload)]) == payload
+    assert landing[:3] == b"\0\0\0" and landing[-4:] == b"\0\0\0\0"
