@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from cache_transfer.pool_bytes import Staging, host_view
-from cache_transfer.regions import Region
+from cache_transfer.regions import Region, Regions
 from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle
 from engine.kv_cache import KVCacheLayout
 
@@ -44,7 +44,8 @@ MAGIC = b"PDKV"
 DATA, SYNC, ACK, NACK, DATAV = 1, 2, 3, 4, 5
 CHUNK_BYTES = 4 << 20
 CHUNKS_PER_FRAME = 256  # DATAV; also bounds what a cancelled write still sends
-BUFFERS_PER_SYSCALL = 64  # below IOV_MAX (1024); larger lists cost more to slice
+BUFFERS_PER_SYSCALL = 64
+MIN_BYTES_PER_STREAM = 1 << 20  # below IOV_MAX (1024); larger lists cost more to slice
 SOCKET_TIMEOUT_S = 30.0
 
 
@@ -352,6 +353,10 @@ class TcpTransferEngine(TransferEngine):
             streams = self._streams.get(peer_id)
         if not streams:
             raise TransferError(f"not connected to {peer_id}")
+        regions = Regions.of(regions)
+        # Each stream a write uses costs a SYNC round trip: small writes use fewer.
+        wanted = -(-regions.total_bytes // MIN_BYTES_PER_STREAM)
+        streams = streams[: max(1, min(len(streams), wanted))]
         jobs = [_Job(TransferHandle(""), transfer_id) for _ in streams]
         for region in regions:  # cut into chunks, each to the least-loaded stream
             for start in range(0, region.nbytes, CHUNK_BYTES):
