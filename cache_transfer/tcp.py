@@ -20,6 +20,7 @@ answered with NACK and the reason.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import socket
@@ -44,8 +45,8 @@ MAGIC = b"PDKV"
 DATA, SYNC, ACK, NACK, DATAV = 1, 2, 3, 4, 5
 CHUNK_BYTES = 4 << 20
 CHUNKS_PER_FRAME = 256  # DATAV; also bounds what a cancelled write still sends
-BUFFERS_PER_SYSCALL = 64
-MIN_BYTES_PER_STREAM = 1 << 20  # below IOV_MAX (1024); larger lists cost more to slice
+BUFFERS_PER_SYSCALL = 64  # below IOV_MAX (1024); larger lists cost more to slice
+MIN_BYTES_PER_STREAM = 1 << 20  # a write uses one more stream per MiB it carries
 SOCKET_TIMEOUT_S = 30.0
 
 
@@ -324,6 +325,7 @@ class TcpTransferEngine(TransferEngine):
         self.host = host_view(pool)
         self.num_streams = num_streams
         self._streams: dict[str, list[_Stream]] = {}
+        self._rotation = itertools.count()
         self._lock = threading.Lock()
         self._receiver = _Receiver(self, host, port) if listen else None
 
@@ -354,9 +356,11 @@ class TcpTransferEngine(TransferEngine):
         if not streams:
             raise TransferError(f"not connected to {peer_id}")
         regions = Regions.of(regions)
-        # Each stream a write uses costs a SYNC round trip: small writes use fewer.
-        wanted = -(-regions.total_bytes // MIN_BYTES_PER_STREAM)
-        streams = streams[: max(1, min(len(streams), wanted))]
+        # Each stream a write uses costs a SYNC round trip: small writes use fewer, taken
+        # round robin so that many small writes still spread over all of them.
+        wanted = max(1, min(len(streams), -(-regions.total_bytes // MIN_BYTES_PER_STREAM)))
+        first = next(self._rotation) % len(streams)
+        streams = (streams[first:] + streams[:first])[:wanted]
         jobs = [_Job(TransferHandle(""), transfer_id) for _ in streams]
         for region in regions:  # cut into chunks, each to the least-loaded stream
             for start in range(0, region.nbytes, CHUNK_BYTES):
