@@ -53,13 +53,13 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(raw: Request) -> Response:
-        body = await _parse(raw, CompletionRequest)
+        body = await _parse(raw, CompletionRequest, state.max_body_bytes)
         _admit(state, body.model)
         return await create_completion(state, body, raw)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(raw: Request) -> Response:
-        body = await _parse(raw, ChatCompletionRequest)
+        body = await _parse(raw, ChatCompletionRequest, state.max_body_bytes)
         _admit(state, body.model)
         return await create_chat_completion(state, body, raw)
 
@@ -68,13 +68,20 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-async def _parse(raw: Request, model: type[RequestT]) -> RequestT:
-    """Parse and validate a JSON body in a worker thread: a body of many megabytes
-    (millions of token ids, say) must not stall every other request on the loop."""
+async def _parse(raw: Request, model: type[RequestT], max_bytes: int | None) -> RequestT:
+    """Parse and validate a JSON body in a worker thread; a body larger than any
+    request the model can serve (``ServerState.max_body_bytes``) is refused unparsed."""
     content_type = raw.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise APIError(400, "send the request body as JSON with Content-Type: application/json")
     body = await raw.body()
+    if max_bytes is not None and len(body) > max_bytes:
+        raise APIError(
+            413,
+            f"the request body has {len(body)} bytes; no request to this model (maximum "
+            f"context length {raw.app.state.pd.max_model_len} tokens) needs more than "
+            f"{max_bytes}",
+        )
     return await asyncio.to_thread(_validate, model, body)
 
 

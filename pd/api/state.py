@@ -35,6 +35,18 @@ class ServerState:
         ``max_model_len * max_chars_per_token`` characters is surely too long."""
         return 2 * max(len(piece) for piece in self.tokenizer.get_vocab())
 
+    @property
+    def max_body_bytes(self) -> int | None:
+        """The largest request body a request this model can serve needs (None until
+        the engine reports max_model_len): a prompt of at most
+        ``max_model_len * max_chars_per_token`` characters, each at most 6 bytes when
+        JSON-escaped, plus 1 MiB for every other field. Bodies beyond it are refused
+        unparsed: JSON validation holds the GIL, so parsing megabytes of token ids would
+        stall every other request even on a worker thread."""
+        if not self.max_model_len:
+            return None
+        return (1 << 20) + 6 * self.max_model_len * self.max_chars_per_token
+
     def timings(self) -> RequestTimings:
         from pd.engine_client import RequestTimings
 
