@@ -8,9 +8,9 @@ it used by a SYNC frame; it completes when every such stream has acknowledged it
 Host pools send many chunks per frame (DATAV: a table of destinations, then the
 payloads back to back), so small scattered blocks cost no per-block header or check.
 Receiver: one thread per incoming stream reads each frame's payload straight into
-the pool (``recv_into`` at the destination offset; for DATAV one ``recvmsg_into``
-fills many destinations per system call) after checking that the ranges are open for
-the frame's transfer id; a refused frame is drained and the transfer's next SYNC is
+the pool (``recvmsg_into`` fills many destinations per system call) after checking
+that the ranges are open for the frame's transfer id (DATA, one chunk per frame, goes
+the same way); a refused frame is drained and the transfer's next SYNC is
 answered with NACK and the reason.
 
     frame header  <4s B 3x Q Q Q : magic, kind, transfer id, offset|seq|count, nbytes
@@ -251,29 +251,22 @@ class _Receiver:
                         sock.sendall(HEADER.pack(MAGIC, NACK, transfer_id, offset, len(reason)))
                         sock.sendall(reason)
                     continue
-                if kind == DATAV:
-                    why = self._land_many(sock, transfer_id, offset, nbytes, staging)
-                    if why is not None:
-                        refused[transfer_id] = why
-                    continue
-                why = engine.check_allowed(transfer_id, offset, nbytes)
-                if why is not None or nbytes > CHUNK_BYTES:
-                    refused[transfer_id] = why or f"frame of {nbytes} bytes exceeds {CHUNK_BYTES}"
-                    self._drain(sock, nbytes)
-                elif staging is not None:
-                    recv_exact(sock, staging.view[:nbytes])
-                    staging.store(offset, nbytes)
+                if kind == DATA:  # one chunk (GPU senders, through their staging)
+                    offsets, sizes = np.array([offset]), np.array([nbytes])
                 else:
-                    recv_exact(sock, engine.host[offset : offset + nbytes])
+                    offsets, sizes = self._read_table(sock, offset, nbytes)
+                why = self._land(sock, transfer_id, offsets, sizes, staging)
+                if why is not None:
+                    refused[transfer_id] = why
         except (OSError, ConnectionError) as e:
             if not self.closed:
                 logger.debug("tcp KV stream from %s ended: %s", peer, e)
         finally:
             sock.close()
 
-    def _land_many(self, sock: socket.socket, transfer_id: int, count: int, nbytes: int,
-                   staging: Staging | None) -> str | None:  # fmt: skip
-        """Receive a DATAV frame into the pool; why it was refused, or None."""
+    @staticmethod
+    def _read_table(sock: socket.socket, count: int, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+        """A DATAV frame's destinations: (offsets, sizes)."""
         if not 0 < count <= CHUNKS_PER_FRAME:
             raise ConnectionError(f"a DATAV frame of {count} chunks")
         table = bytearray(16 * count)
@@ -281,11 +274,16 @@ class _Receiver:
         offsets, sizes = np.frombuffer(table, dtype="<i8").reshape(count, 2).T
         if int(sizes.sum()) != nbytes:
             raise ConnectionError("a DATAV frame's table does not add up to its payload")
+        return offsets, sizes
+
+    def _land(self, sock: socket.socket, transfer_id: int, offsets: np.ndarray,
+              sizes: np.ndarray, staging: Staging | None) -> str | None:  # fmt: skip
+        """Receive a frame's chunks into the pool; why they were refused, or None."""
         why = self.engine.check_allowed_regions(transfer_id, offsets, sizes)
         if why is None and (sizes > CHUNK_BYTES).any():
-            why = f"a chunk exceeds {CHUNK_BYTES} bytes"
+            why = f"a chunk of {int(sizes.max())} bytes exceeds {CHUNK_BYTES}"
         if why is not None:
-            self._drain(sock, nbytes)
+            self._drain(sock, int(sizes.sum()))
         elif staging is not None:
             for offset, size in zip(offsets.tolist(), sizes.tolist(), strict=True):
                 recv_exact(sock, staging.view[:size])

@@ -57,5 +57,7 @@ def test_range_check_accepts_exactly_the_open_ranges() -> None:
         assert "not open" in check([0], [1], transfer_id=6)
         engine.revoke(5)
         assert "not open" in check([0], [1])
+        engine.allow(7, [])  # a transfer with no blocks takes no bytes
+        assert "[0, 1)" in check([0], [1], transfer_id=7)
     finally:
         engine.close()
