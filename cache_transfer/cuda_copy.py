@@ -31,7 +31,7 @@ try:
 except ImportError:  # CPU-only installs; the pipeline below still works
     triton = None
 
-DIRECT_COPY_MIN_BYTES = 32 << 20  # smaller regions: the kernel beats a copy launch each
+DIRECT_COPY_MIN_BYTES = 8 << 20  # smaller regions: one kernel beats a copy launch each
 PIPELINE_CHUNK_BYTES = 64 << 20
 KERNEL_BLOCK_WORDS = 2048  # 16 KiB per program, 8 warps: the best of the sizes tried
 
@@ -43,9 +43,10 @@ def copy_regions(
     unit: int,
     landing: torch.cuda.Stream | None = None,
 ) -> None:
-    """Copy byte ``regions`` of flat uint8 ``src`` into flat uint8 ``dst``. Across
-    devices, peer access must be enabled (``enable_peer_access``) for the kernel path,
-    and without it ``landing`` (a spare stream on dst's device) is required."""
+    """Copy byte ``regions`` of flat uint8 ``src`` into flat uint8 ``dst``, queued on
+    the current streams. ``src`` may be a peer GPU's memory mapped into ``dst``'s device
+    (``open_shared_pool``): that is one device here, and the copies pull over the link.
+    Across devices ``landing`` (a spare stream on dst's device) is required."""
     regions = Regions.of(regions)
     if not len(regions):
         return
@@ -55,68 +56,46 @@ def copy_regions(
                 src[r.src_offset : r.src_offset + r.nbytes], non_blocking=True
             )
         return
-    src_index, dst_index = unit_indices(regions, unit)
-    if _kernel_can_copy(src, dst, unit):
-        indices = _to(torch.stack([src_index, dst_index]), src.device)  # one upload
+    indices = unit_indices(regions, unit)
+    if src.device != dst.device:
+        _copy_pipelined(src, dst, indices[0], indices[1], unit, landing)
+    elif triton is not None and src.is_cuda and unit % 8 == 0:
+        indices = _to(indices, src.device)  # one upload for both
         _copy_units(src, dst, indices[0], indices[1], unit)
-    elif src.device == dst.device:
-        rows_src, rows_dst = _rows(src, unit), _rows(dst, unit)
-        gathered = rows_src.index_select(0, _to(src_index, src.device))
-        rows_dst.index_copy_(0, _to(dst_index, dst.device), gathered)
     else:
-        _copy_pipelined(src, dst, src_index, dst_index, unit, landing)
+        rows_src, rows_dst = _rows(src, unit), _rows(dst, unit)
+        indices = _to(indices, src.device)
+        rows_dst.index_copy_(0, indices[1], rows_src.index_select(0, indices[0]))
 
 
-def unit_indices(regions: Sequence[Region], unit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-unit indices of every region's source and destination, in order."""
+def unit_indices(regions: Sequence[Region], unit: int) -> torch.Tensor:
+    """[2, units]: the block-unit indices of every region's source (row 0) and
+    destination (row 1), in order."""
     arrays = Regions.of(regions)
-    table = np.stack([arrays.src_offset, arrays.dst_offset, arrays.nbytes], axis=1)
-    if (table % unit).any():
+    table = np.stack([arrays.src_offset, arrays.dst_offset, arrays.nbytes])
+    units = table // unit  # (np.divmod is ten times slower)
+    if (units * unit != table).any():
         raise ValueError(f"regions are not whole numbers of {unit}-byte blocks")
-    table = table // unit
-    counts = table[:, 2]
+    counts = units[2]
+    if (counts == 1).all():  # scattered single blocks: nothing to expand
+        return torch.from_numpy(units[:2])
     within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    src = np.repeat(table[:, 0], counts) + within
-    dst = np.repeat(table[:, 1], counts) + within
-    return torch.from_numpy(src), torch.from_numpy(dst)
-
-
-def enable_peer_access(src: torch.device, dst: torch.device) -> bool:
-    """Let kernels on ``src`` reach memory on ``dst``; False where the link cannot."""
-    if src == dst:
-        return True
-    if not torch.cuda.can_device_access_peer(src.index, dst.index):
-        return False
-    # torch enables peer access src -> dst on the first copy between them (once).
-    torch.empty(1, dtype=torch.uint8, device=dst).copy_(
-        torch.empty(1, dtype=torch.uint8, device=src)
-    )
-    return True
-
-
-def _kernel_can_copy(src: torch.Tensor, dst: torch.Tensor, unit: int) -> bool:
-    if triton is None or not src.is_cuda or unit % 8:
-        return False
-    # The kernel runs on src's device and stores through dst's address: across devices
-    # that needs peer access (enable_peer_access; the caller did it when it could).
-    return src.device == dst.device or torch.cuda.can_device_access_peer(
-        src.device.index, dst.device.index
-    )
+    return torch.from_numpy(np.repeat(units[:2], counts, axis=1) + within)
 
 
 if triton is not None:
 
     @triton.jit
-    def _copy_units_kernel(src_addr, dst_addr, src_index, dst_index,
+    def _copy_units_kernel(src, dst, src_index, dst_index,
                            WORDS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        """Program (i, j) copies words [j*BLOCK, (j+1)*BLOCK) of unit i. Addresses come
-        as integers: dst may live on another device, which a tensor argument of a
-        kernel launched here may not."""
+        """Program (i, j) copies words [j*BLOCK, (j+1)*BLOCK) of unit i. ``src`` and
+        ``dst`` are 16-byte aligned int64 views and WORDS is even, so Triton can move
+        128 bits per access."""
         row = tl.program_id(0)
         words = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        src = src_addr.to(tl.pointer_type(tl.int64)) + tl.load(src_index + row) * WORDS
-        dst = dst_addr.to(tl.pointer_type(tl.int64)) + tl.load(dst_index + row) * WORDS
-        tl.store(dst + words, tl.load(src + words))
+        src_unit = src + tl.load(src_index + row) * WORDS
+        dst_unit = dst + tl.load(dst_index + row) * WORDS
+        tl.store(dst_unit + words, tl.load(src_unit + words))
 
 
 def _copy_units(src: torch.Tensor, dst: torch.Tensor, src_index: torch.Tensor,
@@ -128,7 +107,7 @@ def _copy_units(src: torch.Tensor, dst: torch.Tensor, src_index: torch.Tensor,
     here = torch.cuda.current_device() == src.device.index  # a device switch costs ~10 us
     with contextlib.nullcontext() if here else torch.cuda.device(src.device):
         _copy_units_kernel[(len(src_index), words // block)](
-            src.data_ptr(), dst.data_ptr(), src_index, dst_index,
+            src.view(torch.int64), dst.view(torch.int64), src_index, dst_index,
             WORDS=words, BLOCK=block, num_warps=8 if block >= 1024 else 4,
         )  # fmt: skip
 

@@ -44,7 +44,7 @@ import msgpack
 import numpy as np
 import torch
 
-from cache_transfer.cuda_copy import copy_regions, enable_peer_access
+from cache_transfer.cuda_copy import copy_regions
 from cache_transfer.regions import Regions
 from cache_transfer.tcp import recv_exact
 from cache_transfer.transfer_engine import TransferError, TransferHandle
@@ -90,12 +90,15 @@ def decode_regions(payload: bytes) -> Regions:
     return Regions(table[0], table[1], table[2])
 
 
-def open_shared_pool(handle: list, nbytes: int) -> torch.Tensor:
-    """A peer's pool, opened from its CUDA IPC handle, as flat uint8."""
-    storage = torch.UntypedStorage._new_shared_cuda(*handle)
+def open_shared_pool(handle: list, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A peer's pool, opened from its CUDA IPC handle as flat uint8 and mapped into
+    ``device``'s context. On another GPU than the pool's own that is a peer mapping
+    (peer access is enabled as needed): this device's copy engine and kernels then
+    read the pool over the link, and the pool's GPU needs no context of ours at all."""
+    storage = torch.UntypedStorage._new_shared_cuda(device.index, *handle[1:])
     if storage.nbytes() < nbytes:
         raise ValueError(f"the shared pool has {storage.nbytes()} bytes, not {nbytes}")
-    flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{handle[0]}")
+    flat = torch.empty(0, dtype=torch.uint8, device=device)
     return flat.set_(storage, 0, (nbytes,), (1,))
 
 
@@ -111,7 +114,6 @@ class _Streams:
     stream, so that is a stream of ours, never the engine's compute stream)."""
 
     def __init__(self, src: torch.device, dst: torch.device):
-        enable_peer_access(src, dst)
         self.src = torch.cuda.Stream(src)
         self.dst = self.src if src == dst else torch.cuda.Stream(dst)
         self.landing = None if src == dst else torch.cuda.Stream(dst)
@@ -188,8 +190,8 @@ class PullService:
                 raise ConnectionError(f"expected HELLO, got frame kind {kind}")
             try:
                 hello = msgpack.unpackb(payload)
-                src = open_shared_pool(hello["handle"], hello["nbytes"])
-                produced = [torch.cuda.Event.from_ipc_handle(src.device, h)
+                src = self._open(hello["handle"], hello["nbytes"])
+                produced = [torch.cuda.Event.from_ipc_handle(self.flat.device, h)
                             for h in hello["events"]]  # fmt: skip
                 streams = _Streams(src.device, self.flat.device)
                 streams.make_current()
@@ -215,6 +217,15 @@ class PullService:
             replier.join()
             self._connections.discard(conn)
             conn.close()
+
+    def _open(self, handle: list, nbytes: int) -> torch.Tensor:
+        """The sender's pool, mapped into our device where the link allows, so copies
+        pull on our GPU; else opened on its own device (the same index in both
+        processes), from where the copies cross through our landing stream."""
+        try:
+            return open_shared_pool(handle, nbytes, self.flat.device)
+        except RuntimeError:  # no peer access between the two GPUs
+            return open_shared_pool(handle, nbytes, torch.device("cuda", handle[0]))
 
     def _pull(self, src: torch.Tensor, streams: _Streams, transfer_id: int,
               payload: bytes) -> tuple[str | None, list[torch.cuda.Event]]:  # fmt: skip

@@ -1,6 +1,7 @@
-"""cuda_copy's three ways of moving regions (one copy per large region, the block-unit
-kernel, gather -> copy -> scatter) land exactly the regions, on one device and across
-two."""
+"""cuda_copy's ways of moving regions (one copy per large region; on one device the
+block-unit kernel, or index_select/index_copy without Triton; across devices gather ->
+copy -> scatter) land exactly the regions. The kernel reading a peer GPU's pool through
+a CUDA IPC mapping runs in test_ipc_gpu.py (it needs two processes)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from tests.cache_transfer.kv_cluster import layout
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("way", ["direct", "kernel", "pipeline"])
-@pytest.mark.parametrize("across", [False, True])
+@pytest.mark.parametrize(("way", "across"), [("direct", False), ("direct", True),
+                         ("kernel", False), ("indexed", False), ("pipeline", True)])  # fmt: skip
 def test_copy_regions_moves_exactly_the_regions(way: str, across: bool, monkeypatch) -> None:
     if across and torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
@@ -24,8 +25,9 @@ def test_copy_regions_moves_exactly_the_regions(way: str, across: bool, monkeypa
         pytest.skip("needs Triton")
     if way == "direct":
         monkeypatch.setattr(cuda_copy, "DIRECT_COPY_MIN_BYTES", 1)
-    if way == "pipeline":
+    if way == "indexed":
         monkeypatch.setattr(cuda_copy, "triton", None)
+    if way == "pipeline":
         monkeypatch.setattr(cuda_copy, "PIPELINE_CHUNK_BYTES", 4096)  # several chunks
     src_device, dst_device = "cuda:0", "cuda:1" if across else "cuda:0"
     src_layout, dst_layout = layout(40), layout(64)
@@ -34,8 +36,6 @@ def test_copy_regions_moves_exactly_the_regions(way: str, across: bool, monkeypa
     regions = all_regions(src_layout, dst_layout, src_blocks, dst_blocks)
     dst = torch.zeros(dst_layout.shape, dtype=torch.bfloat16, device=dst_device)
     landing = torch.cuda.Stream(dst_device) if across else None
-    if way == "kernel":
-        assert cuda_copy.enable_peer_access(torch.device(src_device), torch.device(dst_device))
     cuda_copy.copy_regions(flat_bytes(src), flat_bytes(dst), regions, src_layout.block_bytes,
                            landing)  # fmt: skip
     torch.cuda.synchronize(src_device)

@@ -1,10 +1,13 @@
 """CUDA ipc between two processes: the decode pool on the last GPU pulls from the
 prefill pool on the first (GPU0 -> GPU1 over NVLink where there are two), bit-exact,
-per layer; writes outside the transfer's blocks are refused by the receiver."""
+per layer; writes outside the transfer's blocks are refused by the receiver. Also when
+the decode process sees only its own GPU (CUDA_VISIBLE_DEVICES), as launchers that
+give each rank one GPU do."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 
 import pytest
 import torch
@@ -43,12 +46,24 @@ def decode_process(conn, device: str) -> None:  # type: ignore[no-untyped-def]
     engine.close()
 
 
-def test_cuda_ipc_write_lands_bit_exact_in_another_process() -> None:
-    src_device, dst_device = "cuda:0", f"cuda:{torch.cuda.device_count() - 1}"
+@pytest.mark.parametrize("decode_sees", ["all GPUs", "its GPU only"])
+def test_cuda_ipc_write_lands_bit_exact_in_another_process(decode_sees: str) -> None:
+    last = torch.cuda.device_count() - 1
+    src_device, dst_device = "cuda:0", f"cuda:{last}"
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if decode_sees == "its GPU only":  # the child inherits this at start
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[last] if visible else str(last)
+        dst_device = "cuda:0"
     proc = ctx.Process(target=decode_process, args=(child, dst_device))
-    proc.start()
+    try:
+        proc.start()
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     try:
         endpoint = endpoint_from_proto(pb.Endpoint.FromString(parent.recv()))
         src_layout, dst_layout = layout(64), layout(128)

@@ -12,6 +12,7 @@ import time
 
 import openai
 import pytest
+import torch
 
 from pd import LLM, SamplingParams
 from tests.cluster.cluster import Cluster, wait_blocks_free
@@ -87,6 +88,29 @@ def test_greedy_outputs_equal_offline(make_cluster, reference: dict[str, str], l
         prefills = [s for s, role in zip(servers, roles, strict=True) if role == "prefill"]
         wait_until_counted(prefills, "pd:kv_transfer_bytes_count", protocol, len(texts) + 1)
     wait_blocks_free(servers)
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_cluster_equals_offline_on_gpu(make_cluster, model_dir) -> None:
+    """1P1D on two GPUs (one when there is only one): the decode rank pulls every layer's
+    KV from the prefill rank's pool over CUDA ipc, and the greedy float32 tokens equal
+    the offline engine's on the decode GPU."""
+    decode_device = f"cuda:{torch.cuda.device_count() - 1}"
+    blocks = 512  # a small pool: both ranks may share one GPU
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=256, device=decode_device,
+              num_gpu_blocks_override=blocks)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    texts = prompts()
+    expected = [o.outputs[0].text for o in llm.generate(texts, params)]
+    del llm
+    torch.cuda.empty_cache()
+    cluster: Cluster = make_cluster()
+    sized = ("--num-gpu-blocks-override", str(blocks))
+    prefill = cluster.start("prefill", "--device", "cuda:0", *sized)
+    decode = cluster.start("decode", "--device", decode_device, *sized)
+    assert asyncio.run(complete_all([prefill.base_url, decode.base_url], texts)) == expected
+    wait_until_counted([prefill], "pd:kv_transfer_bytes_count", 'protocol="ipc"', len(texts))
+    wait_blocks_free([prefill, decode])
 
 
 def wait_until_counted(servers, name: str, labels: str, expected: int) -> None:  # type: ignore[no-untyped-def]
