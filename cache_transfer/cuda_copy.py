@@ -1,16 +1,20 @@
 """Moving byte regions between two KV pools on CUDA devices (one process's view).
 
-Three ways, by what the regions look like (measured between two H200s over NVLink,
-2026-11-22, against a raw 1 GiB peer copy at 392 GB/s):
-- large regions (long contiguous runs of blocks): one copy-engine copy each (~95% for
-  128 MiB regions; 71% at 16 MiB, where the kernel does 80%);
+On the ipc path both pools are "on one device" here: the receiver's own pool, and the
+sender's pool mapped into the receiver's device (a peer mapping, ipc_pull.py), so the
+copies run on the receiver's GPU and pull over the link. Measured pulling GPU0 -> GPU1
+between two H200s over NVLink (2026-11-22), against a plain 1 GiB peer copy at 390-395
+GB/s, CPU costs included:
+- large regions (long contiguous runs of blocks): one copy-engine copy each, 390 GB/s
+  for 128 MiB regions, 323 at 8 MiB (where the kernel does 264), 293 at 4 MiB (kernel
+  312); a copy launch per region is CPU-bound below that (137 GB/s at 1 MiB, 3 at
+  32 KiB);
 - many small regions (scattered blocks): one Triton kernel moving every block unit,
-  launched on the source device, loading locally and storing over the peer link (80%
-  of the raw rate on 512 MiB of 128 KiB blocks, 66% for 32 KiB blocks; one launch
-  whatever the count); a copy launch per region is CPU-bound (158 and 59 GB/s, even
-  through cudaMemcpyBatchAsync);
-- without Triton or peer access: gather -> bulk copy -> scatter in chunks (60% and
-  49% on the same bytes).
+  the loads crossing the link, 128-bit accesses: 367-369 GB/s on its own on 512 MiB
+  of 32 KiB or 128 KiB blocks (block size, warps, cache hints and several units per
+  program all within 2%; TMA loads 354-366); building and uploading the unit indices
+  from Python is the rest (~300 GB/s for 256 MiB);
+- across devices (no peer mapping): gather -> bulk copy -> scatter in chunks.
 Every region is a whole number of ``unit``-byte blocks at unit-aligned offsets
 (regions.py guarantees it). Copies are queued on the devices' current streams.
 """
@@ -28,12 +32,12 @@ from cache_transfer.regions import Region, Regions
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs; the pipeline below still works
+except ImportError:  # CPU-only installs; index_select / index_copy_ still work
     triton = None
 
 DIRECT_COPY_MIN_BYTES = 8 << 20  # smaller regions: one kernel beats a copy launch each
 PIPELINE_CHUNK_BYTES = 64 << 20
-KERNEL_BLOCK_WORDS = 2048  # 16 KiB per program, 8 warps: the best of the sizes tried
+KERNEL_BLOCK_WORDS = 2048  # 16 KiB per program, 8 warps (1-16 K words: all within 2%)
 
 
 def copy_regions(

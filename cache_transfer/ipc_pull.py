@@ -8,15 +8,23 @@ receiver's pull service once per peer and hands over its own pool's CUDA IPC han
 each write becomes a PULL that the receiver checks against the blocks open for the
 transfer (a stray write is refused, not landed), copies from the opened pool into its
 own (cuda_copy) on streams of its own, and acknowledges once the bytes have landed.
+The receiver maps the sender's pool into its *own* device (a peer mapping), so every
+copy runs on the receiver's GPU, in its own context: the sender's GPU runs nothing of
+ours and holds no context of ours. (Run from a second context on the sender's GPU, a
+1-block pull took ~100 us to complete, time-sliced against the sender's context; from
+our own, 12 us.) It also means the ranks need not agree on device numbers: a decode
+rank that sees only its own GPU (CUDA_VISIBLE_DEVICES) still opens the pool. Where
+the GPUs cannot map each other's memory, the pool is opened on its own device instead,
+by the sender's device index, and copies cross through a landing stream.
 Ordering without waiting: the sender records an interprocess CUDA event on the stream
 that produces the bytes and names it in the PULL; the receiver's copy stream waits on
 that event, so the copy starts the moment the bytes exist and no thread of either side
 ever waits for the sender's compute. A sender reuses its events round robin: waiting
 on a later record of the same event only waits longer, never too little.
-Costs: the receiver holds a CUDA context on the sender's device (~0.5 GiB there) and
-the block-unit kernel runs there; each write costs one local round trip (~0.35 ms on
-the H200 pair, most of it launching the copy from Python and its completion), which
-layer-by-layer writes hide behind the following layers' compute.
+Cost: each write is one local round trip (~0.25 ms on the H200 pair for one block,
+half of it queueing the copy from Python), which layer-by-layer writes hide behind
+the following layers' compute, and which back-to-back writes overlap with each
+other's copies.
 
 Wire: a Unix socket in the abstract namespace, one connection per sender.
 
@@ -109,9 +117,11 @@ def share_pool(flat: torch.Tensor, events: list[torch.cuda.Event]) -> dict:
 
 
 class _Streams:
-    """One channel's copy streams: on the source device (copies and kernels run there)
-    and on the destination device (cross-device copies are ordered with its current
-    stream, so that is a stream of ours, never the engine's compute stream)."""
+    """One channel's copy streams. With the sender's pool mapped into our device (the
+    usual case) that is one stream there. Opened on its own device instead: one on the
+    source device (copies run there) and two on ours (a cross-device copy is ordered
+    with our current stream, so that is a stream of ours, never the engine's compute
+    stream; the pipeline lands chunks on the other)."""
 
     def __init__(self, src: torch.device, dst: torch.device):
         self.src = torch.cuda.Stream(src)
