@@ -63,12 +63,12 @@ def copy_regions(
     indices = unit_indices(regions, unit)
     if src.device != dst.device:
         _copy_pipelined(src, dst, indices[0], indices[1], unit, landing)
-    elif triton is not None and src.is_cuda and unit % 8 == 0:
-        indices = _to(indices, src.device)  # one upload for both
+        return
+    indices = _to(indices, src.device)  # one upload for both rows
+    if triton is not None and src.is_cuda and unit % 8 == 0:
         _copy_units(src, dst, indices[0], indices[1], unit)
     else:
         rows_src, rows_dst = _rows(src, unit), _rows(dst, unit)
-        indices = _to(indices, src.device)
         rows_dst.index_copy_(0, indices[1], rows_src.index_select(0, indices[0]))
 
 
