@@ -104,7 +104,12 @@ def test_prefill_rank_killed_with_queued_requests(make_cluster):
     long_prompt = " ".join([PROMPT] * 7)  # ~170 tokens
     with ThreadPoolExecutor(max_workers=24) as pool:
         futures = [pool.submit(outcome, survivor, long_prompt, 4) for _ in range(24)]
-        wait_until(lambda: redis_client.llen(queue) >= 2, 30, "requests queued on the victim")
+        try:
+            wait_until(lambda: redis_client.llen(queue) >= 2, 30, "requests queued on the victim")
+        except AssertionError as e:  # it failed once in CI without a clue: say where they went
+            ended = [f.result()[0][:120] for f in futures if f.done()]
+            logs = {s.log_path.name: s.log()[-1500:] for s in (survivor, victim, decode)}
+            raise AssertionError(f"{e}; {len(ended)} of 24 ended: {ended[:3]}; logs: {logs}") from e
         cluster.kill(victim)
         results = [f.result(timeout=60) for f in futures]
     failed = [message for message, _ in results if message != "ok"]
