@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import os
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -11,6 +13,12 @@ from typing import Any
 import pytest
 
 INFINIBAND_SYSFS = Path("/sys/class/infiniband")
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors, so CI
+# checks them too. NOTE: Triton reads this when a kernel is defined (at import of
+# its module), so it is set here, before any test imports one.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TinyModelFactory = Callable[..., Path]
 
@@ -23,6 +31,11 @@ def has_cuda() -> bool:
 
 
 @cache
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@cache
 def has_rdma_device() -> bool:
     """True where `ibv_devices` would list a device (the sysfs class is non-empty)."""
     return INFINIBAND_SYSFS.is_dir() and any(INFINIBAND_SYSFS.iterdir())
@@ -31,6 +44,7 @@ def has_rdma_device() -> bool:
 _MARKER_SKIPS: dict[str, tuple[Callable[[], bool], str]] = {
     "gpu": (has_cuda, "needs CUDA"),
     "rdma": (has_rdma_device, "no RDMA device (ibv_devices lists none)"),
+    "triton": (has_triton, "needs triton (a dev extra on Linux x86_64)"),
 }
 
 
