@@ -119,7 +119,7 @@ def _decode_split_kernel(
     stride_k_block, stride_k_token, stride_k_head,
     stride_v_block, stride_v_token, stride_v_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program (sequence, KV head, split): the split's share of the context for all G query
@@ -128,10 +128,11 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     seq_len = tl.load(seq_lens + b)
     # Splits are whole tiles: tiles_per_split adapts to this sequence's length, so one
-    # captured graph (fixed NUM_SPLITS) serves every length.
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    # captured graph (a fixed split count) serves every length.
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
@@ -157,12 +158,12 @@ def _decode_split_kernel(
                                      True, DOT_PRECISION)  # fmt: skip
 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split stays all zeros
-    if NUM_SPLITS == 1:
+    if not IS_SPLIT:
         o_ptrs = out + b * stride_o_b + heads[:, None] * stride_o_h + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=is_head[:, None])
     else:
-        # part_out: [B, Hq, NUM_SPLITS, D], part_lse: [B, Hq, NUM_SPLITS], both contiguous
-        row = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+        # part_out: [B, Hq, num_splits, D], part_lse: [B, Hq, num_splits], both contiguous
+        row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split
         tl.store(part_out + row[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=is_head[:, None])  # fmt: skip
         is_empty = l_i == 0
@@ -171,17 +172,16 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_merge_kernel(part_out, part_lse, out, stride_o_b, stride_o_h,
-                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                         HEAD_DIM: tl.constexpr):  # fmt: skip
+def _decode_merge_kernel(part_out, part_lse, out, stride_o_b, stride_o_h, num_splits,
+                         SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
     """Program (sequence, query head): weight each split's partial by its share of the
     softmax mass. All splits empty (seq_len 0) gives zeros."""
     b = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    is_split = offs_s < NUM_SPLITS
-    row = (b * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    is_split = offs_s < num_splits
+    row = (b * tl.num_programs(1) + head) * num_splits + offs_s
     lse = tl.load(part_lse + row, mask=is_split, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
@@ -293,13 +293,13 @@ def paged_decode_attention(
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
         GROUP=group, GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n,
-        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        IS_SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _decode_merge_kernel[(batch_size, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim, num_warps=4 if q.is_cuda else 1,
         )  # fmt: skip
 

@@ -41,13 +41,14 @@ def make_batch(
     this step's queries. Blocks are handed out in a random order; slots past each context
     and block-table entries past its last block hold NaN (reading them shows up)."""
     gen = torch.Generator().manual_seed(seed)
+    device_gen = torch.Generator(device).manual_seed(seed)
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
     num_blocks = 1 + sum(blocks_per_seq)
     max_blocks = max(max(blocks_per_seq), 1) + 2
     # K and V interleaved per block, as views of one pool: the block stride is twice
     # a block's size, as with a layer's K in the engine's pool.
     shape = (num_blocks, 2, block_size, num_kv_heads, head_dim)
-    pool = torch.randn(shape, generator=gen).to(dtype)
+    pool = torch.randn(shape, generator=device_gen, device=device).to(dtype)
     pool[POISON_BLOCK] = float("nan")
     order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     block_table = torch.full((len(seq_lens), max_blocks), POISON_BLOCK, dtype=torch.int32)
@@ -56,11 +57,11 @@ def make_batch(
         block_table[b, :num_seq_blocks] = torch.tensor(blocks, dtype=torch.int32)
         if seq_len % block_size:
             pool[blocks[-1], :, seq_len % block_size :] = float("nan")
-    q = torch.randn((sum(q_lens), num_heads, head_dim), generator=gen).to(dtype)
+    q_shape = (sum(q_lens), num_heads, head_dim)
+    q = torch.randn(q_shape, generator=device_gen, device=device).to(dtype)
     starts = torch.tensor([0, *q_lens]).cumsum(0).to(torch.int32)
-    pool = pool.to(device)
     return PagedBatch(
-        q=q.to(device),
+        q=q,
         k_cache=pool[:, 0],
         v_cache=pool[:, 1],
         query_start_loc=starts.to(device),
