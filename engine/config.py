@@ -182,8 +182,14 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     load_format: str = "auto"  # auto | dummy
+    attention_backend: str = "auto"  # auto | sdpa | triton (engine/attention/backend.py)
+    enforce_eager: bool = False  # no CUDA graphs
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "sdpa", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, sdpa or triton; got {self.attention_backend!r}"
+            )
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(
                 f"load_format must be auto, safetensors or dummy; got {self.load_format!r}"
@@ -222,6 +228,8 @@ def make_engine_config(
     gpu_memory_utilization: float = 0.9,
     cpu_kv_cache_space_gib: float = 1.0,
     load_format: str = "auto",
+    attention_backend: str = "auto",
+    enforce_eager: bool = False,
 ) -> EngineConfig:
     """One engine's config from flat user options (the ``LLM`` arguments and
     the ``pd-serve`` flags); sizes left as None are derived from the model."""
@@ -244,4 +252,6 @@ def make_engine_config(
         device=resolve_device(device),
         seed=seed,
         load_format=load_format,
+        attention_backend=attention_backend,
+        enforce_eager=enforce_eager,
     )

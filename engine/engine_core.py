@@ -5,6 +5,10 @@ tokens and applies token-level stops (eos, stop token ids, max_tokens,
 max_model_len). Text-level stops (stop strings) are the output processor's:
 it aborts a request here when one matches.
 
+The step itself runs elsewhere: the core turns each schedule into a ``StepPlan``
+(plain data; only what changed for requests the workers already hold) and the
+executor runs it on the rank's workers, which sample and return the new tokens.
+
 Disaggregation adds two doors: a prefill rank adds requests ``prefill_only`` (they
 are parked with their blocks once the first token is sampled, until
 ``release_parked``), and a decode rank ``adopt_request``s a request whose prompt KV
@@ -19,30 +23,37 @@ from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.executor import InProcessExecutor
 from engine.kv_cache import allocate_kv_cache
-from engine.model_runner import KVAllocator, LayerKVHook, ModelRunner
+from engine.model_runner import KVAllocator
 from engine.outputs import EngineCoreOutput, TokenLogprobs
-from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSequence, Scheduler
+from engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
+from engine.step_plan import KVSend, NewRequest, RunningRequest, StepPlan
 
-# Given a step's schedule (before its forward), the hook to call as each layer's K/V land.
-LayerKVHookFactory = Callable[[list[ScheduledSequence]], LayerKVHook | None]
+# Given a step's schedule (before its forward), the KV writes the step makes.
+KVSendPlanner = Callable[[list[ScheduledSequence]], list[KVSend]]
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig, allocate_kv: KVAllocator | None = None):
         self.config = config
-        self.runner = ModelRunner(config, allocate_kv or allocate_kv_cache)
+        self.executor = InProcessExecutor(config, allocate_kv or allocate_kv_cache)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            self.executor.kv_layout.num_blocks,
+            config.cache.block_size,
+            config.cache.enable_prefix_caching,
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sequences: dict[str, Sequence] = {}  # every request holding state, parked too
         self.num_parked = 0
         self.stalled = False  # the last step found nothing it could schedule
         self._arrivals = itertools.count()
+        # What the workers hold: request id -> number of its block ids they know.
+        self._on_workers: dict[str, int] = {}
+        self._preempted: set[str] = set()  # off the workers, coming back
+        self._removed: list[str] = []  # left the workers since the last plan
 
     @property
     def max_model_len(self) -> int:
@@ -108,10 +119,7 @@ class EngineCore:
         self.validate_prompt(prompt_token_ids)
         if not params.eos_token_ids and self.config.model.eos_token_ids:
             params = dataclasses.replace(params, eos_token_ids=self.config.model.eos_token_ids)
-        generator = None
-        if params.seed is not None:
-            generator = make_generator(params.seed, self.runner.device)
-        return Sequence(request_id, prompt_token_ids, params, next(self._arrivals), generator)
+        return Sequence(request_id, prompt_token_ids, params, next(self._arrivals))
 
     def release_parked(self, request_id: str) -> None:
         """Free a parked request's blocks (its KV hand-off is over)."""
@@ -119,7 +127,7 @@ class EngineCore:
         if seq.status is not SequenceStatus.PARKED:
             raise RuntimeError(f"{request_id} is not parked ({seq.status.value})")
         self.num_parked -= 1
-        self.scheduler.finish(seq, "transferred")
+        self._finish(seq, "transferred")
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         outputs = []
@@ -129,7 +137,7 @@ class EngineCore:
                 continue
             if seq.status is SequenceStatus.PARKED:
                 self.num_parked -= 1
-            self.scheduler.finish(seq, "abort")
+            self._finish(seq, "abort")
             outputs.append(EngineCoreOutput(request_id, [], finish_reason="abort"))
         return outputs
 
@@ -137,8 +145,10 @@ class EngineCore:
         """Whether a step has requests to run (parked ones do not count)."""
         return self.scheduler.num_unfinished > 0
 
-    def step(self, layer_kv_hook: LayerKVHookFactory | None = None) -> list[EngineCoreOutput]:
+    def step(self, plan_kv_sends: KVSendPlanner | None = None) -> list[EngineCoreOutput]:
         schedule = self.scheduler.schedule()
+        for seq in schedule.preempted:
+            self._leave_workers(seq.request_id, preempted=True)
         self.stalled = schedule.is_empty
         if schedule.is_empty:
             if self.scheduler.num_unfinished and not self.num_parked:
@@ -150,10 +160,13 @@ class EngineCore:
                     f"unfinished requests and {self.block_manager.num_free_blocks} free blocks"
                 )
             return []
-        hook = None if layer_kv_hook is None else layer_kv_hook(schedule.scheduled)
-        sampled = iter(self.runner.execute(schedule.scheduled, hook))
+        plan, rows = self._plan(schedule)
+        if plan_kv_sends is not None:
+            plan.kv_sends = plan_kv_sends(schedule.scheduled)
+        result = self.executor.execute(plan)
+        sampled = iter(zip(result.token_ids, result.logprobs, strict=True))
         outputs = []
-        for item in schedule.scheduled:
+        for item in rows:
             seq = item.seq
             samples = item.samples
             seq.num_computed_tokens += item.num_new_tokens
@@ -162,6 +175,52 @@ class EngineCore:
                 token_id, logprobs = next(sampled)
                 outputs.append(self._append_token(seq, token_id, logprobs))
         return outputs
+
+    def _plan(self, schedule: SchedulerOutput) -> tuple[StepPlan, list[ScheduledSequence]]:
+        """The schedule as a diff against what the workers hold, and the scheduled
+        sequences in the plan's row order (running ones first, then new ones)."""
+        removed, self._removed = self._removed, []
+        preempted = [r for r in removed if r in self._preempted]
+        plan = StepPlan(removed_ids=removed, preempted_ids=preempted)
+        running_rows, new_rows = [], []
+        for item in schedule.scheduled:
+            seq = item.seq
+            request_id = seq.request_id
+            num_known = self._on_workers.get(request_id)
+            if num_known is None:
+                plan.new_requests.append(
+                    NewRequest(
+                        request_id,
+                        list(seq.token_ids),
+                        seq.num_prompt_tokens,
+                        seq.params,
+                        list(seq.block_ids),
+                        seq.num_computed_tokens,
+                        item.num_new_tokens,
+                    )
+                )
+                self._preempted.discard(request_id)
+                new_rows.append(item)
+            else:
+                new_blocks = seq.block_ids[num_known:]
+                plan.running.append(RunningRequest(request_id, new_blocks, item.num_new_tokens))
+                running_rows.append(item)
+            self._on_workers[request_id] = len(seq.block_ids)
+        return plan, running_rows + new_rows
+
+    def _leave_workers(self, request_id: str, preempted: bool = False) -> None:
+        """Tell the workers with the next plan; a preempted request's state (its seeded
+        generator) stays there until it comes back or finishes."""
+        if self._on_workers.pop(request_id, None) is not None or request_id in self._preempted:
+            self._removed.append(request_id)
+        if preempted:
+            self._preempted.add(request_id)
+        else:
+            self._preempted.discard(request_id)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        self.scheduler.finish(seq, reason, stop_reason)
+        self._leave_workers(seq.request_id)
 
     def _append_token(
         self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None
@@ -179,9 +238,10 @@ class EngineCore:
         if seq.prefill_only:
             # Finished or not, its blocks may still be read by a transfer.
             self.scheduler.park(seq)
+            self._leave_workers(seq.request_id)
             self.num_parked += 1
         elif finish is not None:
-            self.scheduler.finish(seq, *finish)
+            self._finish(seq, *finish)
             del self.sequences[seq.request_id]
         return out
 

@@ -1,4 +1,4 @@
-"""Per-step metadata, set once by the model runner and read by attention layers.
+"""Per-step attention metadata, set once by the model runner and read by attention layers.
 
 Keeping it in one scoped object means model code passes only hidden states
 and positions around (STYLE.md rule 8).
@@ -8,41 +8,48 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.attention.backend import AttentionBackend
 
 
 @dataclass
 class AttentionMetadata:
-    """Where this step's tokens live in the paged KV cache.
+    """Where this step's tokens live in the paged KV cache: the common paged form
+    every attention backend reads.
 
-    T = tokens this step, B = sequences, Q = longest query chunk, C = longest
-    context (computed + new tokens). Slots index the flat cache view
-    ``[num_blocks * block_size]``: slot = block_id * block_size + offset.
+    T = tokens this step (flattened sequence by sequence), B = sequences. Sequence b
+    owns tokens ``query_start_loc[b]:query_start_loc[b + 1]``; its context (computed
+    tokens plus this step's) is ``seq_lens[b]`` long, so its new tokens sit at positions
+    ``seq_lens[b] - q_len_b ...``. Slots index the flat cache view
+    ``[num_blocks * block_size]``: slot = block_id * block_size + offset, and a
+    negative slot marks a padding token whose K/V are not stored.
     """
 
-    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
-    query_index: torch.Tensor  # [B, Q] int64: token index of each padded query row
-    key_slots: torch.Tensor  # [B, C] int64: cache slot of each context position
-    attn_mask: torch.Tensor  # [B, 1, Q, C] bool: True where a query may attend
-    output_index: torch.Tensor  # [T] int64: row of each real token in the [B*Q] padded output
+    num_tokens: int  # host copies of sizes: reading them off the device would sync
+    num_seqs: int
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    slot_mapping: torch.Tensor  # [T] int64
     logits_index: torch.Tensor  # [S] int64: token index whose logits are sampled
+    backend: AttentionBackend
     # Called with an attention layer's index once its new K/V are in the cache (queued
     # on the current stream): a prefill rank sends that layer's blocks while later
     # layers compute.
     on_layer_kv: Callable[[int], None] | None = None
-    _group_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    backend_data: Any = None  # what the backend derives once per step (``prepare``)
 
-    def grouped_mask(self, groups: int) -> torch.Tensor:
-        """``attn_mask`` repeated ``groups`` times along Q ([B, 1, G * Q, C]), for
-        GQA with query-head groups folded into the query dimension; built once
-        per step and shared by every layer."""
-        if groups == 1:
-            return self.attn_mask
-        if groups not in self._group_masks:
-            self._group_masks[groups] = self.attn_mask.repeat(1, 1, groups, 1)
-        return self._group_masks[groups]
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
 
 
 _current: AttentionMetadata | None = None

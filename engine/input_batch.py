@@ -1,121 +1,182 @@
-"""Turn one scheduler step into model inputs and attention metadata.
+"""The worker's persistent batch: each request's tokens and block table live in a row
+of host arrays across steps, and a step's model inputs are built from those rows.
 
-The scheduled sequences' new tokens are flattened into one batch of T tokens
-(sequence by sequence). Everything per-token or per-context is computed with
-tensor ops on the target device from a few per-sequence vectors, so the cost
-on the host grows with the number of sequences, not with context length.
+A plan only adds rows (new requests), appends blocks and sampled tokens to rows, or
+frees rows; nothing is rebuilt from Python lists. A step then takes its rows in
+plan order and derives, with numpy on the host, the flat token batch::
+
+    rows      r0 (3 new tokens, 5 computed)   r1 (1 new token, 9 computed)
+    tokens    t5 t6 t7                        t9          input_ids, positions 5 6 7 9
+    query_start_loc  [0, 3, 4]    seq_lens [8, 10]    slot = table[p // bs] * bs + p % bs
+
+and moves it to the device with two copies (one int32 buffer, one int64 buffer)
+from pinned staging memory, so the host never waits for the device here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-
-from engine.forward_context import AttentionMetadata
-from engine.scheduler import ScheduledSequence
 
 
 @dataclass
-class ModelInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    metadata: AttentionMetadata
-    sampling_rows: list[int]  # index into the scheduled list of each sampled row
+class StepInputs:
+    """One step's model inputs on the device (views into the batch's device buffers,
+    valid until the next step)."""
+
+    input_ids: torch.Tensor  # [T] int32
+    positions: torch.Tensor  # [T] int32
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    block_table: torch.Tensor  # [B, M] int32, M = blocks of the longest context
+    logits_index: torch.Tensor  # [S] int64: token index of each sampling row
+    slot_mapping: torch.Tensor  # [T] int64
+    num_tokens: int
+    num_seqs: int
+    max_query_len: int
+    max_seq_len: int
 
 
-def build_model_inputs(
-    scheduled: list[ScheduledSequence], block_size: int, device: torch.device
-) -> ModelInputs:
-    input_ids: list[int] = []
-    for item in scheduled:
-        start = item.seq.num_computed_tokens
-        input_ids.extend(item.seq.token_ids[start : start + item.num_new_tokens])
-    max_blocks = max(len(item.seq.block_ids) for item in scheduled)
-    tables: list[int] = []
-    for item in scheduled:
-        tables.extend(item.seq.block_ids)
-        tables.extend([0] * (max_blocks - len(item.seq.block_ids)))
-    sampling_rows = [i for i, item in enumerate(scheduled) if item.samples]
-    starts = [item.seq.num_computed_tokens for item in scheduled]
-    q_lens = [item.num_new_tokens for item in scheduled]
-    # One host-to-device copy for all of the step's vectors, sliced on the device.
-    parts = _to_device([input_ids, starts, q_lens, sampling_rows, tables], device)
-    input_ids_t, starts_t, q_lens_t, sampling_rows_t, tables_t = parts
-    sizes = (
-        len(input_ids),
-        max(q_lens),
-        max(start + q_len for start, q_len in zip(starts, q_lens, strict=True)),
-    )
-    metadata, positions = _attention_metadata(
-        starts_t,
-        q_lens_t,
-        tables_t.view(len(scheduled), max_blocks),
-        block_size,
-        sampling_rows_t,
-        sizes,
-    )
-    return ModelInputs(input_ids_t, positions, metadata, sampling_rows)
+class InputBatch:
+    def __init__(
+        self, max_num_reqs: int, max_model_len: int, block_size: int, device: torch.device
+    ):
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.max_blocks = -(-max_model_len // block_size)
+        self.device = device
+        self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int32)
+        self.num_tokens = np.zeros(max_num_reqs, dtype=np.int32)
+        self.num_computed = np.zeros(max_num_reqs, dtype=np.int32)
+        self.block_table = np.zeros((max_num_reqs, self.max_blocks), dtype=np.int32)
+        self.num_blocks = np.zeros(max_num_reqs, dtype=np.int32)
+        self._free_rows = list(range(max_num_reqs - 1, -1, -1))
+        self._staging: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    # -- rows ------------------------------------------------------------------------
 
-def _to_device(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    packed = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
-    if device.type == "cuda":
-        packed = packed.pin_memory().to(device, non_blocking=True)
-    return list(packed.split([len(part) for part in parts]))
+    def add(self, token_ids: list[int], block_ids: list[int], num_computed: int) -> int:
+        if not self._free_rows:
+            self._grow()
+        row = self._free_rows.pop()
+        num_tokens = len(token_ids)
+        self.token_ids[row, :num_tokens] = token_ids
+        self.num_tokens[row] = num_tokens
+        self.num_computed[row] = num_computed
+        self.num_blocks[row] = 0
+        self.append_blocks(row, block_ids)
+        return row
 
+    def remove(self, row: int) -> None:
+        self._free_rows.append(row)
 
-def _slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Cache slots of ``positions`` ([B, N] token positions) under each row's table."""
-    blocks = block_tables.gather(1, positions // block_size)
-    return blocks * block_size + positions % block_size
+    def append_blocks(self, row: int, block_ids: list[int]) -> None:
+        start = self.num_blocks[row]
+        end = start + len(block_ids)
+        if end > self.max_blocks:
+            raise ValueError(f"{end} blocks exceed a max_model_len sequence ({self.max_blocks})")
+        self.block_table[row, start:end] = block_ids
+        self.num_blocks[row] = end
 
+    def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
+        """One sampled token per row (rows are distinct)."""
+        self.token_ids[rows, self.num_tokens[rows]] = token_ids
+        self.num_tokens[rows] += 1
 
-def _attention_metadata(
-    starts: torch.Tensor,
-    q_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    block_size: int,
-    sampling_rows: torch.Tensor,
-    sizes: tuple[int, int, int],
-) -> tuple[AttentionMetadata, torch.Tensor]:
-    device = starts.device
-    num_seqs = starts.numel()
-    num_tokens, max_q, max_ctx = sizes  # from the host: reading them off the device would sync
-    q_offsets = torch.cumsum(q_lens, 0) - q_lens  # first token index of each sequence
+    def _grow(self) -> None:
+        """More requests than max_num_seqs can be held (a decode rank adopts what prefill
+        ranks send): double the rows."""
+        old = self.num_tokens.shape[0]
+        self.token_ids = np.concatenate([self.token_ids, np.zeros_like(self.token_ids)])
+        self.num_tokens = np.concatenate([self.num_tokens, np.zeros_like(self.num_tokens)])
+        self.num_computed = np.concatenate([self.num_computed, np.zeros_like(self.num_computed)])
+        self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+        self.num_blocks = np.concatenate([self.num_blocks, np.zeros_like(self.num_blocks)])
+        self._free_rows.extend(range(2 * old - 1, old - 1, -1))
 
-    # Per-token view: which sequence and which position within its chunk.
-    seq_of_token = torch.repeat_interleave(
-        torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens
-    )
-    local = torch.arange(num_tokens, device=device) - q_offsets[seq_of_token]
-    positions = starts[seq_of_token] + local  # [T]
-    token_tables = block_tables[seq_of_token]
-    slot_mapping = _slots(token_tables, positions.unsqueeze(1), block_size).squeeze(1)
+    # -- one step ----------------------------------------------------------------------
 
-    # Padded [B, Q] query rows and [B, C] context columns.
-    row = torch.arange(max_q, device=device).unsqueeze(0)  # [1, Q]
-    valid_q = row < q_lens.unsqueeze(1)  # [B, Q]
-    query_index = q_offsets.unsqueeze(1) + torch.where(valid_q, row, 0)
-    col = torch.arange(max_ctx, device=device).unsqueeze(0)  # [1, C]
-    ctx_lens = (starts + q_lens).unsqueeze(1)
-    # Columns past a sequence's context read its position 0 (masked anyway).
-    key_positions = torch.where(col < ctx_lens, col, 0).expand(num_seqs, max_ctx)
-    key_slots = _slots(block_tables, key_positions, block_size)
-    q_positions = starts.unsqueeze(1) + row  # [B, Q]
-    causal = col.unsqueeze(1) <= q_positions.unsqueeze(2)  # [B, Q, C]
-    # Padding rows attend to column 0 only, so softmax never sees an empty row.
-    pad_rows = (~valid_q).unsqueeze(2) & (col.unsqueeze(1) == 0)
-    attn_mask = torch.where(valid_q.unsqueeze(2), causal, pad_rows).unsqueeze(1)
+    def prepare(
+        self, rows: np.ndarray, num_new: np.ndarray, sampling_rows: np.ndarray
+    ) -> StepInputs:
+        """Inputs for computing ``num_new[i]`` tokens of row ``rows[i]`` after the ones
+        already computed; ``sampling_rows`` index into ``rows``."""
+        num_seqs = len(rows)
+        starts = self.num_computed[rows]
+        seq_lens = starts + num_new
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(num_new, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        max_query_len = int(num_new.max())
+        if max_query_len == 1:
+            token_rows, positions = rows, starts
+        else:
+            token_rows = np.repeat(rows, num_new)
+            offsets = np.repeat(starts - query_start_loc[:-1], num_new)
+            positions = offsets + np.arange(num_tokens, dtype=np.int32)
+        input_ids = self.token_ids[token_rows, positions]
+        size = self.block_size
+        slot_mapping = self.block_table[token_rows, positions // size].astype(np.int64) * size
+        slot_mapping += positions % size
+        max_seq_len = int(seq_lens.max())
+        width = -(-max_seq_len // size)
+        tables = self.block_table[rows, :width]
+        logits_index = query_start_loc[1:][sampling_rows].astype(np.int64) - 1
 
-    output_index = seq_of_token * max_q + local
-    logits_index = (q_offsets + q_lens - 1)[sampling_rows]
-    metadata = AttentionMetadata(
-        slot_mapping=slot_mapping,
-        query_index=query_index,
-        key_slots=key_slots,
-        attn_mask=attn_mask,
-        output_index=output_index,
-        logits_index=logits_index,
-    )
-    return metadata, positions
+        ints = [input_ids, positions, query_start_loc, seq_lens, tables.reshape(-1)]
+        longs = [logits_index, slot_mapping]
+        int_parts = self._to_device("int32", ints, np.int32)
+        long_parts = self._to_device("int64", longs, np.int64)
+        ids_t, positions_t, qsl_t, seq_lens_t, tables_t = int_parts
+        logits_index_t, slot_mapping_t = long_parts
+        return StepInputs(
+            input_ids=ids_t,
+            positions=positions_t,
+            query_start_loc=qsl_t,
+            seq_lens=seq_lens_t,
+            block_table=tables_t.view(num_seqs, width),
+            logits_index=logits_index_t,
+            slot_mapping=slot_mapping_t,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+        )
+
+    def _to_device(
+        self, name: str, parts: list[np.ndarray], dtype: type[np.generic]
+    ) -> list[torch.Tensor]:
+        """Pack ``parts`` into one staging buffer and copy it to the device at once."""
+        sizes = [part.size for part in parts]
+        total = sum(sizes)
+        host, device = self._buffers(name, total, dtype)
+        packed = host[:total].numpy()
+        np.concatenate(parts, out=packed, casting="unsafe")
+        if self.device.type == "cpu":
+            # NOTE: a copy; views of the staging buffer would change under a caller
+            # that keeps this step's inputs past the next step.
+            out = torch.from_numpy(packed.copy())
+        else:
+            out = device[:total]
+            out.copy_(host[:total], non_blocking=True)
+        return list(out.split(sizes))
+
+    def _buffers(
+        self, name: str, total: int, dtype: type[np.generic]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host staging (pinned on CUDA) and device buffers of at least ``total``
+        elements, grown by doubling. NOTE: reusing the pinned buffer is safe because
+        every step reads its sampled tokens back, which waits for this copy."""
+        buffers = self._staging.get(name)
+        if buffers is None or buffers[0].numel() < total:
+            capacity = max(total, 2 * (buffers[0].numel() if buffers else 4096))
+            torch_dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+            pin = self.device.type == "cuda"
+            host = torch.empty(capacity, dtype=torch_dtype, pin_memory=pin)
+            device = (
+                host if not pin else torch.empty(capacity, dtype=torch_dtype, device=self.device)
+            )
+            buffers = self._staging[name] = (host, device)
+        return buffers

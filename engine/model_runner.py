@@ -1,38 +1,32 @@
-"""Builds the model and its KV pool on one device and runs scheduled steps."""
+"""Builds the model and its KV pool on one device and runs forwards.
+
+Start-up order matters on a GPU: load the weights, measure the peak memory of a
+forward at the full token budget (and of a decode step at the largest CUDA-graph
+batch), give what is left to the KV pool, then capture the decode graphs over it.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.block_manager import BlockManager
+from engine.attention.backend import select_backend
 from engine.config import EngineConfig
-from engine.forward_context import forward_context
-from engine.input_batch import build_model_inputs
+from engine.cuda_graphs import CudaGraphRunner, capture_sizes
+from engine.forward_context import AttentionMetadata, forward_context
+from engine.input_batch import InputBatch, StepInputs
 from engine.kv_cache import KVCacheLayout, allocate_kv_cache
 from engine.layers.attention import Attention
 from engine.models.registry import get_model_class
-from engine.outputs import TokenLogprobs
-from engine.sampler import Sampler, SamplingBatch, to_token_logprobs
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSequence
-from engine.sequence import Sequence
 from engine.weight_loader import init_dummy_weights, load_weights
 
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
-# NOTE: cuDNN's SDPA builds a graph per shape, and the context length changes
-# every decode step; the other backends take our masks without that cost.
-_SDPA_BACKENDS = [
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
-
 
 # Allocates a rank's KV pool; a disaggregated rank passes one that places it where
 # its peers can reach it (e.g. shared memory on CPU).
@@ -45,22 +39,30 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
+        self.backend = select_backend(config.attention_backend, self.device)
         self.model = self._load_model()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.graph_sizes: list[int] = []
+        self.graphs: CudaGraphRunner | None = None
+        if (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and self.backend.supports_cuda_graphs
+        ):
+            self.graph_sizes = capture_sizes(config.scheduler.max_num_seqs)
         self.layout = self._kv_layout(self._num_blocks())
         self.kv_cache = allocate_kv(self.layout, self.device)
-        for index, layer in enumerate(self.attention_layers):
-            layer.kv_cache = self.kv_cache[index]
-            layer.layer_index = index
-        generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.sampler = Sampler(default_generator=generator)
+        self._bind_kv_cache(self.kv_cache)
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB, %s)",
+            "KV cache: %d blocks of %d tokens (%.2f GiB, %s); attention backend %s",
             self.layout.num_blocks,
             self.block_size,
             self.layout.total_bytes / _GIB,
             self.layout.dtype,
+            self.backend.name,
         )
+        if self.graph_sizes:
+            self.graphs = self._capture_graphs()
 
     @property
     def num_blocks(self) -> int:
@@ -83,6 +85,11 @@ class ModelRunner:
             load_weights(model, model_config.path)
         return model.eval()
 
+    def _bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        for index, layer in enumerate(self.attention_layers):
+            layer.kv_cache = kv_cache[index]
+            layer.layer_index = index
+
     def _kv_layout(self, num_blocks: int) -> KVCacheLayout:
         attn = self.attention_layers[0]
         return KVCacheLayout(
@@ -93,6 +100,55 @@ class ModelRunner:
             head_dim=attn.head_dim,
             dtype=self.config.model.dtype,
         )
+
+    # -- forward ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, on_layer_kv: LayerKVHook | None = None) -> torch.Tensor:
+        """Logits of the step's sampling rows: [S, vocab]. Decode-only steps without
+        KV sends replay a captured CUDA graph when one fits."""
+        if on_layer_kv is None and self.graphs is not None and self.graphs.can_run(inputs):
+            return self.graphs.run(inputs)
+        meta = AttentionMetadata(
+            num_tokens=inputs.num_tokens,
+            num_seqs=inputs.num_seqs,
+            max_query_len=inputs.max_query_len,
+            max_seq_len=inputs.max_seq_len,
+            block_size=self.block_size,
+            query_start_loc=inputs.query_start_loc,
+            seq_lens=inputs.seq_lens,
+            block_table=inputs.block_table,
+            slot_mapping=inputs.slot_mapping,
+            logits_index=inputs.logits_index,
+            backend=self.backend,
+            on_layer_kv=on_layer_kv,
+        )
+        self.backend.prepare(meta)
+        with forward_context(meta):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+            return self.model.compute_logits(hidden)
+
+    def _capture_graphs(self) -> CudaGraphRunner:
+        torch.cuda.synchronize(self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        started = time.perf_counter()
+        graphs = CudaGraphRunner(
+            self.model, self.backend, self.graph_sizes, self.config.scheduler.max_model_len,
+            self.block_size, self.device,
+        )  # fmt: skip
+        graphs.capture()
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        logger.info(
+            "CUDA graphs: %d decode batch sizes (1..%d) captured in %.1f s, %.2f GiB",
+            len(self.graph_sizes),
+            self.graph_sizes[-1],
+            time.perf_counter() - started,
+            used / _GIB,
+        )
+        return graphs
+
+    # -- KV sizing ---------------------------------------------------------------------
 
     def _num_blocks(self) -> int:
         cache, sched = self.config.cache, self.config.scheduler
@@ -119,70 +175,48 @@ class ModelRunner:
             return int(self.config.cache.cpu_kv_cache_space_gib * _GIB)
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        activations = self._profile_activation_bytes()
         used = total - free
-        budget = int(total * self.config.cache.gpu_memory_utilization) - used - activations
+        sched = self.config.scheduler
+        num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len - 1)
+        activations = self._profile_peak_bytes([num_tokens])
+        # The graphs' shared pool holds about one decode step at the largest batch.
+        graphs = self._profile_peak_bytes([1] * self.graph_sizes[-1]) if self.graph_sizes else 0
+        budget = int(total * self.config.cache.gpu_memory_utilization) - used - activations - graphs
+        logger.info(
+            "GPU memory: %.2f GiB in use (weights), %.2f GiB for a forward of %d tokens, "
+            "%.2f GiB for CUDA graphs, %.2f GiB left for the KV cache",
+            used / _GIB, activations / _GIB, num_tokens, graphs / _GIB, budget / _GIB,
+        )  # fmt: skip
         if budget <= 0:
             raise ValueError(
                 f"no GPU memory left for the KV cache: {used / _GIB:.1f} GiB in use and "
-                f"~{activations / _GIB:.1f} GiB for activations of "
+                f"~{(activations + graphs) / _GIB:.1f} GiB for activations of "
                 f"{total / _GIB:.1f} GiB; raise gpu_memory_utilization or lower "
                 "max_num_batched_tokens"
             )
         return budget
 
-    def _profile_activation_bytes(self) -> int:
-        """Peak memory of one forward at the full token budget, measured with a
-        throw-away KV cache just large enough for it."""
-        sched = self.config.scheduler
-        num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len - 1)
-        manager = BlockManager(-(-num_tokens // self.block_size), self.block_size, False)
-        seq = Sequence("profile", [0] * num_tokens, SamplingParams(), arrival=0)
-        manager.allocate(seq, num_tokens)
-        layout = self._kv_layout(manager.num_blocks)
-        cache = allocate_kv_cache(layout, self.device)
-        for index, layer in enumerate(self.attention_layers):
-            layer.kv_cache = cache[index]
+    def _profile_peak_bytes(self, seq_lens: list[int]) -> int:
+        """Peak memory of one forward computing whole sequences of ``seq_lens`` tokens,
+        with a throw-away KV cache just large enough for them."""
+        batch = InputBatch(len(seq_lens), max(seq_lens), self.block_size, self.device)
+        num_blocks, rows = 0, []
+        for num_tokens in seq_lens:
+            blocks = -(-num_tokens // self.block_size)
+            rows.append(
+                batch.add([0] * num_tokens, list(range(num_blocks, num_blocks + blocks)), 0)
+            )
+            num_blocks += blocks
+        num_new = np.asarray(seq_lens, dtype=np.int32)
+        inputs = batch.prepare(np.asarray(rows), num_new, np.arange(len(rows)))
+        cache = allocate_kv_cache(self._kv_layout(num_blocks), self.device)
+        self._bind_kv_cache(cache)
+        torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        self._forward([ScheduledSequence(seq, num_tokens)])
+        self.forward(inputs)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         del cache
         torch.cuda.empty_cache()
         return peak
-
-    @torch.inference_mode()
-    def _forward(
-        self, scheduled: list[ScheduledSequence], on_layer_kv: LayerKVHook | None = None
-    ) -> tuple[torch.Tensor, list[int]]:
-        inputs = build_model_inputs(scheduled, self.block_size, self.device)
-        inputs.metadata.on_layer_kv = on_layer_kv
-        with forward_context(inputs.metadata), sdpa_kernel(_SDPA_BACKENDS):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-            logits = self.model.compute_logits(hidden)
-        return logits, inputs.sampling_rows
-
-    @torch.inference_mode()
-    def execute(
-        self, scheduled: list[ScheduledSequence], on_layer_kv: LayerKVHook | None = None
-    ) -> list[tuple[int, TokenLogprobs | None]]:
-        """Run one step; returns (token id, logprobs) for each sequence that
-        samples, in the order of ``scheduled``. ``on_layer_kv(i)`` is called once
-        layer i's new K/V are written."""
-        logits, rows = self._forward(scheduled, on_layer_kv)
-        if not rows:
-            return []
-        seqs = [scheduled[i].seq for i in rows]
-        batch = SamplingBatch.build(
-            params=[s.params for s in seqs],
-            prompt_token_ids=[s.prompt_token_ids for s in seqs],
-            output_token_ids=[s.output_token_ids for s in seqs],
-            generators=[s.generator for s in seqs],
-            vocab_size=self.config.model.vocab_size,
-            device=self.device,
-        )
-        out = self.sampler(logits, batch)
-        token_ids = out.token_ids.tolist()  # the step's one read-back
-        logprobs = to_token_logprobs(out, [s.params.logprobs for s in seqs])
-        return list(zip(token_ids, logprobs, strict=True))

@@ -91,6 +91,16 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     @property
+    def reads_history(self) -> bool:
+        """Whether sampling reads the tokens so far (penalties, min_tokens' stop mask)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.min_tokens > 0
+        )
+
+    @property
     def all_stop_token_ids(self) -> set[int]:
         """Token ids that end the request (eos unless ignored, plus stop_token_ids)."""
         ids = set(self.stop_token_ids)

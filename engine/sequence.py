@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
-
 from engine.sampling_params import SamplingParams
 
 
@@ -31,7 +29,6 @@ class Sequence:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival: int,
-        generator: torch.Generator | None = None,
         prefill_only: bool = False,
     ):
         self.request_id = request_id
@@ -39,7 +36,6 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.arrival = arrival
-        self.generator = generator
         # A prefill rank's request: parked (not finished) once its first token is
         # sampled, so its blocks outlive the step until the KV hand-off is over.
         self.prefill_only = prefill_only

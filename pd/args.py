@@ -74,6 +74,8 @@ class ServeArgs:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
     host: str = "0.0.0.0"
     ports: list[int] = field(default_factory=lambda: [DEFAULT_PORT])
     metrics_port: int | None = None
@@ -205,6 +207,17 @@ def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
         default=True,
         action=argparse.BooleanOptionalAction,
         help="reuse KV blocks of shared prompt prefixes (default: on)",
+    )
+    group.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=("auto", "sdpa", "triton"),
+        help="auto: triton (paged kernels) on CUDA, sdpa (the portable reference) elsewhere",
+    )
+    group.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs for decode steps (they take start-up time and some memory)",
     )
 
 

@@ -38,6 +38,8 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         cpu_kv_cache_space_gib: float = 1.0,
         load_format: str = "auto",
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
         tensor_parallel_size: int = 1,
     ):
         if tensor_parallel_size != 1:
@@ -56,6 +58,8 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization,
             cpu_kv_cache_space_gib=cpu_kv_cache_space_gib,
             load_format=load_format,
+            attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
         )
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.engine = EngineCore(self.config)

@@ -56,6 +56,8 @@ def engine_kwargs(args: ServeArgs) -> dict:
         "enable_prefix_caching": args.enable_prefix_caching,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "load_format": args.load_format,
+        "attention_backend": args.attention_backend,
+        "enforce_eager": args.enforce_eager,
     }
 
 

@@ -34,6 +34,7 @@ from cache_transfer.transfer_engine import TransferEngine, TransferError, Transf
 from engine.kv_cache import KVCacheLayout
 from engine.outputs import EngineCoreOutput
 from engine.scheduler import ScheduledSequence
+from engine.step_plan import KVSend
 from pd.cluster_wire import layout_from_proto
 from pd.rank.loop_calls import LoopCalls
 from proto import cluster_pb2 as cluster_pb
@@ -128,6 +129,7 @@ class PrefillHandoff:
         # appended by workers, drained by the loop
         self.events: collections.deque[list] = collections.deque(maxlen=10_000)
         self._lock = threading.Lock()  # clients and engine connects
+        self._step_runs: tuple[list[KVSend], list[tuple[Handoff, BlockRuns]]] | None = None
 
     # -- reserve (worker) ------------------------------------------------------------
 
@@ -252,13 +254,14 @@ class PrefillHandoff:
 
     # -- layer-wise writes (engine loop) ---------------------------------------------
 
-    def layer_hook(
+    def plan_sends(
         self, handoffs: dict[str, Handoff], scheduled: list[ScheduledSequence]
-    ) -> Callable[[int], None] | None:
-        """Plan this step's writes (blocks its prompt chunks complete) and return the hook
-        that submits each layer's share as soon as that layer's K/V are in the cache."""
+    ) -> list[KVSend]:
+        """This step's writes: the blocks its prompt chunks complete, for each request
+        with a hand-off (the worker sends each layer's share once its K/V are in the
+        cache, through ``send_layer``)."""
         size = self.layout.block_size
-        plans: list[tuple[Handoff, BlockRuns]] = []
+        sends: list[KVSend] = []
         for item in scheduled:
             handoff = handoffs.get(item.seq.request_id)
             if handoff is None or handoff.write_error is not None:
@@ -270,20 +273,28 @@ class PrefillHandoff:
             end_block = -(-end // size) if end == seq.num_prompt_tokens else end // size
             first = handoff.num_sent_blocks
             if end_block > first:
-                runs = block_runs(
-                    seq.block_ids[first:end_block], handoff.dst_blocks[first:end_block]
+                sends.append(
+                    KVSend(
+                        seq.request_id,
+                        seq.block_ids[first:end_block],
+                        handoff.dst_blocks[first:end_block],
+                    )
                 )
-                plans.append((handoff, runs))
                 handoff.num_sent_blocks = end_block
-        if not plans:
-            return None
+        return sends
 
-        def on_layer(layer: int) -> None:
-            for handoff, runs in plans:
-                regions = layer_regions(self.layout, handoff.peer.layout, runs, layer)
-                self._write(handoff, regions)
-
-        return on_layer
+    def send_layer(self, handoffs: dict[str, Handoff], layer: int, sends: list[KVSend]) -> None:
+        """Submit ``layer``'s K/V of this step's ``sends``."""
+        if self._step_runs is None or self._step_runs[0] is not sends:
+            runs = [
+                (handoff, block_runs(send.src_block_ids, send.dst_block_ids))
+                for send in sends
+                if (handoff := handoffs.get(send.request_id)) is not None
+            ]
+            self._step_runs = (sends, runs)  # computed once per step, at its first layer
+        for handoff, runs in self._step_runs[1]:
+            regions = layer_regions(self.layout, handoff.peer.layout, runs, layer)
+            self._write(handoff, regions)
 
     def _write(self, handoff: Handoff, regions: Regions) -> None:
         if handoff.write_error is not None:

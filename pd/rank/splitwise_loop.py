@@ -28,6 +28,7 @@ from engine.engine_core import EngineCore
 from engine.outputs import EngineCoreOutput
 from engine.scheduler import ScheduledSequence
 from engine.sequence import SequenceStatus
+from engine.step_plan import KVSend
 from pd.cluster_wire import kv_fingerprint, layout_to_proto, output_to_entry, params_from_proto
 from pd.engine_process import EngineLoop
 from pd.rank.decode_intake import DecodeIntake
@@ -70,12 +71,12 @@ class SplitwiseLoop(EngineLoop):
         self.aborted_reserving: set[str] = set()
         self.handoffs: dict[str, Handoff] = {}
         self.redis_down = False
-        runner = engine.runner
-        self.fingerprint = kv_fingerprint(settings.model, runner.layout)
+        executor = engine.executor
+        self.fingerprint = kv_fingerprint(settings.model, executor.kv_layout)
         self.transfer_engines: dict[str, TransferEngine] = {}
         if self.role != "mixed":
             self.transfer_engines = make_transfer_engines(
-                self.role, runner.kv_cache, runner.layout, settings.protocols, settings.host,
+                self.role, executor.kv_cache, executor.kv_layout, settings.protocols, settings.host,
                 shm_path, settings.rdma_comm_ports[0],
             )  # fmt: skip
         self.intake: DecodeIntake | None = None
@@ -90,17 +91,18 @@ class SplitwiseLoop(EngineLoop):
             rank_id=self.rank_id, role=self.role, host=settings.host, model=settings.model,
             dp_rank=0, dp_size=1, tp_size=1, api_port=settings.api_port,
             pd_comm_port=pd_comm_port, protocols=settings.protocols,
-            rdma_comm_ports=settings.rdma_comm_ports, kv_layout=layout_to_proto(runner.layout),
+            rdma_comm_ports=settings.rdma_comm_ports, kv_layout=layout_to_proto(executor.kv_layout),
         )  # fmt: skip
         self.registry: RegistryReader | None = None
         self.handoff: PrefillHandoff | None = None
         if self.role == "prefill":
             self.registry = RegistryReader(settings.scheduler, name=f"registry[{self.rank_id}]")
             self.handoff = PrefillHandoff(
-                record, self.transfer_engines, runner.layout, self.fingerprint, self.registry,
+                record, self.transfer_engines, executor.kv_layout, self.fingerprint, self.registry,
                 self.calls, self._on_reserved, self._on_reserve_failed, self._on_handoff_done,
                 settings.handoff_timeout_s,
             )  # fmt: skip
+            executor.set_kv_sender(self._send_layer)
         self.rank = SplitwiseRank(settings.scheduler, record).start()
         logger.info("rank %s (%s) registered in topic %r", self.rank_id, self.role,
                     settings.scheduler.topic)  # fmt: skip
@@ -114,8 +116,8 @@ class SplitwiseLoop(EngineLoop):
                 self.calls.run_pending()
                 self._sync_with_scheduler()
                 if self.engine.has_unfinished():
-                    hook = self._layer_hook if self.handoff is not None else None
-                    for output in self.engine.step(hook):
+                    planner = self._plan_kv_sends if self.handoff is not None else None
+                    for output in self.engine.step(planner):
                         self._on_output(output)
                 self._end_step()
                 self._maybe_send_stats()
@@ -255,8 +257,12 @@ class SplitwiseLoop(EngineLoop):
 
     # -- prefill's writes ------------------------------------------------------------
 
-    def _layer_hook(self, scheduled: list[ScheduledSequence]):  # type: ignore[no-untyped-def]
-        return self.handoff.layer_hook(self.handoffs, scheduled)  # type: ignore[union-attr]
+    def _plan_kv_sends(self, scheduled: list[ScheduledSequence]) -> list[KVSend]:
+        return self.handoff.plan_sends(self.handoffs, scheduled)  # type: ignore[union-attr]
+
+    def _send_layer(self, layer: int, sends: list[KVSend]) -> None:
+        """The worker's KV sender: it runs in the engine process (TP 1)."""
+        self.handoff.send_layer(self.handoffs, layer, sends)  # type: ignore[union-attr]
 
     def _on_handoff_done(self, handoff: Handoff, error: str | None) -> None:
         request_id = handoff.request_id

@@ -38,7 +38,7 @@ def test_cuda_float32_matches_hf(tiny_model, arch):
 def test_cuda_bfloat16_generates_and_frees(tiny_model):
     model_dir = tiny_model("llama")
     llm = LLM(model=str(model_dir), dtype="bfloat16", device="cuda", max_model_len=512)
-    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
+    assert llm.engine.executor.kv_cache.dtype == torch.bfloat16
     token_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], GREEDY)
     assert all(len(o.outputs[0].token_ids) == 32 for o in outputs)
@@ -65,7 +65,7 @@ def test_cuda_kv_cache_is_sized_from_free_memory(tiny_model):
         max_num_seqs=4096,
         gpu_memory_utilization=utilization,
     )
-    cache_bytes = llm.engine.runner.layout.total_bytes
+    cache_bytes = llm.engine.executor.kv_layout.total_bytes
     print(f"\nKV cache {cache_bytes / 2**30:.2f} GiB of a {0.02 * total / 2**30:.2f} GiB budget")
     assert 0.5 * 0.02 * total < cache_bytes < 0.02 * total
     assert llm.generate(PROMPTS[0], GREEDY)[0].finished

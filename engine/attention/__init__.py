@@ -1,0 +1,1 @@
+"""Attention backends: ``sdpa`` (portable reference) and ``triton`` (paged CUDA kernels)."""

@@ -1,0 +1,39 @@
+"""Runs step plans on a DP rank's workers.
+
+With tensor parallelism 1 the one worker lives in the engine-core process; the
+plan is plain data either way, so workers in processes of their own take the
+same plans.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import KVCacheLayout
+from engine.model_runner import KVAllocator
+from engine.step_plan import StepPlan, StepResult
+from engine.worker import KVSender, Worker
+
+
+class InProcessExecutor:
+    def __init__(self, config: EngineConfig, allocate_kv: KVAllocator):
+        self.worker = Worker(config, allocate_kv)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.worker.execute(plan)
+
+    def set_kv_sender(self, sender: KVSender | None) -> None:
+        self.worker.kv_sender = sender
+
+    @property
+    def device(self) -> torch.device:
+        return self.worker.device
+
+    @property
+    def kv_layout(self) -> KVCacheLayout:
+        return self.worker.runner.layout
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.worker.runner.kv_cache

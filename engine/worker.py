@@ -1,0 +1,158 @@
+"""A worker runs step plans on one device: it owns the model, its KV shard, the
+persistent input batch and the sampler, and keeps per-request state across steps.
+
+It applies each ``StepPlan`` as a diff (rows added, blocks and tokens appended, rows
+freed), runs the forward (eagerly or as a captured CUDA graph), samples, appends
+the sampled tokens to its own rows and returns them: one read-back per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.input_batch import InputBatch
+from engine.model_runner import KVAllocator, ModelRunner
+from engine.sampler import Sampler, SamplingBatch, make_generator, to_token_logprobs
+from engine.sampling_params import SamplingParams
+from engine.step_plan import KVSend, NewRequest, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+# Executes a step's KV sends for one layer, once that layer's K/V are in the cache
+# (queued on the current stream). A prefill rank's transfer endpoint provides it.
+KVSender = Callable[[int, list[KVSend]], None]
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    row: int
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    token_ids: list[int]  # prompt + outputs: read only when a sampling rule needs history
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, allocate_kv: KVAllocator):
+        self.config = config
+        self.runner = ModelRunner(config, allocate_kv)
+        self.device = self.runner.device
+        sched = config.scheduler
+        self.batch = InputBatch(
+            sched.max_num_seqs, sched.max_model_len, config.cache.block_size, self.device
+        )
+        generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sampler = Sampler(default_generator=generator)
+        self.requests: dict[str, RequestState] = {}
+        # Preempted requests keep their generator: their draws continue where they were.
+        self.suspended_generators: dict[str, torch.Generator | None] = {}
+        self.kv_sender: KVSender | None = None
+        self._sampling_cache: tuple[tuple[str, ...], SamplingBatch] | None = None
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        self._apply(plan)
+        states = [self.requests[r.request_id] for r in plan.running]
+        states += [self.requests[r.request_id] for r in plan.new_requests]
+        num_new = np.fromiter(
+            (r.num_new_tokens for r in (*plan.running, *plan.new_requests)),
+            dtype=np.int32,
+            count=len(states),
+        )
+        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
+        batch = self.batch
+        # A row samples when this step computes its last token.
+        samples = batch.num_computed[rows] + num_new == batch.num_tokens[rows]
+        sampling_rows = np.flatnonzero(samples)
+        inputs = batch.prepare(rows, num_new, sampling_rows)
+        on_layer_kv = self._layer_sender(plan.kv_sends)
+        logits = self.runner.forward(inputs, on_layer_kv)
+        batch.num_computed[rows] += num_new
+        if not len(sampling_rows):
+            return StepResult([], [])
+        sampled = [states[i] for i in sampling_rows]
+        out = self.sampler(logits, self._sampling_batch(sampled))
+        token_ids = out.token_ids.tolist()  # the step's one read-back
+        batch.append_tokens(rows[sampling_rows], np.asarray(token_ids, dtype=np.int32))
+        for state, token_id in zip(sampled, token_ids, strict=True):
+            state.token_ids.append(token_id)
+        logprobs = to_token_logprobs(out, [s.params.logprobs for s in sampled])
+        return StepResult(token_ids, logprobs)
+
+    # -- the plan's diff ---------------------------------------------------------------
+
+    def _apply(self, plan: StepPlan) -> None:
+        preempted = set(plan.preempted_ids)
+        for request_id in plan.removed_ids:
+            state = self.requests.pop(request_id, None)
+            if state is not None:
+                self.batch.remove(state.row)
+            if request_id not in preempted:
+                self.suspended_generators.pop(request_id, None)  # finished while preempted
+            elif state is not None:
+                self.suspended_generators[request_id] = state.generator
+        for new in plan.new_requests:
+            self._add(new)
+        for running in plan.running:
+            if running.new_block_ids:
+                row = self.requests[running.request_id].row
+                self.batch.append_blocks(row, running.new_block_ids)
+
+    def _add(self, new: NewRequest) -> None:
+        if new.request_id in self.requests:
+            raise ValueError(f"request {new.request_id!r} is already on this worker")
+        if new.request_id in self.suspended_generators:
+            generator = self.suspended_generators.pop(new.request_id)
+        elif new.params.seed is not None:
+            generator = make_generator(new.params.seed, self.device)
+        else:
+            generator = None
+        row = self.batch.add(new.token_ids, new.block_ids, new.num_computed_tokens)
+        self.requests[new.request_id] = RequestState(
+            new.request_id, row, new.num_prompt_tokens, new.params, generator, list(new.token_ids)
+        )
+
+    # -- sampling ------------------------------------------------------------------------
+
+    def _sampling_batch(self, states: list[RequestState]) -> SamplingBatch:
+        """Tensors of the sampling rows; reused while the rows stay the same and no row
+        has a rule that reads the tokens so far (penalties, min_tokens)."""
+        key = tuple(s.request_id for s in states)
+        if self._sampling_cache is not None and self._sampling_cache[0] == key:
+            return self._sampling_cache[1]
+        batch = SamplingBatch.build(
+            params=[s.params for s in states],
+            prompt_token_ids=[s.prompt_token_ids for s in states],
+            output_token_ids=[s.output_token_ids for s in states],
+            generators=[s.generator for s in states],
+            vocab_size=self.config.model.vocab_size,
+            device=self.device,
+        )
+        reads_history = any(p.reads_history for p in (s.params for s in states))
+        self._sampling_cache = None if reads_history else (key, batch)
+        return batch
+
+    # -- KV sends --------------------------------------------------------------------------
+
+    def _layer_sender(self, sends: list[KVSend]) -> Callable[[int], None] | None:
+        if not sends:
+            return None
+        if self.kv_sender is None:
+            raise RuntimeError("the plan has KV sends but this worker has no KV sender")
+        sender = self.kv_sender
+        return lambda layer: sender(layer, sends)
