@@ -39,7 +39,9 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
-        self.backend = select_backend(config.attention_backend, self.device)
+        self.backend = select_backend(
+            config.attention_backend, self.device, config.model.num_key_value_heads
+        )
         self.model = self._load_model()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.graph_sizes: list[int] = []

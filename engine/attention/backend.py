@@ -52,7 +52,7 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
+def select_backend(name: str, device: torch.device, num_kv_heads: int) -> AttentionBackend:
     """``auto``: triton on CUDA when it imports, else sdpa. ``triton`` without CUDA runs
     only under Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
     if name not in BACKEND_NAMES:
@@ -74,7 +74,7 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
         )
     from engine.attention.triton_paged import TritonBackend
 
-    return TritonBackend(device)
+    return TritonBackend(device, num_kv_heads)
 
 
 def _triton_imports() -> bool:

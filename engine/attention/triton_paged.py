@@ -29,7 +29,8 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, num_kv_heads: int):
+        self.num_kv_heads = num_kv_heads  # local to this TP rank
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count
             if device.type == "cuda"
@@ -40,7 +41,9 @@ class TritonBackend(AttentionBackend):
         # Decode: the split count is fixed per step (per graph when captured, where
         # max_seq_len is the longest context the graph will see).
         if meta.is_decode_only:
-            meta.backend_data = decode_num_splits(meta.num_seqs, meta.max_seq_len, self.num_sms)
+            meta.backend_data = decode_num_splits(
+                meta.num_seqs, meta.max_seq_len, self.num_sms, self.num_kv_heads
+            )
 
     def store_kv(self, k, v, k_cache, v_cache, meta) -> None:  # type: ignore[no-untyped-def]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)

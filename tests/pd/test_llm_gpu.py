@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pd import LLM, SamplingParams
+from tests.engine import backend_parity
 from tests.pd.hf_reference import hf_greedy
 from tests.pd.test_llm_parity import PROMPTS
 
@@ -69,3 +70,49 @@ def test_cuda_kv_cache_is_sized_from_free_memory(tiny_model):
     print(f"\nKV cache {cache_bytes / 2**30:.2f} GiB of a {0.02 * total / 2**30:.2f} GiB budget")
     assert 0.5 * 0.02 * total < cache_bytes < 0.02 * total
     assert llm.generate(PROMPTS[0], GREEDY)[0].finished
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.token_ids for o in outputs]
+
+
+def test_triton_with_graphs_matches_sdpa_float32(tiny_model):
+    """Identical greedy tokens: mixed lengths, chunked prefill, prefix hits, preemption."""
+    model_dir = tiny_model("llama")
+    kwargs = backend_parity.engine_kwargs(model_dir, "cuda", "float32")
+    token_ids = backend_parity.prompts(vocab_size=500)
+    sdpa = LLM(attention_backend="sdpa", **kwargs)
+    assert sdpa.engine.executor.worker.runner.graphs is None  # sdpa has no graph support
+    reference = backend_parity.run(sdpa, token_ids, max_tokens=24)
+    triton = LLM(attention_backend="triton", **kwargs)
+    assert triton.engine.executor.worker.runner.graphs is not None
+    outputs = backend_parity.run(triton, token_ids, max_tokens=24)
+    assert _tokens(outputs) == _tokens(reference)
+    for llm in (sdpa, triton):
+        assert llm.engine.scheduler.num_preemptions > 0
+        _assert_no_leak(llm)
+
+
+def test_cuda_graphs_match_eager_bfloat16(tiny_model):
+    model_dir = tiny_model("qwen3")
+    kwargs = backend_parity.engine_kwargs(model_dir, "cuda", "bfloat16")
+    token_ids = backend_parity.prompts(vocab_size=500)
+    eager = backend_parity.run(LLM(enforce_eager=True, **kwargs), token_ids, max_tokens=24)
+    graphs = backend_parity.run(LLM(**kwargs), token_ids, max_tokens=24)
+    assert _tokens(graphs) == _tokens(eager)
+
+
+def test_triton_bfloat16_logprobs_close_to_sdpa(tiny_model):
+    model_dir = tiny_model("llama")
+    kwargs = backend_parity.engine_kwargs(model_dir, "cuda", "bfloat16")
+    token_ids = backend_parity.prompts(vocab_size=500)
+    runs = {
+        backend: backend_parity.run(
+            LLM(attention_backend=backend, **kwargs), token_ids, max_tokens=1, logprobs=5
+        )
+        for backend in ("sdpa", "triton")
+    }
+    for sdpa, triton in zip(runs["sdpa"], runs["triton"], strict=True):
+        ref = max(lp.logprob for lp in sdpa.logprobs[0].values())
+        got = max(lp.logprob for lp in triton.logprobs[0].values())
+        assert abs(ref - got) < 0.05, (ref, got)
