@@ -3,6 +3,9 @@
 Scaling types: "default", "linear" (positions divided by ``factor``) and
 "llama3" (low frequencies stretched by ``factor``, high ones kept, a smooth
 blend between ``low_freq_factor`` and ``high_freq_factor``).
+
+On CUDA one Triton kernel (engine/kernels/fused_ops.py) rotates q and k in place, bit for
+bit as ``forward_torch`` computes them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.config import RopeConfig
+from engine.kernels import can_run_triton
 
 
 def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -55,7 +59,20 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D], positions: [T]; q and k rotate as one tensor."""
+        """q: [T, Hq, D], k: [T, Hk, D], positions: [T]. On CUDA q and k rotate in place
+        (they may be strided views of a fused qkv output) and are returned."""
+        if can_run_triton(q):
+            from engine.kernels import fused_ops  # NOTE: lazily: CPU-only installs lack triton
+
+            fused_ops.rotary_embedding_(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
+        return self.forward_torch(positions, q, k)
+
+    def forward_torch(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference formula (new tensors; q and k rotate as one): the CPU path, and
+        what the CUDA kernel reproduces."""
         cos = self.cos_cache[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin_cache[positions].unsqueeze(1)
         qk = torch.cat([q, k], dim=1)
