@@ -50,18 +50,22 @@ class PrefillConfig:
     num_stages: int
 
 
-def decode_config(dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+def decode_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> DecodeConfig:
+    """Tiles chosen for H200-class GPUs (benchmarks/attention_bench.py --sweep compares
+    others)."""
     if device.type != "cuda":  # Triton's interpreter: small tiles so tests cross tiles
         return DecodeConfig(block_n=32, num_warps=1, num_stages=1)
-    if dtype == torch.float32:
+    if dtype == torch.float32 or head_dim > 128:
         return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 
 
-def prefill_config(dtype: torch.dtype, device: torch.device) -> PrefillConfig:
+def prefill_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> PrefillConfig:
+    """Tiles for H200-class GPUs: the [block_m, head_dim] float32 accumulator lives in
+    registers, so wider heads or float32 take fewer rows."""
     if device.type != "cuda":
         return PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
-    if dtype == torch.float32:
+    if dtype == torch.float32 or head_dim > 128:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 
@@ -281,7 +285,7 @@ def paged_decode_attention(
     group = _check_shapes(q, k_cache, v_cache, out, block_table)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    config = config or decode_config(q.dtype, q.device)
+    config = config or decode_config(q.dtype, head_dim, q.device)
     num_kv_heads = k_cache.shape[2]
     part_out = part_lse = out  # unused with one split
     if num_splits > 1:
@@ -322,7 +326,7 @@ def paged_prefill_attention(
     seq_lens[b] - q_len_b + i (a prefix-cache hit or a later prefill chunk starts past 0).
     ``max_query_len`` (host int) sizes the grid."""
     group = _check_shapes(q, k_cache, v_cache, out, block_table)
-    config = config or prefill_config(q.dtype, q.device)
+    config = config or prefill_config(q.dtype, q.shape[2], q.device)
     block_m = max(config.block_m, triton.next_power_of_2(group))
     block_q = block_m // group  # new tokens per program
     num_seqs = seq_lens.shape[0]
