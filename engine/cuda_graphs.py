@@ -52,9 +52,8 @@ class CudaGraphRunner:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         # Static inputs: every graph reads the first b rows of these.
-        self.input_ids = zeros(max_size)
-        self.positions = zeros(max_size)
-        self.seq_lens = zeros(max_size)
+        self.rows = zeros(3, max_size)  # one copy fills all three (StepInputs.decode_rows)
+        self.input_ids, self.positions, self.seq_lens = self.rows
         self.block_table = zeros(max_size, max_blocks)
         self.slot_mapping = torch.full((max_size,), -1, dtype=torch.int64, device=device)
         self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)
@@ -103,11 +102,10 @@ class CudaGraphRunner:
         valid until the next replay)."""
         num_seqs = inputs.num_seqs
         size = self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
-        self.input_ids[:num_seqs].copy_(inputs.input_ids)
-        self.positions[:num_seqs].copy_(inputs.positions)
-        self.seq_lens[:num_seqs].copy_(inputs.seq_lens)
+        assert inputs.decode_rows is not None
+        self.rows[:, :num_seqs].copy_(inputs.decode_rows)
         self.slot_mapping[:num_seqs].copy_(inputs.slot_mapping)
-        if size > num_seqs:
+        if size > num_seqs:  # NOTE: stale rows hold real slots of earlier batches
             self.seq_lens[num_seqs:size].zero_()
             self.slot_mapping[num_seqs:size].fill_(-1)
         width = inputs.block_table.shape[1]

@@ -37,6 +37,9 @@ class StepInputs:
     num_seqs: int
     max_query_len: int
     max_seq_len: int
+    # Decode-only steps: input_ids, positions and seq_lens stacked [3, B] (one view, so
+    # a CUDA graph takes them with one copy).
+    decode_rows: torch.Tensor | None = None
 
 
 class InputBatch:
@@ -125,11 +128,11 @@ class InputBatch:
         tables = self.block_table[rows, :width]
         logits_index = query_start_loc[1:][sampling_rows].astype(np.int64) - 1
 
-        ints = [input_ids, positions, query_start_loc, seq_lens, tables.reshape(-1)]
+        ints = [input_ids, positions, seq_lens, query_start_loc, tables.reshape(-1)]
         longs = [logits_index, slot_mapping]
         int_parts = self._to_device("int32", ints, np.int32)
         long_parts = self._to_device("int64", longs, np.int64)
-        ids_t, positions_t, qsl_t, seq_lens_t, tables_t = int_parts
+        ids_t, positions_t, seq_lens_t, qsl_t, tables_t = int_parts
         logits_index_t, slot_mapping_t = long_parts
         return StepInputs(
             input_ids=ids_t,
@@ -143,6 +146,9 @@ class InputBatch:
             num_seqs=num_seqs,
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
+            decode_rows=(
+                ids_t.as_strided((3, num_seqs), (num_seqs, 1)) if max_query_len == 1 else None
+            ),
         )
 
     def _to_device(

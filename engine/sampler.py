@@ -169,6 +169,16 @@ class SamplingBatch:
     needs_default_noise: bool = False  # some random row has no generator of its own
     max_num_logprobs: int | None = None
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Argmax of the raw logits is the whole answer (no penalty, mask or logprobs)."""
+        return (
+            self.all_greedy
+            and self.penalties is None
+            and self.min_tokens_index is None
+            and self.max_num_logprobs is None
+        )
+
     @classmethod
     def build(
         cls,
@@ -250,6 +260,9 @@ class Sampler:
                 f"logits of shape {tuple(logits.shape)} do not match the batch "
                 f"({batch.num_rows} rows, vocab size {batch.vocab_size})"
             )
+        if batch.is_plain_greedy:
+            # The float32 copy below changes no argmax: every bf16/fp16 value is exact in it.
+            return SamplerOutput(token_ids=logits.argmax(dim=-1))
         # NOTE: a contiguous float32 copy, edited in place below; the caller's logits stay intact.
         logits = logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
         raw_logprobs = None if batch.max_num_logprobs is None else logits.log_softmax(dim=-1)
