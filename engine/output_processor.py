@@ -38,8 +38,14 @@ class _Completion:
         tokenizer: PreTrainedTokenizerBase,
         prompt_token_ids: list[int],
         params: SamplingParams,
+        text_at_end: bool = False,
     ) -> None:
         self.index = index
+        # Nobody reads the text before the end and no stop string needs it: detokenize
+        # once, when the completion finishes (per-token detokenizing is most of the
+        # host's work per step in a large offline batch).
+        self._text_at_end = text_at_end and not params.stop
+        self._pending_text_ids: list[int] = []
         self._include_stop = params.include_stop_str_in_output
         self._detokenizer = IncrementalDetokenizer(
             tokenizer, prompt_token_ids, params.skip_special_tokens
@@ -65,6 +71,11 @@ class _Completion:
         text_ids = output.new_token_ids
         if _is_stop_token_finish(output) and not self._include_stop:
             text_ids = text_ids[:-1]  # the stop token stays in token_ids, not in text
+        if self._text_at_end:
+            self._pending_text_ids.extend(text_ids)
+            if not output.finished:
+                return False
+            text_ids, self._pending_text_ids = self._pending_text_ids, []
         if self._consume(self._detokenizer.add_tokens(text_ids)):
             return True
         if output.finished and not self._consume(self._detokenizer.flush()):
@@ -171,8 +182,10 @@ class OutputProcessor:
             [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
         )
         self._check_ids_free([request_id, *child_ids])
+        text_at_end = kind is OutputKind.FINAL_ONLY
         completions = [
-            _Completion(i, self._tokenizer, prompt_token_ids, params) for i in range(params.n)
+            _Completion(i, self._tokenizer, prompt_token_ids, params, text_at_end)
+            for i in range(params.n)
         ]
         parent = _ParentRequest(
             request_id, prompt, list(prompt_token_ids), kind, child_ids, completions

@@ -223,3 +223,19 @@ def test_final_only_reports_once_at_the_end(tokenizer: PreTrainedTokenizerFast) 
     assert len(reported) == 1 and reported[0].finished
     assert reported[0].outputs[0].text == "Café 世界"
     assert reported[0].outputs[0].token_ids == token_ids
+
+
+@pytest.mark.parametrize("text", ["Hello 你好 😀!", "a\u0301 é 🎉 ok", "  spaces  and\nnewlines"])
+def test_final_only_detokenizes_once_with_the_same_text(
+    tokenizer: PreTrainedTokenizerFast, text: str
+) -> None:
+    """FINAL_ONLY completions without stop strings detokenize at the end: same result."""
+    token_ids = tokenizer.encode(text)
+    finals = []
+    for kind in (OutputKind.CUMULATIVE, OutputKind.FINAL_ONLY):
+        processor = OutputProcessor(tokenizer)
+        prompt_ids = tokenizer.encode(PROMPT)
+        processor.add_request("r", PROMPT, prompt_ids, SamplingParams(), kind)
+        finals.append(_stream(processor, "r", token_ids)[-1].outputs[0])
+    assert finals[1].text == finals[0].text
+    assert finals[1].token_ids == finals[0].token_ids == token_ids
