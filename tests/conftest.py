@@ -78,3 +78,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
         return models[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory):
+    """Factory: ``tiny_gguf(arch="llama", tensor_type="F32", types=None) -> Path`` of the
+    tiny model written as a GGUF file (``tests/engine/gguf_files.py``), once per session."""
+    from tests.engine.gguf_files import write_gguf
+
+    files: dict[tuple[str, str, tuple[tuple[str, str], ...]], Path] = {}
+
+    def make(arch: str = "llama", tensor_type: str = "F32", types: dict | None = None) -> Path:
+        key = (arch, tensor_type, tuple(sorted((types or {}).items())))
+        if key not in files:
+            out = tmp_path_factory.mktemp(f"gguf-{arch}-{tensor_type}") / "tiny.gguf"
+            files[key] = write_gguf(tiny_model(arch), out, tensor_type, types)
+        return files[key]
+
+    return make
