@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ _ARCHITECTURES = {
 # Tensor types that make "--dtype auto" pick a dtype other than float32.
 _AUTO_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
 SOURCE_FILE = "gguf_source.json"
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_root() -> Path:
@@ -68,6 +71,7 @@ def converted_folder(gguf_file: str | Path, cache_root: Path | None = None) -> P
             return folder
         for stale in root.glob(f".{digest}.*"):  # left by a converter that was killed
             shutil.rmtree(stale, ignore_errors=True)
+        logger.info("reading config and tokenizer of %s into %s (once)", source.name, folder)
         staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
         try:
             staging.chmod(0o755)
