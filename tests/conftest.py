@@ -19,6 +19,10 @@ INFINIBAND_SYSFS = Path("/sys/class/infiniband")
 # its module), so it is set here, before any test imports one.
 if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Nothing in the tests may come from a model hub (models are generated, or local files).
+# NOTE: huggingface_hub reads this when imported, so it is set before any test imports it;
+# the servers and clusters that tests start inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TinyModelFactory = Callable[..., Path]
 
