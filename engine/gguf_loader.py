@@ -124,11 +124,10 @@ def iterate_gguf(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     num_heads = _head_count(reader, f"{architecture}.attention.head_count")
     num_kv_heads = _head_count(reader, f"{architecture}.attention.head_count_kv", num_heads)
     for tensor in reader.tensors:
-        # Shape note: the reader gives rows first ((out, in) for a projection), as HF does.
+        # Shape note: float32, rows first ((out, in) for a projection), as HF has them.
         array = dequantize(tensor.data, tensor.tensor_type)
+        # F32 data is a read-only view of the file's memory map: copied, not shared.
         weight = torch.from_numpy(array if array.flags.writeable else array.copy())
-        if weight.dtype != torch.float32:
-            weight = weight.float()
         if architecture == "llama" and ".attn_q." in tensor.name:
             weight = unpermute_rotary_rows(weight, num_heads)
         elif architecture == "llama" and ".attn_k." in tensor.name:
