@@ -32,9 +32,11 @@ def test_default_model_answers_as_offline(protocol: str, tmp_path: Path):
         "--ask", CAPITAL, "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
         "--cache-transfer-protocol", protocol,
     ]  # fmt: skip
+    # NOTE: one torch thread per process: four processes share CI's two cores, and
+    # oversubscribed torch threads make each step many times slower.
     launcher = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
     )  # fmt: skip
     try:
         lines = _read_until(launcher, "Ctrl-C stops", timeout_s=300)
