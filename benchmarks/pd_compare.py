@@ -90,7 +90,7 @@ class Cluster:
     def __init__(self, setup: Setup, model: str | None, serve_args: list[str], run_dir: Path):
         command = [sys.executable, "-m", "pd.serve", "cluster", *setup.cluster_args]
         command += ["--port", "0", "--log-dir", str(run_dir / "logs")]
-        command += ["--model", model] if model else []
+        command += ["--model", model or "tiny"]
         command += serve_args
         self.command = command
         self.log_path = run_dir / "cluster.out"
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {' '.join(DEFAULT_SERVE_ARGS)}).",
     )
     add = parser.add_argument
-    add("--model", help="HF checkpoint folder (default: the launcher's tiny generated model)")
+    add("--model", help="HF checkpoint folder or .gguf file (default: a tiny generated model)")
     add("--num-prompts", type=int, default=200)
     add("--request-rate", type=float, nargs="+", default=[2.0], help="one or more, req/s")
     add("--input-len", type=int, default=256)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from engine.gguf_metadata import model_folder
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -89,10 +91,14 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto") -> ModelConfig:
-        folder = Path(path)
+        """From a local HF folder, or a GGUF file (``path`` then stays the file, which
+        the weight loader reads; config.json comes from its converted folder)."""
+        folder = model_folder(path)
         config_file = folder / "config.json"
         if not config_file.is_file():
-            raise ValueError(f"model: no config.json in {folder} (expected a local HF folder)")
+            raise ValueError(
+                f"model: no config.json in {folder} (expected a local HF folder or a .gguf file)"
+            )
         hf = json.loads(config_file.read_text())
         archs = hf.get("architectures") or []
         if not archs:
@@ -101,7 +107,7 @@ class ModelConfig:
         hidden = int(hf["hidden_size"])
         model_type = hf.get("model_type", "")
         return cls(
-            path=str(folder),
+            path=str(Path(path)),
             architecture=archs[0],
             model_type=model_type,
             vocab_size=int(hf["vocab_size"]),

@@ -1,4 +1,5 @@
-"""Tokenizer loading from a local HF folder (tokenizer.json + tokenizer_config.json)."""
+"""Tokenizer loading from a local HF folder (tokenizer.json + tokenizer_config.json) or
+a GGUF file (through its converted folder, ``engine.gguf_metadata``)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.gguf_metadata import model_folder
+
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    folder = Path(path)
+    folder = model_folder(path)
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         raise ValueError(f"tokenizer: no tokenizer.json in {folder}")
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

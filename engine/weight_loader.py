@@ -1,4 +1,4 @@
-"""Load HF safetensors checkpoints (single file or sharded) into a model.
+"""Load HF safetensors checkpoints (single file or sharded) or GGUF files into a model.
 
 Each checkpoint tensor is routed to the parameter that owns it; stacked
 parameters (qkv_proj, gate_up_proj) are found through the model's
@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from engine.gguf_loader import is_gguf, iterate_gguf
 
 # Checkpoint entries that are buffers we recompute, never parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -36,20 +38,25 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def iterate_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in checkpoint_files(folder):
+def iterate_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of a safetensors folder or a GGUF file."""
+    if is_gguf(path):
+        yield from iterate_gguf(path)
+        return
+    for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, f.get_tensor(name)
 
 
-def load_weights(model: nn.Module, folder: str | Path) -> None:
-    """Fill every parameter of ``model`` from the checkpoint in ``folder``."""
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Fill every parameter of ``model`` from the checkpoint at ``path`` (an HF folder
+    or a GGUF file), each tensor cast to its parameter's dtype."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: set[str] = set()
-    for name, tensor in iterate_checkpoint(folder):
+    for name, tensor in iterate_checkpoint(path):
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         target, shard_id = _resolve(name, packed)

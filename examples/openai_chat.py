@@ -11,7 +11,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--api-key", default="EMPTY")
-    parser.add_argument("--message", default="Tell me about prefill and decode.")
+    parser.add_argument("--message", default="What is the capital of France?")
+    parser.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
     args = parser.parse_args()
 
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
@@ -20,7 +21,7 @@ def main() -> None:
         model=model,
         messages=[{"role": "user", "content": args.message}],
         max_tokens=32,
-        temperature=0.7,
+        temperature=args.temperature,
         seed=0,
         stream=True,
         stream_options={"include_usage": True},

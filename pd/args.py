@@ -163,7 +163,9 @@ def _add_port_list(
 
 
 def _add_model_flags(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--model", required=True, metavar="PATH", help="local HF checkpoint folder")
+    group.add_argument(
+        "--model", required=True, metavar="PATH", help="local HF checkpoint folder or .gguf file"
+    )
     group.add_argument(
         "--served-model-name",
         nargs="+",

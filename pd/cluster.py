@@ -2,8 +2,9 @@
 
 Starts an embedded Redis (unless ``--scheduler-host/--scheduler-port`` name one),
 ``--prefill N`` prefill and ``--decode M`` decode instances of ``pd-serve`` (or
-``--mixed K`` mixed ones) on one model — a tiny generated one when ``--model`` is left
-out — waits until every instance is ready, and prints the OpenAI base URL. ``--ask``
+``--mixed K`` mixed ones) on one model — SmolLM2-135M-Instruct (``pd.default_model``)
+when ``--model`` is left out, a generated tiny one with ``--model tiny`` — waits until
+every instance is ready, and prints the OpenAI base URL. ``--ask``
 sends one chat request and prints the answer (``--once``: then stop). Ctrl-C or SIGTERM
 stops the instances (each drains), then Redis. Flags it does not know go to every
 instance (e.g. ``--max-num-seqs 64 --cache-transfer-protocol tcp``).
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pd.args import pick_free_port
+from pd.default_model import DEFAULT_MODEL_NAME, default_model_path
 
 _READY_TIMEOUT_S = 600.0
 _STOP_TIMEOUT_S = 40.0
@@ -50,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local prefill/decode cluster (embedded Redis + pd-serve "
         "instances); other flags go to every instance.",
     )
-    parser.add_argument("--model", help="HF checkpoint folder (default: a tiny generated model)")
+    parser.add_argument(
+        "--model",
+        help="HF checkpoint folder or .gguf file; 'tiny': a generated tiny model "
+        f"(default: SmolLM2-135M-Instruct, served as {DEFAULT_MODEL_NAME})",
+    )
     parser.add_argument("--prefill", type=int, default=1, metavar="N", help="(default: 1)")
     parser.add_argument("--decode", type=int, default=1, metavar="N", help="(default: 1)")
     parser.add_argument("--mixed", type=int, default=0, metavar="N", help="(default: 0)")
@@ -75,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = _install_stop_handlers()
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pd-cluster-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    model = args.model or str(_tiny_model())
+    try:
+        model_flags = _model_flags(args.model, passthrough)
+    except ValueError as error:
+        sys.exit(f"pd-serve cluster: {error}")
     redis_server = None
     if args.scheduler_host is None and args.scheduler_port is None:
         from scheduler.redis_server import EmbeddedRedis
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     host = args.scheduler_host or "127.0.0.1"
     port = args.scheduler_port or (redis_server.port if redis_server else 6379)
     common = [
-        "--model", model, "--host", "127.0.0.1", "--scheduler-name", "splitwise",
+        *model_flags, "--host", "127.0.0.1", "--scheduler-name", "splitwise",
         "--scheduler-host", host, "--scheduler-port", str(port),
         "--scheduler-topic", args.scheduler_topic, *passthrough,
     ]  # fmt: skip
@@ -118,6 +127,18 @@ def _install_stop_handlers() -> list[int]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda number, _frame: received.append(number))
     return received
+
+
+def _model_flags(model: str | None, passthrough: list[str]) -> list[str]:
+    """The instances' --model (and, for the default model, --served-model-name) flags."""
+    if model == "tiny":
+        return ["--model", str(_tiny_model())]
+    if model is not None:
+        return ["--model", model]
+    flags = ["--model", str(default_model_path())]
+    if "--served-model-name" not in passthrough:
+        flags += ["--served-model-name", DEFAULT_MODEL_NAME]
+    return flags
 
 
 def _tiny_model() -> Path:

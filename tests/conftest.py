@@ -19,6 +19,10 @@ INFINIBAND_SYSFS = Path("/sys/class/infiniband")
 # its module), so it is set here, before any test imports one.
 if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Nothing in the tests may come from a model hub (models are generated, or local files).
+# NOTE: huggingface_hub reads this when imported, so it is set before any test imports it;
+# the servers and clusters that tests start inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TinyModelFactory = Callable[..., Path]
 
@@ -76,5 +80,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
             out_dir = tmp_path_factory.mktemp(f"tiny-{arch}")
             models[key] = make_tiny_model(out_dir, **dict(key))
         return models[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory):
+    """Factory: ``tiny_gguf(arch="llama", tensor_type="F32", types=None) -> Path`` of the
+    tiny model written as a GGUF file (``tests/engine/gguf_files.py``), once per session."""
+    from tests.engine.gguf_files import write_gguf
+
+    files: dict[tuple[str, str, tuple[tuple[str, str], ...]], Path] = {}
+
+    def make(arch: str = "llama", tensor_type: str = "F32", types: dict | None = None) -> Path:
+        key = (arch, tensor_type, tuple(sorted((types or {}).items())))
+        if key not in files:
+            out = tmp_path_factory.mktemp(f"gguf-{arch}-{tensor_type}") / "tiny.gguf"
+            files[key] = write_gguf(tiny_model(arch), out, tensor_type, types)
+        return files[key]
 
     return make

@@ -14,8 +14,15 @@ def hf_greedy(
     max_new_tokens: int,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    eos_token_id: int | None = None,
 ) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+    """``model_dir``: an HF folder, or a GGUF file (loaded by transformers' GGUF support).
+    Without ``eos_token_id`` every output runs to ``max_new_tokens``."""
+    if model_dir.suffix == ".gguf":
+        source, extra = model_dir.parent, {"gguf_file": model_dir.name}
+    else:
+        source, extra = model_dir, {}
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, **extra).to(device)
     outputs = []
     with torch.inference_mode():
         for ids in prompts:
@@ -25,7 +32,7 @@ def hf_greedy(
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                eos_token_id=None,
+                eos_token_id=eos_token_id,
                 pad_token_id=0,
             )
             outputs.append(generated[0, len(ids) :].tolist())
