@@ -6,7 +6,9 @@ Starts an embedded Redis (unless ``--scheduler-host/--scheduler-port`` name one)
 out — waits until every instance is ready, and prints the OpenAI base URL. ``--ask``
 sends one chat request and prints the answer (``--once``: then stop). Ctrl-C or SIGTERM
 stops the instances (each drains), then Redis. Flags it does not know go to every
-instance (e.g. ``--max-num-seqs 64 --cache-transfer-protocol tcp``).
+instance (e.g. ``--max-num-seqs 64 --cache-transfer-protocol tcp``). The instances
+share the machine's cores: each engine gets ``--engine-threads`` of an even share,
+unless the flag or ``OMP_NUM_THREADS`` is given.
 
     pd-serve cluster --prefill 1 --decode 1 --ask "Hello"
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pd.args import pick_free_port
+from pd.cpu_threads import engine_thread_choice
 
 _READY_TIMEOUT_S = 600.0
 _STOP_TIMEOUT_S = 40.0
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "--scheduler-topic", args.scheduler_topic, *passthrough,
     ]  # fmt: skip
     roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["mixed"] * args.mixed
+    common += _engine_threads_args(len(roles), passthrough)
     instances: list[Instance] = []
     try:
         for index, role in enumerate(roles):
@@ -110,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         _stop_all(instances)
         if redis_server is not None:
             redis_server.close()
+
+
+def _engine_threads_args(num_instances: int, passthrough: list[str]) -> list[str]:
+    """``--engine-threads`` for every instance: the cores divided among them, each
+    keeping one for its API server; nothing when the user chose (flag or env)."""
+    if any(arg.split("=")[0] == "--engine-threads" for arg in passthrough):
+        return []
+    choice = engine_thread_choice(0, num_engines=num_instances, num_api_servers=num_instances)
+    if choice.source != "auto":
+        return []
+    print(f"engine threads: {choice.num_threads} per instance ({choice.reason})", flush=True)
+    return ["--engine-threads", str(choice.num_threads)]
 
 
 def _install_stop_handlers() -> list[int]:
