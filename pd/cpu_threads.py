@@ -139,10 +139,14 @@ def apply_engine_threads(
     """In an engine process: make OpenMP threads sleep when idle (unless the user chose
     a wait policy), then set torch's thread count; returns the line to log.
 
-    NOTE: OpenMP reads its wait policy once, when torch loads it, so this must run
-    before anything in the process imports torch.
+    NOTE: OpenMP reads its environment once, when torch loads it, so this must run
+    before anything in the process imports torch. ``OMP_NUM_THREADS`` is set too: it is
+    the default of every thread (``torch.set_num_threads`` sets the calling thread's and
+    MKL's), and without it importing torch starts a worker per core.
     """
     waiting = _set_passive_wait(environ)
+    if choice.source != "env":
+        environ["OMP_NUM_THREADS"] = str(choice.num_threads)
     import torch
 
     torch.set_num_threads(choice.num_threads)

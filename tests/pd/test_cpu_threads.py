@@ -113,6 +113,7 @@ def _omp_display(env: dict[str, str]) -> str:
 def test_an_engine_process_makes_openmp_sleep_when_idle():
     output = _omp_display({})
     assert "GOMP_SPINCOUNT = '0'" in output  # libgomp's default spins 300000 times
+    assert "OMP_NUM_THREADS = '2'" in output  # every thread's default, not only torch's
     assert "2 torch threads (test); OpenMP threads sleep when idle" in output
 
 
