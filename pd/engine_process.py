@@ -39,11 +39,11 @@ def run_engine_process(
     settings: RankSettings | None = None,
 ) -> None:
     """Entry point of the child process (spawned; everything heavy imports here, after
-    ``threads`` set OpenMP's wait policy). With ``settings`` the rank joins a splitwise
-    cluster; else it serves its API server through the local scheduler."""
+    ``threads`` set up OpenMP). With ``settings`` the rank joins a splitwise cluster;
+    else it serves its API server through the local scheduler."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s engine %(message)s")
-    logger.info("%s", apply_engine_threads(threads))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when we stop
+    logger.info("%s", apply_engine_threads(threads))
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
