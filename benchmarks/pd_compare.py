@@ -14,10 +14,11 @@ Both setups have two instances, so they hold the same hardware: the question is
 whether splitting prefill from decode keeps long prompts from stalling the tokens
 of requests already decoding, which shows in the TPOT and ITL tails.
 
-NOTE: on CPU, every engine process uses all cores for its intra-op threads unless
-``OMP_NUM_THREADS`` says otherwise (the clusters inherit this script's environment).
-Two busy mixed engines then oversubscribe the cores, while a prefill engine is
-mostly idle; run with ``OMP_NUM_THREADS=1`` as well before crediting the split.
+NOTE: on CPU, ``pd-serve cluster`` divides the cores among its instances' engines
+(``--engine-threads``, unless ``OMP_NUM_THREADS`` is set: the clusters inherit this
+script's environment). A prefill engine is mostly idle while the decode engine
+works on its share alone; run with ``OMP_NUM_THREADS=1`` as well before crediting
+the split.
 """
 
 from __future__ import annotations

@@ -87,6 +87,7 @@ class ServeArgs:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    engine_threads: int = 0
     splitwise_role: str = "mixed"
     cache_transfer_protocols: list[str] = field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
     cache_queue_ports: list[int] = field(default_factory=lambda: [0])
@@ -264,6 +265,14 @@ def _add_parallel_flags(group: argparse._ArgumentGroup) -> None:
         "--enable-expert-parallel",
         action="store_true",
         help="shard MoE experts over all DP x TP ranks",
+    )
+    group.add_argument(
+        "--engine-threads",
+        default=0,
+        type=parse_non_negative,
+        metavar="N",
+        help="torch threads per engine process; 0: the cores left after the API server "
+        "(OMP_NUM_THREADS when set) (default: 0)",
     )
 
 

@@ -7,7 +7,9 @@ when ``--model`` is left out, a generated tiny one with ``--model tiny`` — wai
 every instance is ready, and prints the OpenAI base URL. ``--ask``
 sends one chat request and prints the answer (``--once``: then stop). Ctrl-C or SIGTERM
 stops the instances (each drains), then Redis. Flags it does not know go to every
-instance (e.g. ``--max-num-seqs 64 --cache-transfer-protocol tcp``).
+instance (e.g. ``--max-num-seqs 64 --cache-transfer-protocol tcp``). The instances
+share the machine's cores: each engine gets ``--engine-threads`` of an even share,
+unless the flag or ``OMP_NUM_THREADS`` is given.
 
     pd-serve cluster --prefill 1 --decode 1 --ask "Hello"
 """
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pd.args import pick_free_port
+from pd.cpu_threads import engine_thread_choice
 from pd.default_model import DEFAULT_MODEL_NAME, default_model_path
 
 _READY_TIMEOUT_S = 600.0
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "--scheduler-topic", args.scheduler_topic, *passthrough,
     ]  # fmt: skip
     roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["mixed"] * args.mixed
+    common += _engine_threads_args(len(roles), passthrough)
     instances: list[Instance] = []
     try:
         for index, role in enumerate(roles):
@@ -119,6 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         _stop_all(instances)
         if redis_server is not None:
             redis_server.close()
+
+
+def _engine_threads_args(num_instances: int, passthrough: list[str]) -> list[str]:
+    """``--engine-threads`` for every instance: the cores divided among them, each
+    keeping one for its API server; nothing when the user chose (flag or env)."""
+    if any(arg.split("=")[0] == "--engine-threads" for arg in passthrough):
+        return []
+    choice = engine_thread_choice(0, num_engines=num_instances, num_api_servers=num_instances)
+    if choice.source != "auto":
+        return []
+    print(f"engine threads: {choice.num_threads} per instance ({choice.reason})", flush=True)
+    return ["--engine-threads", str(choice.num_threads)]
 
 
 def _install_stop_handlers() -> list[int]:

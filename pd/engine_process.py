@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from engine.outputs import EngineCoreOutput
+from pd.cpu_threads import ThreadChoice, apply_engine_threads
 from pd.engine_messages import AddRequest, EngineInfo, EngineStats, Kind, decode, encode
 from scheduler.local import LocalScheduler
 
@@ -34,13 +35,15 @@ def run_engine_process(
     engine_kwargs: dict[str, Any],
     address: str,
     log_level: str,
+    threads: ThreadChoice,
     settings: RankSettings | None = None,
 ) -> None:
-    """Entry point of the child process (spawned; everything heavy imports here).
-    With ``settings`` the rank joins a splitwise cluster; else it serves its API server
-    through the local scheduler."""
+    """Entry point of the child process (spawned; everything heavy imports here, after
+    ``threads`` set up OpenMP). With ``settings`` the rank joins a splitwise cluster;
+    else it serves its API server through the local scheduler."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s engine %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when we stop
+    logger.info("%s", apply_engine_threads(threads))
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)

@@ -20,6 +20,8 @@ class LLM:
 
     Arguments follow vLLM's ``LLM``; sizes left as None are derived from the
     model (``max_model_len``) and the device's memory (number of KV blocks).
+    On CPU it runs torch's threads as the caller left them (``torch.set_num_threads``,
+    ``OMP_NUM_THREADS``); ``pd-serve`` chooses its own (``pd.cpu_threads``).
     """
 
     def __init__(

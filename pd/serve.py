@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from pd.args import ServeArgs, parse_args, pick_free_port
 from pd.cluster_instance import cluster_instance
+from pd.cpu_threads import apply_api_server_threads, engine_thread_choice
 
 if TYPE_CHECKING:
     from pd.rank.settings import RankSettings
@@ -69,9 +70,14 @@ def start_engine(
     port = args.engine_worker_queue_ports[0]
     port = port or pick_free_port()
     address = f"tcp://127.0.0.1:{port}"
+    threads = engine_thread_choice(
+        args.engine_threads,
+        num_engines=args.data_parallel_size * args.tensor_parallel_size,
+        num_api_servers=len(args.ports),
+    )
     process = multiprocessing.get_context("spawn").Process(
         target=run_engine_process,
-        args=(engine_kwargs(args), address, args.log_level, settings),
+        args=(engine_kwargs(args), address, args.log_level, threads, settings),
         name="pd-engine-0",
         daemon=True,
     )
@@ -89,6 +95,7 @@ async def serve(args: ServeArgs) -> int:
     from pd.engine_client import EngineClient, EngineDeadError
     from scheduler.redis_link import SchedulerUnavailable
 
+    logger.info(apply_api_server_threads())
     api_port = args.api_port or pick_free_port(args.host)
     instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
     process, address = start_engine(args, instance.rank_settings if instance else None)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,11 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(model_dir: Path, log_path: Path, *extra: str) -> ServerProcess:
+def start_server(
+    model_dir: Path, log_path: Path, *extra: str, env: Mapping[str, str] | None = None
+) -> ServerProcess:
+    """Start ``pd-serve`` on CPU (``env``: its environment, default this one's) and wait
+    until it is ready."""
     port = pick_free_port()
     command = [
         sys.executable, "-m", "pd.serve",
@@ -77,8 +82,8 @@ def start_server(model_dir: Path, log_path: Path, *extra: str) -> ServerProcess:
         *extra,
     ]  # fmt: skip
     log = log_path.open("w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    full_env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = ServerProcess(process, port, log_path)
     deadline = time.monotonic() + _READY_TIMEOUT_S
     while time.monotonic() < deadline:

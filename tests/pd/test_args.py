@@ -32,7 +32,7 @@ ALL_FLAGS = argv(
 --cache-queue-port --cache-transfer-protocol --rdma-comm-ports --pd-comm-port
 --scheduler-name --scheduler-host --scheduler-port --scheduler-db --scheduler-password
 --scheduler-topic --scheduler-ttl --scheduler-expire-period --router --ports
---metrics-ports --api-key --log-level
+--metrics-ports --api-key --log-level --engine-threads
 """
 )
 
@@ -88,7 +88,7 @@ def test_every_supported_flag_parses():
             "--engine-worker-queue-port 25611 "
             "--scheduler-name local "
             "--ports 0 --api-key sk-x --log-level DEBUG --tensor-parallel-size 1 "
-            "--data-parallel-size 1 --splitwise-role mixed"
+            "--data-parallel-size 1 --splitwise-role mixed --engine-threads 3"
         )
     )
     assert args.served_model_name == ["a", "b"]
@@ -100,6 +100,7 @@ def test_every_supported_flag_parses():
     assert (args.gpu_memory_utilization, args.max_waiting_requests) == (0.5, 3)
     assert args.engine_worker_queue_ports == [25611]
     assert (args.api_key, args.log_level) == ("sk-x", "debug")
+    assert args.engine_threads == 3
 
 
 def test_later_issue_flags_parse_before_they_are_rejected():
@@ -154,6 +155,7 @@ INVALID = [
     (["--splitwise-role", "both"], "argument --splitwise-role: invalid choice: 'both'"),
     (["--device", "tpu"], "argument --device: 'tpu' is not one of auto, cpu, cuda"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--engine-threads", "-1"], "argument --engine-threads: must be >= 0"),
     (["--ports", "8001,8002"], "--ports has 2 ports but --data-parallel-size is 1"),
     (
         ["--data-parallel-size", "2", "--engine-worker-queue-port", "1,2,3"],

@@ -221,3 +221,15 @@ def test_unsupported_options_are_refused(tiny_model):
         LLM(model=str(tiny_model("qwen2")), device="tpu")
     with pytest.raises(ValueError, match="dtype"):
         LLM(model=str(tiny_model("qwen2")), dtype="int3")
+
+
+def test_llm_keeps_the_callers_torch_threads(tiny_model):
+    before = torch.get_num_threads()
+    chosen = before + 1  # anything but torch's default
+    torch.set_num_threads(chosen)
+    try:
+        llm = LLM(model=str(tiny_model("qwen2")), dtype="float32", max_model_len=64)
+        llm.generate("Hello", greedy(max_tokens=2))
+        assert torch.get_num_threads() == chosen
+    finally:
+        torch.set_num_threads(before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from pd.cpu_threads import engine_thread_choice
 from tests.pd.server_process import ServerProcess, start_server
 
 LONG = {"max_tokens": 900, "temperature": 0, "ignore_eos": True}
@@ -133,6 +135,18 @@ def test_dead_engine_fails_requests_and_the_server_exits(tiny_model, tmp_path):
     assert result["error"] is not None and result["finish_reason"] is None
     assert server.process.wait(10) != 0
     assert "engine process exited" in server.log()
+
+
+def test_the_engine_runs_the_torch_threads_the_policy_chose(server):
+    """Each process logs torch's thread count read back after setting it."""
+    expected = engine_thread_choice(0, num_engines=1, num_api_servers=1)
+    log = server.log()
+    found = re.search(r" engine (\d+) torch threads? \((.*?)\); (.*)", log)
+    assert found is not None, log
+    assert (int(found[1]), found[2]) == (expected.num_threads, expected.reason)
+    if not any(name.startswith(("OMP_WAIT", "GOMP_", "KMP_")) for name in os.environ):
+        assert found[3] == "OpenMP threads sleep when idle (OMP_WAIT_POLICY=PASSIVE)"
+    assert "API server: 1 torch thread\n" in log
 
 
 def test_help_is_fast_and_bad_flags_exit_2():
