@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.roofline import copy_rate
 from engine.kernels.paged_attention import (
     DecodeConfig,
     PrefillConfig,
@@ -77,14 +78,6 @@ def graph_time_per_call(calls: list[Callable[[], None]]) -> float:
         for call in calls:
             call()
     return time_per_call(graph.replay) / len(calls)
-
-
-def hbm_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy, counting reads and writes."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    seconds = time_per_call(lambda: dst.copy_(src))
-    return 2 * src.numel() / seconds
 
 
 def make_pool(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +244,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}")  # fmt: skip
-    hbm = hbm_bandwidth()
+    hbm = copy_rate(1 << 30)  # the roofline benchmark's reference: reads + writes
     print(f"HBM (1 GiB device-to-device copy, read + write): {hbm / GB:.0f} GB/s")
     num_blocks = max(DECODE_BATCHES) * max(DECODE_CONTEXTS) // BLOCK_SIZE
     k_cache, v_cache = make_pool(num_blocks)

@@ -35,12 +35,12 @@ class References:
 def measure_references(device: str) -> References:
     if device != "cuda":
         return References()
-    refs = References(hbm_bytes_per_s=_copy_rate(1 << 30), matmul_flops_per_s=_matmul_rate(8192))
+    refs = References(hbm_bytes_per_s=copy_rate(1 << 30), matmul_flops_per_s=_matmul_rate(8192))
     torch.cuda.empty_cache()
     return refs
 
 
-def _copy_rate(num_bytes: int) -> float:
+def copy_rate(num_bytes: int) -> float:
     """Bytes read + written per second by a device-to-device copy."""
     src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
