@@ -66,6 +66,18 @@ def _flat_token_index(
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
+def penalty_values(
+    params: Sequence[SamplingParams],
+) -> tuple[list[float] | None, list[float] | None, list[float] | None]:
+    """Per row (repetition, presence, frequency) penalties; each None when no row uses it."""
+    all_rows = set(range(len(params)))
+    return (
+        _per_row(params, all_rows, lambda p: p.repetition_penalty, 1.0),
+        _per_row(params, all_rows, lambda p: p.presence_penalty, 0.0),
+        _per_row(params, all_rows, lambda p: p.frequency_penalty, 0.0),
+    )
+
+
 @dataclass
 class PenaltyTensors:
     """Penalty inputs of one step; a field is None when no row uses it."""
@@ -85,10 +97,7 @@ class PenaltyTensors:
         vocab_size: int,
         device: torch.device,
     ) -> PenaltyTensors | None:
-        all_rows = set(range(len(params)))
-        rep = _per_row(params, all_rows, lambda p: p.repetition_penalty, 1.0)
-        pres = _per_row(params, all_rows, lambda p: p.presence_penalty, 0.0)
-        freq = _per_row(params, all_rows, lambda p: p.frequency_penalty, 0.0)
+        rep, pres, freq = penalty_values(params)
         if rep is None and pres is None and freq is None:
             return None
         shape = (len(params), vocab_size)
@@ -132,7 +141,7 @@ def apply_penalties(logits: torch.Tensor, penalties: PenaltyTensors) -> torch.Te
 
 def _min_tokens_index(
     params: Sequence[SamplingParams],
-    output_token_ids: Sequence[Sequence[int]],
+    output_lens: Sequence[int],
     vocab_size: int,
     device: torch.device,
 ) -> torch.Tensor | None:
@@ -140,7 +149,7 @@ def _min_tokens_index(
     flat = [
         row * vocab_size + token
         for row, p in enumerate(params)
-        if len(output_token_ids[row]) < p.min_tokens
+        if output_lens[row] < p.min_tokens
         for token in sorted(p.all_stop_token_ids)
         if token < vocab_size
     ]
@@ -189,12 +198,31 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
     ) -> SamplingBatch:
+        """From each row's tokens as lists (the penalties' inputs are built here)."""
         num_rows = len(params)
         if not len(prompt_token_ids) == len(output_token_ids) == len(generators) == num_rows:
             raise ValueError(
                 f"need one entry per row: {num_rows} params, {len(prompt_token_ids)} prompts, "
                 f"{len(output_token_ids)} outputs, {len(generators)} generators"
             )
+        penalties = PenaltyTensors.build(
+            params, prompt_token_ids, output_token_ids, vocab_size, device
+        )
+        output_lens = [len(ids) for ids in output_token_ids]
+        return cls.build_with(params, output_lens, generators, vocab_size, device, penalties)
+
+    @classmethod
+    def build_with(
+        cls,
+        params: list[SamplingParams],
+        output_lens: list[int],
+        generators: list[torch.Generator | None],
+        vocab_size: int,
+        device: torch.device,
+        penalties: PenaltyTensors | None,
+    ) -> SamplingBatch:
+        """From penalty inputs built elsewhere (a worker's TokenHistory)."""
+        num_rows = len(params)
         random_rows = {i for i, p in enumerate(params) if not p.is_greedy}
         seeded_rows = [(i, g) for i in sorted(random_rows) if (g := generators[i]) is not None]
         is_mixed = 0 < len(random_rows) < num_rows
@@ -223,10 +251,8 @@ class SamplingBatch:
             top_k=_optional_tensor(top_k, torch.int64, device),
             top_p=_optional_tensor(top_p, f32, device),
             min_p=_optional_tensor(min_p, f32, device),
-            penalties=PenaltyTensors.build(
-                params, prompt_token_ids, output_token_ids, vocab_size, device
-            ),
-            min_tokens_index=_min_tokens_index(params, output_token_ids, vocab_size, device),
+            penalties=penalties,
+            min_tokens_index=_min_tokens_index(params, output_lens, vocab_size, device),
             seeded_rows=seeded_rows,
             needs_default_noise=len(seeded_rows) < len(random_rows),
             max_num_logprobs=max(asked, default=None),

@@ -91,14 +91,17 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     @property
-    def reads_history(self) -> bool:
-        """Whether sampling reads the tokens so far (penalties, min_tokens' stop mask)."""
+    def has_penalties(self) -> bool:
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
-            or self.min_tokens > 0
         )
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether sampling reads the tokens so far (penalties, min_tokens' stop mask)."""
+        return self.has_penalties or self.min_tokens > 0
 
     @property
     def all_stop_token_ids(self) -> set[int]:

@@ -21,6 +21,7 @@ from engine.model_runner import KVAllocator, ModelRunner
 from engine.sampler import Sampler, SamplingBatch, make_generator, to_token_logprobs
 from engine.sampling_params import SamplingParams
 from engine.step_plan import KVSend, NewRequest, StepPlan, StepResult
+from engine.token_history import TokenHistory
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +37,11 @@ class RequestState:
     num_prompt_tokens: int
     params: SamplingParams
     generator: torch.Generator | None
-    token_ids: list[int]  # prompt + outputs: read only when a sampling rule needs history
+    num_tokens: int  # prompt + outputs
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
 
 
 class Worker:
@@ -58,6 +55,7 @@ class Worker:
         )
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = Sampler(default_generator=generator)
+        self.history = TokenHistory(config.model.vocab_size, self.device)
         self.requests: dict[str, RequestState] = {}
         # Preempted requests keep their generator: their draws continue where they were.
         self.suspended_generators: dict[str, torch.Generator | None] = {}
@@ -87,10 +85,11 @@ class Worker:
             return StepResult([], [])
         sampled = [states[i] for i in sampling_rows]
         out = self.sampler(logits, self._sampling_batch(sampled))
+        self._record_history(sampled, out.token_ids)
         token_ids = out.token_ids.tolist()  # the step's one read-back
         batch.append_tokens(rows[sampling_rows], np.asarray(token_ids, dtype=np.int32))
-        for state, token_id in zip(sampled, token_ids, strict=True):
-            state.token_ids.append(token_id)
+        for state in sampled:
+            state.num_tokens += 1
         logprobs = to_token_logprobs(out, [s.params.logprobs for s in sampled])
         return StepResult(token_ids, logprobs)
 
@@ -123,9 +122,13 @@ class Worker:
         else:
             generator = None
         row = self.batch.add(new.token_ids, new.block_ids, new.num_computed_tokens)
-        self.requests[new.request_id] = RequestState(
-            new.request_id, row, new.num_prompt_tokens, new.params, generator, list(new.token_ids)
+        state = RequestState(
+            new.request_id, row, new.num_prompt_tokens, new.params, generator, len(new.token_ids)
         )
+        self.requests[new.request_id] = state
+        if state.params.has_penalties:
+            prompt = new.token_ids[: new.num_prompt_tokens]
+            self.history.fill(row, prompt, new.token_ids[new.num_prompt_tokens :])
 
     # -- sampling ------------------------------------------------------------------------
 
@@ -135,17 +138,30 @@ class Worker:
         key = tuple(s.request_id for s in states)
         if self._sampling_cache is not None and self._sampling_cache[0] == key:
             return self._sampling_cache[1]
-        batch = SamplingBatch.build(
-            params=[s.params for s in states],
-            prompt_token_ids=[s.prompt_token_ids for s in states],
-            output_token_ids=[s.output_token_ids for s in states],
+        params = [s.params for s in states]
+        batch = SamplingBatch.build_with(
+            params=params,
+            output_lens=[s.num_output_tokens for s in states],
             generators=[s.generator for s in states],
             vocab_size=self.config.model.vocab_size,
             device=self.device,
+            penalties=self.history.penalties(params, [s.row for s in states]),
         )
-        reads_history = any(p.reads_history for p in (s.params for s in states))
+        reads_history = any(p.reads_history for p in params)
         self._sampling_cache = None if reads_history else (key, batch)
         return batch
+
+    def _record_history(self, states: list[RequestState], token_ids: torch.Tensor) -> None:
+        """Sampled tokens of rows with penalties into the device history (no read-back)."""
+        indices = [i for i, s in enumerate(states) if s.params.has_penalties]
+        if not indices:
+            return
+        rows = torch.tensor([states[i].row for i in indices], dtype=torch.int64)
+        if len(indices) == len(states):
+            tokens = token_ids
+        else:
+            tokens = token_ids[torch.tensor(indices, device=token_ids.device)]
+        self.history.record(rows.to(self.device), tokens)
 
     # -- KV sends --------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ def hf_greedy(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     eos_token_id: int | None = None,
+    repetition_penalty: float = 1.0,
 ) -> list[list[int]]:
     """``model_dir``: an HF folder, or a GGUF file (loaded by transformers' GGUF support).
     Without ``eos_token_id`` every output runs to ``max_new_tokens``."""
@@ -34,6 +35,7 @@ def hf_greedy(
                 do_sample=False,
                 eos_token_id=eos_token_id,
                 pad_token_id=0,
+                repetition_penalty=repetition_penalty,
             )
             outputs.append(generated[0, len(ids) :].tolist())
     return outputs
