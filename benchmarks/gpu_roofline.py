@@ -189,6 +189,8 @@ def pd_engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["enforce_eager"] = True
     if args.attention_backend is not None:
         options["attention_backend"] = args.attention_backend
+    if args.async_scheduling:
+        options["async_scheduling"] = True
     return options
 
 
@@ -366,6 +368,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--max-model-len", type=int, default=4608)
     parser.add_argument("--enforce-eager", action="store_true", help="passed to LLM")
+    parser.add_argument("--async-scheduling", action="store_true", help="passed to LLM")
     parser.add_argument(
         "--attention-backend", choices=["auto", "sdpa", "triton"], help="passed to LLM"
     )

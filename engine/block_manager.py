@@ -130,7 +130,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         self._update_hashes(seq)
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        # NOTE: blocks holding a pending token (async scheduling) wait for its value.
+        num_full = min(
+            seq.num_computed_tokens // self.block_size, len(seq.block_ids), len(seq.block_hashes)
+        )
         for index in range(num_full):
             block_id = seq.block_ids[index]
             if self.block_hash[block_id] is not None:

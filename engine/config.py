@@ -190,6 +190,8 @@ class EngineConfig:
     load_format: str = "auto"  # auto | dummy
     attention_backend: str = "auto"  # auto | sdpa | triton (engine/attention/backend.py)
     enforce_eager: bool = False  # no CUDA graphs
+    # Schedule and submit step N+1 before step N's tokens are read back (mixed only).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "sdpa", "triton"):
@@ -236,6 +238,7 @@ def make_engine_config(
     load_format: str = "auto",
     attention_backend: str = "auto",
     enforce_eager: bool = False,
+    async_scheduling: bool = False,
 ) -> EngineConfig:
     """One engine's config from flat user options (the ``LLM`` arguments and
     the ``pd-serve`` flags); sizes left as None are derived from the model."""
@@ -260,4 +263,5 @@ def make_engine_config(
         load_format=load_format,
         attention_backend=attention_backend,
         enforce_eager=enforce_eager,
+        async_scheduling=async_scheduling,
     )

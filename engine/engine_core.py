@@ -31,6 +31,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.step_plan import KVSend, NewRequest, RunningRequest, StepPlan
+from engine.worker import PendingStep
 
 # Given a step's schedule (before its forward), the KV writes the step makes.
 KVSendPlanner = Callable[[list[ScheduledSequence]], list[KVSend]]
@@ -54,6 +55,8 @@ class EngineCore:
         self._on_workers: dict[str, int] = {}
         self._preempted: set[str] = set()  # off the workers, coming back
         self._removed: list[str] = []  # left the workers since the last plan
+        # Async scheduling: the step submitted last, still running on the device.
+        self._in_flight: tuple[PendingStep, list[tuple[ScheduledSequence, bool]]] | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -142,10 +145,15 @@ class EngineCore:
         return outputs
 
     def has_unfinished(self) -> bool:
-        """Whether a step has requests to run (parked ones do not count)."""
-        return self.scheduler.num_unfinished > 0
+        """Whether a step has requests to run or results to bring back (parked ones do
+        not count)."""
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     def step(self, plan_kv_sends: KVSendPlanner | None = None) -> list[EngineCoreOutput]:
+        if self.config.async_scheduling:
+            if plan_kv_sends is not None:
+                raise RuntimeError("async scheduling runs no KV sends (mixed instances only)")
+            return self._step_ahead()
         schedule = self.scheduler.schedule()
         for seq in schedule.preempted:
             self._leave_workers(seq.request_id, preempted=True)
@@ -174,6 +182,60 @@ class EngineCore:
             if samples:
                 token_id, logprobs = next(sampled)
                 outputs.append(self._append_token(seq, token_id, logprobs))
+        return outputs
+
+    def _step_ahead(self) -> list[EngineCoreOutput]:
+        """Async scheduling: submit the next step, then bring back the one before it, so
+        the device runs one step while the host finishes the previous one and schedules.
+
+        The next step is scheduled before the previous step's tokens are known: each
+        sequence that sampled counts one pending token (its position is computed next,
+        its value comes from the device). A pending token that ends its sequence (eos,
+        a stop id) costs that sequence one wasted row in the next step. Only a mixed
+        instance does this: the blocks of a sequence that ends while a step still writes
+        them are reused only by later steps, in stream order (no peer writes them).
+        """
+        submitted = None
+        schedule = self.scheduler.schedule()
+        for seq in schedule.preempted:
+            self._leave_workers(seq.request_id, preempted=True)
+        if not schedule.is_empty:
+            plan, rows = self._plan(schedule)
+            samples = [item.samples for item in rows]
+            pending = self.executor.submit(plan)
+            for item, sample in zip(rows, samples, strict=True):
+                item.seq.num_computed_tokens += item.num_new_tokens
+                item.seq.num_pending_tokens += sample
+            submitted = (pending, list(zip(rows, samples, strict=True)))
+        previous, self._in_flight = self._in_flight, submitted
+        self.stalled = previous is None and submitted is None
+        if previous is None:
+            if self.stalled and self.scheduler.num_unfinished and not self.num_parked:
+                raise RuntimeError(
+                    f"scheduler made no progress with {self.scheduler.num_unfinished} "
+                    f"unfinished requests and {self.block_manager.num_free_blocks} free blocks"
+                )
+            return []
+        return self._bring_back(*previous)
+
+    def _bring_back(
+        self, pending: PendingStep, rows: list[tuple[ScheduledSequence, bool]]
+    ) -> list[EngineCoreOutput]:
+        result = self.executor.result(pending)
+        sampled = iter(zip(result.token_ids, result.logprobs, strict=True))
+        outputs = []
+        for item, samples in rows:
+            seq = item.seq
+            if not samples:
+                self.block_manager.cache_computed_blocks(seq)
+                continue
+            token_id, logprobs = next(sampled)
+            seq.num_pending_tokens -= 1
+            if seq.status is SequenceStatus.FINISHED or seq.request_id not in self.sequences:
+                continue  # ended while this step ran: a wasted row
+            outputs.append(self._append_token(seq, token_id, logprobs))
+            if seq.status is not SequenceStatus.FINISHED:
+                self.block_manager.cache_computed_blocks(seq)
         return outputs
 
     def _plan(self, schedule: SchedulerOutput) -> tuple[StepPlan, list[ScheduledSequence]]:

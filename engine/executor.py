@@ -13,7 +13,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import KVCacheLayout
 from engine.model_runner import KVAllocator
 from engine.step_plan import StepPlan, StepResult
-from engine.worker import KVSender, Worker
+from engine.worker import KVSender, PendingStep, Worker
 
 
 class InProcessExecutor:
@@ -22,6 +22,13 @@ class InProcessExecutor:
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.worker.execute(plan)
+
+    def submit(self, plan: StepPlan) -> PendingStep:
+        """Queue a step on the device; ``result`` waits for it."""
+        return self.worker.submit(plan)
+
+    def result(self, step: PendingStep) -> StepResult:
+        return self.worker.result(step)
 
     def set_kv_sender(self, sender: KVSender | None) -> None:
         self.worker.kv_sender = sender

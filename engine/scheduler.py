@@ -27,7 +27,10 @@ class ScheduledSequence:
     @property
     def samples(self) -> bool:
         """True when this chunk completes the sequence, so a token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        seq = self.seq
+        return (
+            seq.num_computed_tokens + self.num_new_tokens == seq.num_tokens + seq.num_pending_tokens
+        )
 
 
 @dataclass
@@ -71,6 +74,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.num_pending_tokens and self._pending_may_finish(seq):
+                index += 1  # runs again once the pending token is known
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._make_room(seq, num_new, out):
                 break  # seq itself was preempted: it was the last one running
@@ -79,6 +85,17 @@ class Scheduler:
             budget -= num_new
             index += 1
         return budget
+
+    def _pending_may_finish(self, seq: Sequence) -> bool:
+        """Whether a sequence's pending token may be its last by a rule known now (a
+        prefill rank's request stops after one token; max_tokens; max_model_len)."""
+        num_tokens = seq.num_tokens + seq.num_pending_tokens
+        max_tokens = seq.params.max_tokens
+        return (
+            seq.prefill_only
+            or (max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
+            or num_tokens >= self.config.max_model_len
+        )
 
     def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """Preempt from the back of ``running`` until ``seq`` can grow."""

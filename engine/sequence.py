@@ -41,6 +41,9 @@ class Sequence:
         self.prefill_only = prefill_only
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens sampled by steps still running on the device (async scheduling): their
+        # positions are scheduled and computed, their values not known yet.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
@@ -66,7 +69,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -16,9 +16,16 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
-from engine.input_batch import InputBatch
+from engine.input_batch import InputBatch, StepInputs
 from engine.model_runner import KVAllocator, ModelRunner
-from engine.sampler import Sampler, SamplingBatch, make_generator, to_token_logprobs
+from engine.read_back import TokenReadBack
+from engine.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    make_generator,
+    to_token_logprobs,
+)
 from engine.sampling_params import SamplingParams
 from engine.step_plan import KVSend, NewRequest, StepPlan, StepResult
 from engine.token_history import TokenHistory
@@ -31,13 +38,24 @@ KVSender = Callable[[int, list[KVSend]], None]
 
 
 @dataclass
+class PendingStep:
+    """A submitted step: its sampling rows' states and outputs, still on the device."""
+
+    states: list[RequestState]
+    output: SamplerOutput | None
+    read_back: object
+
+
+@dataclass
 class RequestState:
     request_id: str
     row: int
     num_prompt_tokens: int
     params: SamplingParams
     generator: torch.Generator | None
-    num_tokens: int  # prompt + outputs
+    num_tokens: int  # prompt + outputs known on the host
+    num_pending: int = 0  # sampled by a submitted step, not read back yet
+    sampled_index: int = 0  # this request's row among the last step's sampled rows
 
     @property
     def num_output_tokens(self) -> int:
@@ -61,37 +79,72 @@ class Worker:
         self.suspended_generators: dict[str, torch.Generator | None] = {}
         self.kv_sender: KVSender | None = None
         self._sampling_cache: tuple[tuple[str, ...], SamplingBatch] | None = None
+        self._last_sampled: torch.Tensor | None = None  # the last submitted step's tokens
+        self._read_back = TokenReadBack(self.device)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.result(self.submit(plan))
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def submit(self, plan: StepPlan) -> PendingStep:
+        """Queue the step's work on the device and return without waiting for it. The
+        previous step may still be running: its sampled tokens, not known on the host
+        yet, feed this step's inputs on the device."""
         self._apply(plan)
         states = [self.requests[r.request_id] for r in plan.running]
         states += [self.requests[r.request_id] for r in plan.new_requests]
+        count = len(states)
         num_new = np.fromiter(
-            (r.num_new_tokens for r in (*plan.running, *plan.new_requests)),
-            dtype=np.int32,
-            count=len(states),
+            (r.num_new_tokens for r in (*plan.running, *plan.new_requests)), np.int32, count
         )
-        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
+        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=count)
+        totals = np.fromiter((s.num_tokens + s.num_pending for s in states), np.int32, count)
         batch = self.batch
         # A row samples when this step computes its last token.
-        samples = batch.num_computed[rows] + num_new == batch.num_tokens[rows]
-        sampling_rows = np.flatnonzero(samples)
+        sampling_rows = np.flatnonzero(batch.num_computed[rows] + num_new == totals)
         inputs = batch.prepare(rows, num_new, sampling_rows)
-        on_layer_kv = self._layer_sender(plan.kv_sends)
-        logits = self.runner.forward(inputs, on_layer_kv)
+        self._fill_pending_inputs(inputs, states, num_new)
+        logits = self.runner.forward(inputs, self._layer_sender(plan.kv_sends))
         batch.num_computed[rows] += num_new
-        if not len(sampling_rows):
-            return StepResult([], [])
         sampled = [states[i] for i in sampling_rows]
+        if not sampled:
+            return PendingStep([], None, None)
         out = self.sampler(logits, self._sampling_batch(sampled))
         self._record_history(sampled, out.token_ids)
-        token_ids = out.token_ids.tolist()  # the step's one read-back
-        batch.append_tokens(rows[sampling_rows], np.asarray(token_ids, dtype=np.int32))
-        for state in sampled:
+        for index, state in enumerate(sampled):
+            state.num_pending += 1
+            state.sampled_index = index
+        self._last_sampled = out.token_ids
+        return PendingStep(sampled, out, self._read_back.start(out.token_ids))
+
+    def result(self, step: PendingStep) -> StepResult:
+        """Wait for a submitted step; its tokens join the rows of requests still here."""
+        if step.output is None:
+            return StepResult([], [])
+        token_ids = self._read_back.wait(step.read_back)  # the step's one read-back
+        for state, token_id in zip(step.states, token_ids, strict=True):
+            if self.requests.get(state.request_id) is not state:
+                continue  # left while the step ran (finished, aborted, preempted)
+            self.batch.append_tokens(np.asarray([state.row]), np.asarray([token_id]))
             state.num_tokens += 1
-        logprobs = to_token_logprobs(out, [s.params.logprobs for s in sampled])
+            state.num_pending -= 1
+        logprobs = to_token_logprobs(step.output, [s.params.logprobs for s in step.states])
         return StepResult(token_ids, logprobs)
+
+    def _fill_pending_inputs(
+        self, inputs: StepInputs, states: list[RequestState], num_new: np.ndarray
+    ) -> None:
+        """Rows whose input token the previous step sampled (async scheduling) take it
+        from that step's output on the device: the host does not know it yet."""
+        pending = [i for i, s in enumerate(states) if s.num_pending]
+        if not pending:
+            return
+        last_token = np.cumsum(num_new) - 1  # each row's last token in the flat batch
+        dst = torch.from_numpy(last_token[pending].astype(np.int64))
+        src = torch.tensor([states[i].sampled_index for i in pending], dtype=torch.int64)
+        assert self._last_sampled is not None
+        sampled = self._last_sampled.to(inputs.input_ids.dtype)
+        inputs.input_ids[dst.to(self.device)] = sampled[src.to(self.device)]
 
     # -- the plan's diff ---------------------------------------------------------------
 

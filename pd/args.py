@@ -76,6 +76,7 @@ class ServeArgs:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    async_scheduling: bool = False
     host: str = "0.0.0.0"
     ports: list[int] = field(default_factory=lambda: [DEFAULT_PORT])
     metrics_port: int | None = None
@@ -221,6 +222,11 @@ def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
         "--enforce-eager",
         action="store_true",
         help="no CUDA graphs for decode steps (they take start-up time and some memory)",
+    )
+    group.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="schedule each step while the previous one runs on the device (mixed role)",
     )
 
 

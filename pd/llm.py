@@ -42,6 +42,7 @@ class LLM:
         load_format: str = "auto",
         attention_backend: str = "auto",
         enforce_eager: bool = False,
+        async_scheduling: bool = False,
         tensor_parallel_size: int = 1,
     ):
         if tensor_parallel_size != 1:
@@ -62,6 +63,7 @@ class LLM:
             load_format=load_format,
             attention_backend=attention_backend,
             enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling,
         )
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.engine = EngineCore(self.config)

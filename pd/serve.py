@@ -59,6 +59,7 @@ def engine_kwargs(args: ServeArgs) -> dict:
         "load_format": args.load_format,
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager,
+        "async_scheduling": args.async_scheduling,
     }
 
 

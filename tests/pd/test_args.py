@@ -229,6 +229,9 @@ def test_invalid_combinations_are_reported_before_not_supported(capsys):
     assert "--ports has 1 port but --data-parallel-size is 2" in line
     line = error_line(capsys, ["--model", "/m", "--splitwise-role", "prefill"])
     assert "needs --scheduler-name splitwise or --router" in line
+    decode_async = "--splitwise-role decode --scheduler-name splitwise --async-scheduling"
+    line = error_line(capsys, ["--model", "/m", *decode_async.split()])
+    assert "--async-scheduling is for mixed instances" in line
 
 
 def test_fastdeploy_seed_command_lines(capsys):

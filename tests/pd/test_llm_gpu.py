@@ -116,3 +116,14 @@ def test_triton_bfloat16_logprobs_close_to_sdpa(tiny_model):
         ref = max(lp.logprob for lp in sdpa.logprobs[0].values())
         got = max(lp.logprob for lp in triton.logprobs[0].values())
         assert abs(ref - got) < 0.05, (ref, got)
+
+
+def test_async_scheduling_with_graphs_matches_sync(tiny_model):
+    """Pending tokens feed the next step on the device, through CUDA graphs too."""
+    model_dir = tiny_model("llama")
+    kwargs = backend_parity.engine_kwargs(model_dir, "cuda", "float32")
+    token_ids = backend_parity.prompts(vocab_size=500)
+    sync = backend_parity.run(LLM(**kwargs), token_ids, max_tokens=24)
+    llm = LLM(async_scheduling=True, **kwargs)
+    assert llm.engine.executor.worker.runner.graphs is not None
+    assert _tokens(backend_parity.run(llm, token_ids, max_tokens=24)) == _tokens(sync)
