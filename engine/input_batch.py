@@ -40,6 +40,9 @@ class StepInputs:
     # Decode-only steps: input_ids, positions and seq_lens stacked [3, B] (one view, so
     # a CUDA graph takes them with one copy).
     decode_rows: torch.Tensor | None = None
+    # Async scheduling: per row, where its last input token is in the previous step's
+    # sampled tokens (-1: known on the host, already in input_ids).
+    pending_src: torch.Tensor | None = None
 
 
 class InputBatch:
@@ -56,7 +59,10 @@ class InputBatch:
         self.block_table = np.zeros((max_num_reqs, self.max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int32)
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
-        self._staging: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Two host staging sets, used in turn: with async scheduling the device may
+        # still have to copy the previous step's inputs while this step's are written.
+        self._staging: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._flip = 0
 
     # -- rows ------------------------------------------------------------------------
 
@@ -102,10 +108,15 @@ class InputBatch:
     # -- one step ----------------------------------------------------------------------
 
     def prepare(
-        self, rows: np.ndarray, num_new: np.ndarray, sampling_rows: np.ndarray
+        self,
+        rows: np.ndarray,
+        num_new: np.ndarray,
+        sampling_rows: np.ndarray,
+        pending_src: np.ndarray | None = None,
     ) -> StepInputs:
         """Inputs for computing ``num_new[i]`` tokens of row ``rows[i]`` after the ones
-        already computed; ``sampling_rows`` index into ``rows``."""
+        already computed; ``sampling_rows`` index into ``rows``; ``pending_src`` (see
+        StepInputs) is passed through to the device."""
         num_seqs = len(rows)
         starts = self.num_computed[rows]
         seq_lens = starts + num_new
@@ -130,10 +141,13 @@ class InputBatch:
 
         ints = [input_ids, positions, seq_lens, query_start_loc, tables.reshape(-1)]
         longs = [logits_index, slot_mapping]
+        if pending_src is not None:
+            longs.append(pending_src)
+        self._flip ^= 1
         int_parts = self._to_device("int32", ints, np.int32)
         long_parts = self._to_device("int64", longs, np.int64)
         ids_t, positions_t, seq_lens_t, qsl_t, tables_t = int_parts
-        logits_index_t, slot_mapping_t = long_parts
+        logits_index_t, slot_mapping_t = long_parts[:2]
         return StepInputs(
             input_ids=ids_t,
             positions=positions_t,
@@ -149,6 +163,7 @@ class InputBatch:
             decode_rows=(
                 ids_t.as_strided((3, num_seqs), (num_seqs, 1)) if max_query_len == 1 else None
             ),
+            pending_src=long_parts[2] if pending_src is not None else None,
         )
 
     def _to_device(
@@ -173,9 +188,10 @@ class InputBatch:
         self, name: str, total: int, dtype: type[np.generic]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Host staging (pinned on CUDA) and device buffers of at least ``total``
-        elements, grown by doubling. NOTE: reusing the pinned buffer is safe because
-        every step reads its sampled tokens back, which waits for this copy."""
-        buffers = self._staging.get(name)
+        elements, grown by doubling. NOTE: a pinned buffer is written again two steps
+        later, when the step that copied from it has been read back (so has its copy)."""
+        key = (name, self._flip)
+        buffers = self._staging.get(key)
         if buffers is None or buffers[0].numel() < total:
             capacity = max(total, 2 * (buffers[0].numel() if buffers else 4096))
             torch_dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
@@ -184,5 +200,5 @@ class InputBatch:
             device = (
                 host if not pin else torch.empty(capacity, dtype=torch_dtype, device=self.device)
             )
-            buffers = self._staging[name] = (host, device)
+            buffers = self._staging[key] = (host, device)
         return buffers

@@ -35,7 +35,7 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
-def _to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return cpu.pin_memory().to(device, non_blocking=True)
     return cpu.to(device)
@@ -44,7 +44,7 @@ def _to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _optional_tensor(
     values: Sequence[float] | None, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor | None:
-    return None if values is None else _to_device(torch.tensor(values, dtype=dtype), device)
+    return None if values is None else to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _per_row(
@@ -106,11 +106,11 @@ class PenaltyTensors:
             rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
             seen_mask = torch.zeros(shape, dtype=torch.bool, device=device)
             for token_ids in (prompt_token_ids, output_token_ids):
-                index = _to_device(_flat_token_index(token_ids, rows, vocab_size), device)
+                index = to_device(_flat_token_index(token_ids, rows, vocab_size), device)
                 seen_mask.view(-1).index_fill_(0, index, True)
         if pres is not None or freq is not None:
             rows = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
-            index = _to_device(_flat_token_index(output_token_ids, rows, vocab_size), device)
+            index = to_device(_flat_token_index(output_token_ids, rows, vocab_size), device)
             output_counts = torch.zeros(shape, dtype=torch.float32, device=device)
             output_counts.view(-1).index_add_(0, index, torch.ones_like(index, dtype=torch.float32))
         return cls(
@@ -153,7 +153,7 @@ def _min_tokens_index(
         for token in sorted(p.all_stop_token_ids)
         if token < vocab_size
     ]
-    return _to_device(torch.tensor(flat, dtype=torch.int64), device) if flat else None
+    return to_device(torch.tensor(flat, dtype=torch.int64), device) if flat else None
 
 
 @dataclass

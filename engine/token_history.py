@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.sampler import PenaltyTensors, penalty_values
+from engine.sampler import PenaltyTensors, penalty_values, to_device
 from engine.sampling_params import SamplingParams
 
 
@@ -56,7 +56,9 @@ class TokenHistory:
         index = self._ids(rows)
 
         def values(v: list[float] | None) -> torch.Tensor | None:
-            return None if v is None else torch.tensor(v, dtype=torch.float32).to(self.device)
+            return (
+                None if v is None else to_device(torch.tensor(v, dtype=torch.float32), self.device)
+            )
 
         return PenaltyTensors(
             seen_mask=None if rep is None else self.seen.index_select(0, index),
@@ -67,7 +69,7 @@ class TokenHistory:
         )
 
     def _ids(self, token_ids: list[int]) -> torch.Tensor:
-        return torch.tensor(token_ids, dtype=torch.int64).to(self.device)
+        return to_device(torch.tensor(token_ids, dtype=torch.int64), self.device)
 
     def _ensure_rows(self, num_rows: int) -> None:
         have = 0 if self.seen is None else self.seen.shape[0]

@@ -24,6 +24,7 @@ from engine.sampler import (
     SamplerOutput,
     SamplingBatch,
     make_generator,
+    to_device,
     to_token_logprobs,
 )
 from engine.sampling_params import SamplingParams
@@ -102,8 +103,8 @@ class Worker:
         batch = self.batch
         # A row samples when this step computes its last token.
         sampling_rows = np.flatnonzero(batch.num_computed[rows] + num_new == totals)
-        inputs = batch.prepare(rows, num_new, sampling_rows)
-        self._fill_pending_inputs(inputs, states, num_new)
+        inputs = batch.prepare(rows, num_new, sampling_rows, self._pending_sources(states))
+        self._fill_pending_inputs(inputs)
         logits = self.runner.forward(inputs, self._layer_sender(plan.kv_sends))
         batch.num_computed[rows] += num_new
         sampled = [states[i] for i in sampling_rows]
@@ -131,20 +132,25 @@ class Worker:
         logprobs = to_token_logprobs(step.output, [s.params.logprobs for s in step.states])
         return StepResult(token_ids, logprobs)
 
-    def _fill_pending_inputs(
-        self, inputs: StepInputs, states: list[RequestState], num_new: np.ndarray
-    ) -> None:
-        """Rows whose input token the previous step sampled (async scheduling) take it
-        from that step's output on the device: the host does not know it yet."""
-        pending = [i for i, s in enumerate(states) if s.num_pending]
-        if not pending:
+    def _pending_sources(self, states: list[RequestState]) -> np.ndarray | None:
+        """Per row, the index of its last input token among the previous step's sampled
+        tokens when that token is still pending (async scheduling), else -1."""
+        if not any(s.num_pending for s in states):
+            return None
+        return np.fromiter(
+            (s.sampled_index if s.num_pending else -1 for s in states), np.int64, len(states)
+        )
+
+    def _fill_pending_inputs(self, inputs: StepInputs) -> None:
+        """Rows whose input token the previous step sampled take it from that step's
+        output on the device (no host sync: every row is written, most with itself)."""
+        if inputs.pending_src is None or self._last_sampled is None:
             return
-        last_token = np.cumsum(num_new) - 1  # each row's last token in the flat batch
-        dst = torch.from_numpy(last_token[pending].astype(np.int64))
-        src = torch.tensor([states[i].sampled_index for i in pending], dtype=torch.int64)
-        assert self._last_sampled is not None
-        sampled = self._last_sampled.to(inputs.input_ids.dtype)
-        inputs.input_ids[dst.to(self.device)] = sampled[src.to(self.device)]
+        src = inputs.pending_src
+        last_token = inputs.query_start_loc[1:].long() - 1  # each row's last flat token
+        previous = self._last_sampled.to(inputs.input_ids.dtype)[src.clamp(min=0)]
+        current = inputs.input_ids[last_token]
+        inputs.input_ids[last_token] = torch.where(src >= 0, previous, current)
 
     # -- the plan's diff ---------------------------------------------------------------
 
@@ -213,8 +219,8 @@ class Worker:
         if len(indices) == len(states):
             tokens = token_ids
         else:
-            tokens = token_ids[torch.tensor(indices, device=token_ids.device)]
-        self.history.record(rows.to(self.device), tokens)
+            tokens = token_ids[to_device(torch.tensor(indices), self.device)]
+        self.history.record(to_device(rows, self.device), tokens)
 
     # -- KV sends --------------------------------------------------------------------------
 
