@@ -218,6 +218,11 @@ class EngineCore:
             return []
         return self._bring_back(*previous)
 
+    def wait_in_flight(self) -> list[EngineCoreOutput]:
+        """Bring back the step still running on the device (async scheduling), if any."""
+        previous, self._in_flight = self._in_flight, None
+        return [] if previous is None else self._bring_back(*previous)
+
     def _bring_back(
         self, pending: PendingStep, rows: list[tuple[ScheduledSequence, bool]]
     ) -> list[EngineCoreOutput]:

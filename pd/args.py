@@ -76,7 +76,7 @@ class ServeArgs:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False
-    async_scheduling: bool = False
+    async_scheduling: bool = True  # mixed instances only; a prefill/decode rank steps in sync
     host: str = "0.0.0.0"
     ports: list[int] = field(default_factory=lambda: [DEFAULT_PORT])
     metrics_port: int | None = None
@@ -225,8 +225,9 @@ def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--async-scheduling",
-        action="store_true",
-        help="schedule each step while the previous one runs on the device (mixed role)",
+        action=argparse.BooleanOptionalAction,
+        help="schedule each step while the previous one runs on the device (default: on "
+        "for the mixed role; prefill and decode ranks step synchronously)",
     )
 
 
@@ -380,6 +381,8 @@ def _resolve(ns: argparse.Namespace) -> ServeArgs:
         values["rdma_comm_ports"] = [0] * (dp * ns.tensor_parallel_size)
     if values["cache_transfer_protocols"] is None:
         values["cache_transfer_protocols"] = list(DEFAULT_PROTOCOLS)
+    if values["async_scheduling"] is None:
+        values["async_scheduling"] = True
     if values["served_model_name"] is None:
         values["served_model_name"] = [ns.model]
     for dest, default in _SCHEDULER_DEFAULTS.items():

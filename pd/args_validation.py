@@ -120,7 +120,7 @@ def check_combinations(args: ServeArgs, given: frozenset[str]) -> None:
             "--scheduler-name splitwise or --router (a local scheduler cannot reach "
             "the other role)"
         )
-    if is_split and args.async_scheduling:
+    if is_split and args.async_scheduling and "async_scheduling" in given:
         raise ValueError(
             f"--async-scheduling is for mixed instances: a {args.splitwise_role} rank shares "
             "its KV blocks with peers, so it steps synchronously"

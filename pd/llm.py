@@ -42,7 +42,7 @@ class LLM:
         load_format: str = "auto",
         attention_backend: str = "auto",
         enforce_eager: bool = False,
-        async_scheduling: bool = False,
+        async_scheduling: bool = True,
         tensor_parallel_size: int = 1,
     ):
         if tensor_parallel_size != 1:
@@ -147,6 +147,7 @@ class LLM:
             finished = self._drain(processor)
         except BaseException:
             self.engine.abort_requests(added)  # nothing stays allocated after an error
+            self.engine.wait_in_flight()
             raise
         return [finished[request_id] for request_id in order]
 
@@ -159,6 +160,7 @@ class LLM:
             for output in processed.request_outputs:
                 if output.finished:
                     finished[output.request_id] = output
+        self.engine.wait_in_flight()  # rows of requests that ended while it ran
         return finished
 
 

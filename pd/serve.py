@@ -59,7 +59,8 @@ def engine_kwargs(args: ServeArgs) -> dict:
         "load_format": args.load_format,
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager,
-        "async_scheduling": args.async_scheduling,
+        # A prefill/decode rank shares its blocks with peers: it steps synchronously.
+        "async_scheduling": args.async_scheduling and args.splitwise_role == "mixed",
     }
 
 

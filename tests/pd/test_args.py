@@ -232,6 +232,8 @@ def test_invalid_combinations_are_reported_before_not_supported(capsys):
     decode_async = "--splitwise-role decode --scheduler-name splitwise --async-scheduling"
     line = error_line(capsys, ["--model", "/m", *decode_async.split()])
     assert "--async-scheduling is for mixed instances" in line
+    decode = parse_args(["--model", "/m", *decode_async.split()[:-1]])
+    assert decode.async_scheduling  # the default, which a decode rank does not apply
 
 
 def test_fastdeploy_seed_command_lines(capsys):
