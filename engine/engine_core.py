@@ -159,14 +159,7 @@ class EngineCore:
             self._leave_workers(seq.request_id, preempted=True)
         self.stalled = schedule.is_empty
         if schedule.is_empty:
-            if self.scheduler.num_unfinished and not self.num_parked:
-                # Cannot happen while the pool holds one max_model_len sequence
-                # (checked at start-up); failing beats a caller spinning forever.
-                # (Parked requests free their blocks soon: then waiting is right.)
-                raise RuntimeError(
-                    f"scheduler made no progress with {self.scheduler.num_unfinished} "
-                    f"unfinished requests and {self.block_manager.num_free_blocks} free blocks"
-                )
+            self._check_progress()
             return []
         plan, rows = self._plan(schedule)
         if plan_kv_sends is not None:
@@ -210,13 +203,21 @@ class EngineCore:
         previous, self._in_flight = self._in_flight, submitted
         self.stalled = previous is None and submitted is None
         if previous is None:
-            if self.stalled and self.scheduler.num_unfinished and not self.num_parked:
-                raise RuntimeError(
-                    f"scheduler made no progress with {self.scheduler.num_unfinished} "
-                    f"unfinished requests and {self.block_manager.num_free_blocks} free blocks"
-                )
+            if self.stalled:
+                self._check_progress()
             return []
         return self._bring_back(*previous)
+
+    def _check_progress(self) -> None:
+        """Called when a step found nothing to run and nothing is on the device."""
+        if self.scheduler.num_unfinished and not self.num_parked:
+            # Cannot happen while the pool holds one max_model_len sequence
+            # (checked at start-up); failing beats a caller spinning forever.
+            # (Parked requests free their blocks soon: then waiting is right.)
+            raise RuntimeError(
+                f"scheduler made no progress with {self.scheduler.num_unfinished} "
+                f"unfinished requests and {self.block_manager.num_free_blocks} free blocks"
+            )
 
     def wait_in_flight(self) -> list[EngineCoreOutput]:
         """Bring back the step still running on the device (async scheduling), if any."""
