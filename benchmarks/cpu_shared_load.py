@@ -8,7 +8,7 @@ Llama shape, or ``--model``), warms it up, and drives it with ``pd-bench`` from 
 machine, so the engine shares the cores with its API server and the load generator
 (``--busy N`` adds N busy-looping processes: other work on the machine). It prints
 output tokens/s and the mean inter-token latency (ITL: about one decode step of the
-batch) per setting, medians over ``--repeats`` runs taken in interleaved order (the
+batch) per setting, medians over ``--repeats`` runs taken in interleaved order (ABBA; the
 machine may be shared with other work: compare within one run), and the median ratio
 of each run's tokens/s to the ``omp1`` run of the same repeat.
 
@@ -190,7 +190,8 @@ def main() -> None:
         busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(args.busy)]
         try:
             for repeat in range(args.repeats):
-                for setting in chosen:
+                # every other repeat in reverse, so no setting always runs first
+                for setting in chosen if repeat % 2 == 0 else chosen[::-1]:
                     row = run_one(args, setting, model_dir, Path(tmp) / "server.log", args.seed)
                     runs[setting.key].append(row)
                     print(
