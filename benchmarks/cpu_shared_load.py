@@ -5,9 +5,10 @@
 
 For each setting this starts a real ``pd-serve`` on CPU (dummy weights of a ~30M-parameter
 Llama shape, or ``--model``), warms it up, and drives it with ``pd-bench`` from this
-machine, so the engine shares the cores with its API server and the load generator. It
-prints output tokens/s and the mean inter-token latency (ITL: about one decode step of
-the batch) per setting, medians over ``--repeats`` runs taken in interleaved order (the
+machine, so the engine shares the cores with its API server and the load generator
+(``--busy N`` adds N busy-looping processes: other work on the machine). It prints
+output tokens/s and the mean inter-token latency (ITL: about one decode step of the
+batch) per setting, medians over ``--repeats`` runs taken in interleaved order (ABBA; the
 machine may be shared with other work: compare within one run), and the median ratio
 of each run's tokens/s to the ``omp1`` run of the same repeat.
 
@@ -61,6 +62,7 @@ BENCH_MODEL = {
 }
 OPENMP_VARS = ("OMP_", "GOMP_", "KMP_")
 ENGINE_THREADS_LINE = re.compile(r" engine (\d+) torch threads? \(")
+BUSY_LOOP = "while True: pass"
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ def print_table(args, chosen: list[Setting], runs: dict[str, list[dict]], num_co
     print(
         f"\nmodel={args.model or '~34M llama (dummy)'} cores={num_cores} "
         f"prompts={args.num_prompts} x ({args.input_len} in, {args.output_len} out) "
-        f"concurrency={args.max_concurrency} repeats={args.repeats} (medians; runs interleaved)"
+        f"concurrency={args.max_concurrency} busy={args.busy} repeats={args.repeats} "
+        "(medians; runs interleaved)"
     )
     reference = runs.get("omp1")
     header = (
@@ -174,6 +177,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--busy", type=int, default=0, metavar="N", help="N busy-looping processes beside it"
+    )
     args = parser.parse_args()
     chosen = [s for s in settings(num_cores) if s.key in args.settings]
     runs: dict[str, list[dict]] = {s.key: [] for s in chosen}
@@ -181,16 +187,23 @@ def main() -> None:
         model_dir = Path(args.model) if args.model else write_dummy_model(
             Path(tmp) / "bench-34m", BENCH_MODEL
         )  # fmt: skip
-        for repeat in range(args.repeats):
-            for setting in chosen:
-                row = run_one(args, setting, model_dir, Path(tmp) / "server.log", args.seed)
-                runs[setting.key].append(row)
-                print(
-                    f"run {repeat + 1}/{args.repeats} {setting.label}: {row['tok_s']:.1f} tok/s, "
-                    f"ITL {row['itl_ms']:.1f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(args.busy)]
+        try:
+            for repeat in range(args.repeats):
+                # every other repeat in reverse, so no setting always runs first
+                for setting in chosen if repeat % 2 == 0 else chosen[::-1]:
+                    row = run_one(args, setting, model_dir, Path(tmp) / "server.log", args.seed)
+                    runs[setting.key].append(row)
+                    print(
+                        f"run {repeat + 1}/{args.repeats} {setting.label}: "
+                        f"{row['tok_s']:.1f} tok/s, ITL {row['itl_ms']:.1f} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            for process in busy:
+                process.kill()
+                process.wait()
     print_table(args, chosen, runs, num_cores)
 
 
