@@ -123,12 +123,16 @@ class Worker:
         if step.output is None:
             return StepResult([], [])
         token_ids = self._read_back.wait(step.read_back)  # the step's one read-back
+        rows, kept = [], []
         for state, token_id in zip(step.states, token_ids, strict=True):
             if self.requests.get(state.request_id) is not state:
                 continue  # left while the step ran (finished, aborted, preempted)
-            self.batch.append_tokens(np.asarray([state.row]), np.asarray([token_id]))
+            rows.append(state.row)
+            kept.append(token_id)
             state.num_tokens += 1
             state.num_pending -= 1
+        if rows:
+            self.batch.append_tokens(np.asarray(rows), np.asarray(kept, dtype=np.int32))
         logprobs = to_token_logprobs(step.output, [s.params.logprobs for s in step.states])
         return StepResult(token_ids, logprobs)
 
