@@ -35,6 +35,8 @@ from engine.worker import PendingStep
 
 # Given a step's schedule (before its forward), the KV writes the step makes.
 KVSendPlanner = Callable[[list[ScheduledSequence]], list[KVSend]]
+# A submitted step and its rows in plan order, each with whether it samples.
+InFlight = tuple[PendingStep, list[tuple[ScheduledSequence, bool]]]
 
 
 class EngineCore:
@@ -56,7 +58,7 @@ class EngineCore:
         self._preempted: set[str] = set()  # off the workers, coming back
         self._removed: list[str] = []  # left the workers since the last plan
         # Async scheduling: the step submitted last, still running on the device.
-        self._in_flight: tuple[PendingStep, list[tuple[ScheduledSequence, bool]]] | None = None
+        self._in_flight: InFlight | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -154,28 +156,12 @@ class EngineCore:
             if plan_kv_sends is not None:
                 raise RuntimeError("async scheduling runs no KV sends (mixed instances only)")
             return self._step_ahead()
-        schedule = self.scheduler.schedule()
-        for seq in schedule.preempted:
-            self._leave_workers(seq.request_id, preempted=True)
-        self.stalled = schedule.is_empty
-        if schedule.is_empty:
+        submitted = self._submit(plan_kv_sends)
+        self.stalled = submitted is None
+        if submitted is None:
             self._check_progress()
             return []
-        plan, rows = self._plan(schedule)
-        if plan_kv_sends is not None:
-            plan.kv_sends = plan_kv_sends(schedule.scheduled)
-        result = self.executor.execute(plan)
-        sampled = iter(zip(result.token_ids, result.logprobs, strict=True))
-        outputs = []
-        for item in rows:
-            seq = item.seq
-            samples = item.samples
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_computed_blocks(seq)
-            if samples:
-                token_id, logprobs = next(sampled)
-                outputs.append(self._append_token(seq, token_id, logprobs))
-        return outputs
+        return self._bring_back(*submitted)
 
     def _step_ahead(self) -> list[EngineCoreOutput]:
         """Async scheduling: submit the next step, then bring back the one before it, so
@@ -188,18 +174,7 @@ class EngineCore:
         instance does this: the blocks of a sequence that ends while a step still writes
         them are reused only by later steps, in stream order (no peer writes them).
         """
-        submitted = None
-        schedule = self.scheduler.schedule()
-        for seq in schedule.preempted:
-            self._leave_workers(seq.request_id, preempted=True)
-        if not schedule.is_empty:
-            plan, rows = self._plan(schedule)
-            samples = [item.samples for item in rows]
-            pending = self.executor.submit(plan)
-            for item, sample in zip(rows, samples, strict=True):
-                item.seq.num_computed_tokens += item.num_new_tokens
-                item.seq.num_pending_tokens += sample
-            submitted = (pending, list(zip(rows, samples, strict=True)))
+        submitted = self._submit(None)
         previous, self._in_flight = self._in_flight, submitted
         self.stalled = previous is None and submitted is None
         if previous is None:
@@ -207,6 +182,24 @@ class EngineCore:
                 self._check_progress()
             return []
         return self._bring_back(*previous)
+
+    def _submit(self, plan_kv_sends: KVSendPlanner | None) -> InFlight | None:
+        """Schedule a step and queue it on the workers; None when nothing can run.
+        Its sequences count what it computes now, and what it samples as pending."""
+        schedule = self.scheduler.schedule()
+        for seq in schedule.preempted:
+            self._leave_workers(seq.request_id, preempted=True)
+        if schedule.is_empty:
+            return None
+        plan, rows = self._plan(schedule)
+        if plan_kv_sends is not None:
+            plan.kv_sends = plan_kv_sends(schedule.scheduled)
+        samples = [item.samples for item in rows]
+        pending = self.executor.submit(plan)
+        for item, sample in zip(rows, samples, strict=True):
+            item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.num_pending_tokens += sample
+        return pending, list(zip(rows, samples, strict=True))
 
     def _check_progress(self) -> None:
         """Called when a step found nothing to run and nothing is on the device."""

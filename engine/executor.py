@@ -20,9 +20,6 @@ class InProcessExecutor:
     def __init__(self, config: EngineConfig, allocate_kv: KVAllocator):
         self.worker = Worker(config, allocate_kv)
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.worker.execute(plan)
-
     def submit(self, plan: StepPlan) -> PendingStep:
         """Queue a step on the device; ``result`` waits for it."""
         return self.worker.submit(plan)
@@ -32,10 +29,6 @@ class InProcessExecutor:
 
     def set_kv_sender(self, sender: KVSender | None) -> None:
         self.worker.kv_sender = sender
-
-    @property
-    def device(self) -> torch.device:
-        return self.worker.device
 
     @property
     def kv_layout(self) -> KVCacheLayout:

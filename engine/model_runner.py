@@ -66,10 +66,6 @@ class ModelRunner:
         if self.graph_sizes:
             self.graphs = self._capture_graphs()
 
-    @property
-    def num_blocks(self) -> int:
-        return self.layout.num_blocks
-
     def _load_model(self) -> torch.nn.Module:
         model_config = self.config.model
         torch.manual_seed(self.config.seed)

@@ -60,14 +60,6 @@ class StepPlan:
     preempted_ids: list[str] = field(default_factory=list)  # subset of removed_ids
     kv_sends: list[KVSend] = field(default_factory=list)
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.running) + len(self.new_requests)
-
-    @property
-    def is_empty(self) -> bool:
-        return self.num_rows == 0
-
 
 @dataclass
 class StepResult:

@@ -2,8 +2,9 @@
 persistent input batch and the sampler, and keeps per-request state across steps.
 
 It applies each ``StepPlan`` as a diff (rows added, blocks and tokens appended, rows
-freed), runs the forward (eagerly or as a captured CUDA graph), samples, appends
-the sampled tokens to its own rows and returns them: one read-back per step.
+freed), queues the forward (eagerly or as a captured CUDA graph) and the sampler
+(``submit``), then waits for the sampled tokens, appends them to its own rows and
+returns them (``result``): one read-back per step.
 """
 
 from __future__ import annotations
@@ -82,9 +83,6 @@ class Worker:
         self._sampling_cache: tuple[tuple[str, ...], SamplingBatch] | None = None
         self._last_sampled: torch.Tensor | None = None  # the last submitted step's tokens
         self._read_back = TokenReadBack(self.device)
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.result(self.submit(plan))
 
     @torch.inference_mode()
     def submit(self, plan: StepPlan) -> PendingStep:
