@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from engine.attention.backend import BACKEND_NAMES
 from engine.gguf_metadata import model_folder
 
 _DTYPES = {
@@ -194,9 +195,10 @@ class EngineConfig:
     async_scheduling: bool = False
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ("auto", "sdpa", "triton"):
+        if self.attention_backend not in BACKEND_NAMES:
             raise ValueError(
-                f"attention_backend must be auto, sdpa or triton; got {self.attention_backend!r}"
+                f"attention_backend must be one of {', '.join(BACKEND_NAMES)}; got "
+                f"{self.attention_backend!r}"
             )
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from engine.forward_context import AttentionMetadata
+from engine.kernels import has_triton
 
 if TYPE_CHECKING:
     from engine.layers.attention import Attention
@@ -55,17 +56,13 @@ class AttentionBackend:
 def select_backend(name: str, device: torch.device, num_kv_heads: int) -> AttentionBackend:
     """``auto``: triton on CUDA when it imports, else sdpa. ``triton`` without CUDA runs
     only under Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(
-            f"attention backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}"
-        )
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_imports() else "sdpa"
+        name = "triton" if device.type == "cuda" and has_triton() else "sdpa"
     if name == "sdpa":
         from engine.attention.sdpa import SdpaBackend
 
         return SdpaBackend()
-    if not _triton_imports():
+    if not has_triton():
         raise ValueError("attention backend 'triton' needs the triton package")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
@@ -75,11 +72,3 @@ def select_backend(name: str, device: torch.device, num_kv_heads: int) -> Attent
     from engine.attention.triton_paged import TritonBackend
 
     return TritonBackend(device, num_kv_heads)
-
-
-def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

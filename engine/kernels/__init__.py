@@ -12,11 +12,11 @@ if TYPE_CHECKING:
 
 def can_run_triton(x: torch.Tensor) -> bool:
     """True for a CUDA tensor where triton imports: the layers then run our kernels."""
-    return x.is_cuda and _has_triton()
+    return x.is_cuda and has_triton()
 
 
 @functools.cache
-def _has_triton() -> bool:
+def has_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:  # CPU-only installs; CUDA builds of torch bring triton
