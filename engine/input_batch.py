@@ -171,34 +171,28 @@ class InputBatch:
     ) -> list[torch.Tensor]:
         """Pack ``parts`` into one staging buffer and copy it to the device at once."""
         sizes = [part.size for part in parts]
+        if self.device.type == "cpu":  # a fresh array: nothing to stage
+            packed = np.concatenate(parts, dtype=dtype, casting="unsafe")
+            return list(torch.from_numpy(packed).split(sizes))
         total = sum(sizes)
         host, device = self._buffers(name, total, dtype)
-        packed = host[:total].numpy()
-        np.concatenate(parts, out=packed, casting="unsafe")
-        if self.device.type == "cpu":
-            # NOTE: a copy; views of the staging buffer would change under a caller
-            # that keeps this step's inputs past the next step.
-            out = torch.from_numpy(packed.copy())
-        else:
-            out = device[:total]
-            out.copy_(host[:total], non_blocking=True)
+        np.concatenate(parts, out=host[:total].numpy(), casting="unsafe")
+        out = device[:total]
+        out.copy_(host[:total], non_blocking=True)
         return list(out.split(sizes))
 
     def _buffers(
         self, name: str, total: int, dtype: type[np.generic]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host staging (pinned on CUDA) and device buffers of at least ``total``
-        elements, grown by doubling. NOTE: a pinned buffer is written again two steps
-        later, when the step that copied from it has been read back (so has its copy)."""
+        """Pinned host staging and device buffers of at least ``total`` elements, grown
+        by doubling. NOTE: a pinned buffer is written again two steps later, when the
+        step that copied from it has been read back (so has its copy)."""
         key = (name, self._flip)
         buffers = self._staging.get(key)
         if buffers is None or buffers[0].numel() < total:
             capacity = max(total, 2 * (buffers[0].numel() if buffers else 4096))
             torch_dtype = torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
-            pin = self.device.type == "cuda"
-            host = torch.empty(capacity, dtype=torch_dtype, pin_memory=pin)
-            device = (
-                host if not pin else torch.empty(capacity, dtype=torch_dtype, device=self.device)
-            )
+            host = torch.empty(capacity, dtype=torch_dtype, pin_memory=True)
+            device = torch.empty(capacity, dtype=torch_dtype, device=self.device)
             buffers = self._staging[key] = (host, device)
         return buffers
