@@ -193,8 +193,20 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # Schedule and submit step N+1 before step N's tokens are read back (mixed only).
     async_scheduling: bool = False
+    tensor_parallel_size: int = 1  # worker processes of this DP rank, one device each
 
     def __post_init__(self) -> None:
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        if self.device.startswith("cuda"):
+            first = torch.device(self.device).index or 0
+            available = torch.cuda.device_count()
+            if first + tp > available:
+                raise ValueError(
+                    f"tensor_parallel_size {tp} from {self.device} needs GPUs "
+                    f"{first}..{first + tp - 1}; this host has {available}"
+                )
         if self.attention_backend not in BACKEND_NAMES:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(BACKEND_NAMES)}; got "
@@ -209,6 +221,14 @@ class EngineConfig:
                 f"max_model_len ({self.scheduler.max_model_len}) is larger than the model's "
                 f"max_position_embeddings ({self.model.max_position_embeddings})"
             )
+
+
+def rank_device(device: str, tp_rank: int) -> torch.device:
+    """TP rank i's device: the i-th GPU from the configured one, or the CPU."""
+    base = torch.device(device)
+    if base.type != "cuda":
+        return base
+    return torch.device("cuda", (base.index or 0) + tp_rank)
 
 
 def resolve_device(name: str | None) -> str:
@@ -241,6 +261,7 @@ def make_engine_config(
     attention_backend: str = "auto",
     enforce_eager: bool = False,
     async_scheduling: bool = False,
+    tensor_parallel_size: int = 1,
 ) -> EngineConfig:
     """One engine's config from flat user options (the ``LLM`` arguments and
     the ``pd-serve`` flags); sizes left as None are derived from the model."""
@@ -266,4 +287,5 @@ def make_engine_config(
         attention_backend=attention_backend,
         enforce_eager=enforce_eager,
         async_scheduling=async_scheduling,
+        tensor_parallel_size=tensor_parallel_size,
     )

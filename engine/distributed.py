@@ -1,42 +1,120 @@
-"""Tensor-parallel state of this process (world size 1 until TP workers land).
+"""Process groups as objects: a rank's place in its tensor-parallel group and the
+collectives the layers call.
 
-Layers ask here for their rank and size and call the collectives; nothing
-else in the engine needs to know whether TP is on.
+A ``ParallelGroup`` is passed to every layer that shards (linear, embedding, LM
+head) and to the worker; nothing reads a module global. A group of one rank has
+no backend and its collectives return their input. Larger groups wrap a c10d
+backend (gloo on CPU, NCCL on CUDA) built directly over a TCP store, without
+torch.distributed's default group, so several engines (an ``LLM`` and the tests
+that build many) live in one process without stepping on each other.
 """
 
 from __future__ import annotations
 
+import datetime
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-_tp_rank = 0
-_tp_size = 1
+# How long a collective may wait for a peer before it fails. A rank that died is
+# noticed sooner: gloo fails when its socket closes, and the executor watches its
+# worker processes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
-def set_tensor_parallel(rank: int, size: int) -> None:
-    global _tp_rank, _tp_size
-    if not 0 <= rank < size:
-        raise ValueError(f"tensor-parallel rank {rank} out of range for size {size}")
-    _tp_rank, _tp_size = rank, size
+@dataclass(frozen=True)
+class GroupAddress:
+    """Where the ranks of one group meet: the TCP store that rank 0 hosts."""
+
+    host: str
+    port: int
+    world_size: int
 
 
-def get_tp_rank() -> int:
-    return _tp_rank
+class ParallelGroup:
+    def __init__(self, rank: int, size: int, backend=None):  # type: ignore[no-untyped-def]
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} out of range for a group of {size}")
+        if size > 1 and backend is None:
+            raise ValueError(f"a group of {size} ranks needs a backend")
+        self.rank = rank
+        self.size = size
+        self._backend = backend
 
+    @classmethod
+    def single(cls) -> ParallelGroup:
+        return cls(0, 1)
 
-def get_tp_size() -> int:
-    return _tp_size
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 samples and answers for the group."""
+        return self.rank == 0
 
-
-def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    if _tp_size == 1:
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place."""
+        if self.size > 1:
+            self._backend.allreduce([x]).wait()
         return x
-    parts = [torch.empty_like(x) for _ in range(_tp_size)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=-1)
+
+    def all_reduce_min(self, value: int, device: torch.device) -> int:
+        """The smallest of each rank's ``value`` (e.g. how many KV blocks fit)."""
+        if self.size == 1:
+            return value
+        x = torch.tensor([value], dtype=torch.int64, device=device)
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.MIN
+        self._backend.allreduce([x], options).wait()
+        return int(x.item())
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Each rank's ``x`` side by side along the last dimension, in rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self._backend.allgather([parts], [x.contiguous()]).wait()
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``x`` into every rank's ``x`` (same shape and dtype), in place."""
+        if self.size > 1:
+            self._backend.broadcast(x, src).wait()
+        return x
+
+    def abort(self) -> None:
+        """Make collectives blocked on a dead peer fail (where the backend can)."""
+        abort = getattr(self._backend, "abort", None) or getattr(self._backend, "_abort", None)
+        if abort is not None:
+            abort()
+
+
+def host_group_store(host: str, world_size: int) -> tuple[dist.TCPStore, GroupAddress]:
+    """Rank 0's side: a TCP store on a free port, kept alive while the group lives."""
+    store = dist.TCPStore(
+        host, 0, world_size, is_master=True, timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False
+    )
+    return store, GroupAddress(host, store.port, world_size)
+
+
+def join_group(
+    address: GroupAddress, rank: int, device: torch.device, store: dist.TCPStore | None = None
+) -> ParallelGroup:
+    """Connect this rank to the group at ``address`` (rank 0 passes the store it hosts).
+    Returns once every rank has joined."""
+    size = address.world_size
+    if size == 1:
+        return ParallelGroup.single()
+    if store is None:
+        store = dist.TCPStore(
+            address.host, address.port, size, is_master=False, timeout=COLLECTIVE_TIMEOUT
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = COLLECTIVE_TIMEOUT
+        backend = dist.ProcessGroupNCCL(store, rank, size, options)
+    else:
+        backend = dist.ProcessGroupGloo(store, rank, size, COLLECTIVE_TIMEOUT)
+    group = ParallelGroup(rank, size, backend)
+    group.all_reduce(torch.zeros(1, device=device))  # every rank is here
+    return group

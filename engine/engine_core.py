@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.executor import InProcessExecutor
+from engine.executor import make_executor
 from engine.kv_cache import allocate_kv_cache
 from engine.model_runner import KVAllocator
 from engine.outputs import EngineCoreOutput, TokenLogprobs
@@ -42,7 +42,7 @@ InFlight = tuple[PendingStep, list[tuple[ScheduledSequence, bool]]]
 class EngineCore:
     def __init__(self, config: EngineConfig, allocate_kv: KVAllocator | None = None):
         self.config = config
-        self.executor = InProcessExecutor(config, allocate_kv or allocate_kv_cache)
+        self.executor = make_executor(config, allocate_kv or allocate_kv_cache)
         self.block_manager = BlockManager(
             self.executor.kv_layout.num_blocks,
             config.cache.block_size,
@@ -211,6 +211,10 @@ class EngineCore:
                 f"scheduler made no progress with {self.scheduler.num_unfinished} "
                 f"unfinished requests and {self.block_manager.num_free_blocks} free blocks"
             )
+
+    def close(self) -> None:
+        """Stop the workers this engine started (TP worker processes)."""
+        self.executor.close()
 
     def wait_in_flight(self) -> list[EngineCoreOutput]:
         """Bring back the step still running on the device (async scheduling), if any."""

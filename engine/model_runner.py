@@ -15,12 +15,14 @@ import numpy as np
 import torch
 
 from engine.attention.backend import select_backend
-from engine.config import EngineConfig
+from engine.config import EngineConfig, rank_device
 from engine.cuda_graphs import CudaGraphRunner, capture_sizes
+from engine.distributed import ParallelGroup
 from engine.forward_context import AttentionMetadata, forward_context
 from engine.input_batch import InputBatch, StepInputs
 from engine.kv_cache import KVCacheLayout, allocate_kv_cache
 from engine.layers.attention import Attention
+from engine.layers.linear import num_local_kv_heads
 from engine.models.registry import get_model_class
 from engine.weight_loader import init_dummy_weights, load_weights
 
@@ -35,13 +37,21 @@ LayerKVHook = Callable[[int], None]
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, allocate_kv: KVAllocator = allocate_kv_cache):
+    """One TP rank's model and KV shard. Every rank of the group builds its runner at
+    the same time: loading, KV sizing and graph capture run collectives."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        group: ParallelGroup,
+        allocate_kv: KVAllocator = allocate_kv_cache,
+    ):
         self.config = config
-        self.device = torch.device(config.device)
+        self.group = group
+        self.device = rank_device(config.device, group.rank)
         self.block_size = config.cache.block_size
-        self.backend = select_backend(
-            config.attention_backend, self.device, config.model.num_key_value_heads
-        )
+        num_kv_heads = num_local_kv_heads(config.model.num_key_value_heads, group.size)
+        self.backend = select_backend(config.attention_backend, self.device, num_kv_heads)
         self.model = self._load_model()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.graph_sizes: list[int] = []
@@ -74,7 +84,7 @@ class ModelRunner:
         torch.set_default_dtype(model_config.dtype)
         try:
             with torch.device(self.device):
-                model = model_class(model_config, self.config.scheduler.max_model_len)
+                model = model_class(model_config, self.config.scheduler.max_model_len, self.group)
         finally:
             torch.set_default_dtype(previous_dtype)
         if self.config.load_format == "dummy":
@@ -159,6 +169,8 @@ class ModelRunner:
             # More blocks than every sequence at full length could use only
             # feed the prefix cache; cap them so small models stay small.
             num_blocks = min(num_blocks, sched.max_num_seqs * blocks_per_seq)
+        # One block manager serves every TP rank: the pool is what the smallest holds.
+        num_blocks = self.group.all_reduce_min(num_blocks, self.device)
         if num_blocks < blocks_per_seq:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens "

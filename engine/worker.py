@@ -5,6 +5,10 @@ It applies each ``StepPlan`` as a diff (rows added, blocks and tokens appended, 
 freed), queues the forward (eagerly or as a captured CUDA graph) and the sampler
 (``submit``), then waits for the sampled tokens, appends them to its own rows and
 returns them (``result``): one read-back per step.
+
+With tensor parallelism every rank of the group runs the same plans. Only the driver
+(TP rank 0) samples; it broadcasts the step's token ids, so every rank's rows hold
+the same tokens and the next step's inputs agree without another message.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed import ParallelGroup
 from engine.input_batch import InputBatch, StepInputs
 from engine.model_runner import KVAllocator, ModelRunner
 from engine.read_back import TokenReadBack
@@ -44,7 +49,7 @@ class PendingStep:
     """A submitted step: its sampling rows' states and outputs, still on the device."""
 
     states: list[RequestState]
-    output: SamplerOutput | None
+    output: SamplerOutput | None  # the driver's; None on other ranks
     read_back: object
 
 
@@ -65,9 +70,10 @@ class RequestState:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, allocate_kv: KVAllocator):
+    def __init__(self, config: EngineConfig, group: ParallelGroup, allocate_kv: KVAllocator):
         self.config = config
-        self.runner = ModelRunner(config, allocate_kv)
+        self.group = group
+        self.runner = ModelRunner(config, group, allocate_kv)
         self.device = self.runner.device
         sched = config.scheduler
         self.batch = InputBatch(
@@ -108,17 +114,16 @@ class Worker:
         sampled = [states[i] for i in sampling_rows]
         if not sampled:
             return PendingStep([], None, None)
-        out = self.sampler(logits, self._sampling_batch(sampled))
-        self._record_history(sampled, out.token_ids)
+        out, token_ids = self._sample_or_receive(logits, sampled)
         for index, state in enumerate(sampled):
             state.num_pending += 1
             state.sampled_index = index
-        self._last_sampled = out.token_ids
-        return PendingStep(sampled, out, self._read_back.start(out.token_ids))
+        self._last_sampled = token_ids
+        return PendingStep(sampled, out, self._read_back.start(token_ids))
 
     def result(self, step: PendingStep) -> StepResult:
         """Wait for a submitted step; its tokens join the rows of requests still here."""
-        if step.output is None:
+        if not step.states:
             return StepResult([], [])
         token_ids = self._read_back.wait(step.read_back)  # the step's one read-back
         rows, kept = [], []
@@ -131,6 +136,8 @@ class Worker:
             state.num_pending -= 1
         if rows:
             self.batch.append_tokens(np.asarray(rows), np.asarray(kept, dtype=np.int32))
+        if step.output is None:  # not the driver: nobody reads this rank's logprobs
+            return StepResult(token_ids, [None] * len(token_ids))
         logprobs = to_token_logprobs(step.output, [s.params.logprobs for s in step.states])
         return StepResult(token_ids, logprobs)
 
@@ -187,11 +194,24 @@ class Worker:
             new.request_id, row, new.num_prompt_tokens, new.params, generator, len(new.token_ids)
         )
         self.requests[new.request_id] = state
-        if state.params.has_penalties:
+        if state.params.has_penalties and self.group.is_driver:
             prompt = new.token_ids[: new.num_prompt_tokens]
             self.history.fill(row, prompt, new.token_ids[new.num_prompt_tokens :])
 
     # -- sampling ------------------------------------------------------------------------
+
+    def _sample_or_receive(
+        self, logits: torch.Tensor, states: list[RequestState]
+    ) -> tuple[SamplerOutput | None, torch.Tensor]:
+        """The step's token ids on every rank: the driver samples them (every rank has
+        the whole logits after the LM head's gather) and broadcasts them."""
+        if not self.group.is_driver:
+            token_ids = torch.empty(len(states), dtype=torch.int64, device=self.device)
+            return None, self.group.broadcast(token_ids)
+        out = self.sampler(logits, self._sampling_batch(states))
+        self._record_history(states, out.token_ids)
+        self.group.broadcast(out.token_ids)
+        return out, out.token_ids
 
     def _sampling_batch(self, states: list[RequestState]) -> SamplingBatch:
         """Tensors of the sampling rows; reused while the rows stay the same and no row

@@ -22,6 +22,10 @@ class LLM:
     model (``max_model_len``) and the device's memory (number of KV blocks).
     On CPU it runs torch's threads as the caller left them (``torch.set_num_threads``,
     ``OMP_NUM_THREADS``); ``pd-serve`` chooses its own (``pd.cpu_threads``).
+
+    ``tensor_parallel_size=N`` starts N-1 worker processes (spawned: a script that
+    builds an ``LLM`` needs the ``if __name__ == "__main__":`` guard); ``shutdown()``
+    or a ``with`` block stops them, and they stop when this process exits.
     """
 
     def __init__(
@@ -45,8 +49,6 @@ class LLM:
         async_scheduling: bool = True,
         tensor_parallel_size: int = 1,
     ):
-        if tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1: not supported yet")
         self.config = make_engine_config(
             model,
             dtype=dtype,
@@ -64,10 +66,21 @@ class LLM:
             attention_backend=attention_backend,
             enforce_eager=enforce_eager,
             async_scheduling=async_scheduling,
+            tensor_parallel_size=tensor_parallel_size,
         )
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.engine = EngineCore(self.config)
         self._request_ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor parallelism); idempotent."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def generate(
         self,

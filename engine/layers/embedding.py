@@ -6,14 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import get_tp_rank, get_tp_size, tp_all_gather_last_dim, tp_all_reduce
+from engine.distributed import ParallelGroup
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int):
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: ParallelGroup):
         super().__init__()
-        self.tp_rank = get_tp_rank()
-        self.tp_size = get_tp_size()
+        self.tp = tp
+        self.tp_rank = tp.rank
+        self.tp_size = tp.size
         self.num_embeddings = num_embeddings
         # The last rank's slice is padded so that every rank has the same size.
         self.num_local = -(-num_embeddings // self.tp_size)
@@ -33,7 +34,7 @@ class VocabParallelEmbedding(nn.Module):
         in_range = (local_ids >= 0) & (local_ids < self.num_local)
         out = F.embedding(local_ids.clamp(0, self.num_local - 1), self.weight)
         out = out * in_range.unsqueeze(-1).to(out.dtype)
-        return tp_all_reduce(out)
+        return self.tp.all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -41,5 +42,5 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
-        logits = tp_all_gather_last_dim(logits)
+        logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.num_embeddings]

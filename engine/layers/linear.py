@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+from engine.distributed import ParallelGroup
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -21,12 +21,24 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def num_local_kv_heads(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads one TP rank holds: a share of them, or one replicated head when there
+    are more ranks than KV heads (ranks r*k..r*k+k-1 share head r for k = tp / heads)."""
+    if num_kv_heads >= tp_size:
+        return _divide(num_kv_heads, tp_size, "num_key_value_heads")
+    _divide(tp_size, num_kv_heads, "TP size over num_key_value_heads")
+    return 1
+
+
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, tp_dim: int | None, tp: ParallelGroup
+    ):
         super().__init__()
+        self.tp = tp
         self.tp_dim = tp_dim
-        self.tp_rank = get_tp_rank()
-        self.tp_size = get_tp_size()
+        self.tp_rank = tp.rank
+        self.tp_size = tp.size
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -44,7 +56,7 @@ class LinearBase(nn.Module):
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, tp_dim=None)
+        super().__init__(input_size, output_size, bias, None, ParallelGroup.single())
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded)
@@ -53,9 +65,11 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """y = x A^T with A split by rows (output features) over TP ranks."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        local = _divide(output_size, get_tp_size(), "output size")
-        super().__init__(input_size, local, bias, tp_dim=0)
+    def __init__(
+        self, input_size: int, output_size: int, tp: ParallelGroup, bias: bool = False
+    ):
+        local = _divide(output_size, tp.size, "output size")
+        super().__init__(input_size, local, bias, 0, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.data.size(0)
@@ -66,9 +80,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input stacked into one matmul
     (e.g. gate_proj and up_proj); ``shard_id`` is the index of the projection."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+    def __init__(
+        self, input_size: int, output_sizes: list[int], tp: ParallelGroup, bias: bool = False
+    ):
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), bias)
+        super().__init__(input_size, sum(output_sizes), tp, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         tp_size = self.tp_size
@@ -86,20 +102,22 @@ class QKVParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        tp: ParallelGroup,
+        bias: bool,
     ):
-        tp_size = get_tp_size()
+        tp_size = tp.size
         self.head_dim = head_dim
         self.num_local_heads = _divide(num_heads, tp_size, "num_attention_heads")
         # With more TP ranks than KV heads, each KV head is replicated over ranks.
         self.num_kv_head_replicas = max(1, tp_size // num_kv_heads)
-        if num_kv_heads >= tp_size:
-            self.num_local_kv_heads = _divide(num_kv_heads, tp_size, "num_key_value_heads")
-        else:
-            _divide(tp_size, num_kv_heads, "TP size over num_key_value_heads")
-            self.num_local_kv_heads = 1
+        self.num_local_kv_heads = num_local_kv_heads(num_kv_heads, tp_size)
         full_out = (self.num_local_heads + 2 * self.num_local_kv_heads) * head_dim * tp_size
-        super().__init__(hidden_size, full_out, bias)
+        super().__init__(hidden_size, full_out, tp, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         q_size = self.num_local_heads * self.head_dim
@@ -117,9 +135,11 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """y = x A^T with A split by columns (input features); results all-reduced."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        local = _divide(input_size, get_tp_size(), "input size")
-        super().__init__(local, output_size, bias, tp_dim=1)
+    def __init__(
+        self, input_size: int, output_size: int, tp: ParallelGroup, bias: bool = False
+    ):
+        local = _divide(input_size, tp.size, "input size")
+        super().__init__(local, output_size, bias, 1, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.data.dim() == 1:  # bias: added once, on rank 0 only
@@ -129,4 +149,4 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tp_all_reduce(F.linear(x, self.weight, self.bias))
+        return self.tp.all_reduce(F.linear(x, self.weight, self.bias))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.distributed import ParallelGroup
 from engine.forward_context import get_attention_metadata
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
@@ -24,7 +25,9 @@ from engine.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int, qk_norm: bool):
+    def __init__(
+        self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup
+    ):
         super().__init__()
         head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(
@@ -32,13 +35,14 @@ class LlamaAttention(nn.Module):
             head_dim,
             config.num_attention_heads,
             config.num_key_value_heads,
+            tp,
             bias=config.attention_bias,
         )
         self.num_heads = self.qkv_proj.num_local_heads
         self.num_kv_heads = self.qkv_proj.num_local_kv_heads
         self.head_dim = head_dim
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * head_dim, config.hidden_size, bias=False
+            config.num_attention_heads * head_dim, config.hidden_size, tp, bias=False
         )
         self.rotary_emb = RotaryEmbedding(head_dim, max_position, config.rope)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
@@ -61,11 +65,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: ParallelGroup):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size])
-        self.down_proj = RowParallelLinear(size, config.hidden_size)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, tp)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,10 +77,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int, qk_norm: bool):
+    def __init__(
+        self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup
+    ):
         super().__init__()
-        self.self_attn = LlamaAttention(config, max_position, qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, max_position, qk_norm, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -94,11 +100,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int, qk_norm: bool):
+    def __init__(
+        self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup
+    ):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, max_position, qk_norm)
+            LlamaDecoderLayer(config, max_position, qk_norm, tp)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -123,11 +131,11 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig, max_position: int):
+    def __init__(self, config: ModelConfig, max_position: int, tp: ParallelGroup):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position, self.qk_norm)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.model = LlamaModel(config, max_position, self.qk_norm, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

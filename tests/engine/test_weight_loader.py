@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import EngineConfig, ModelConfig, SchedulerConfig
+from engine.distributed import ParallelGroup
 from engine.models.registry import get_model_class
 from engine.weight_loader import init_dummy_weights, load_weights
 
@@ -18,7 +19,7 @@ def build(model_dir, dtype="float32"):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(config.dtype)
         try:
-            model = get_model_class(config.architecture)(config, max_position=64)
+            model = get_model_class(config.architecture)(config, 64, ParallelGroup.single())
         finally:
             torch.set_default_dtype(previous)
     return config, model

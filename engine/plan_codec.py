@@ -1,0 +1,62 @@
+"""StepPlan <-> bytes: the one codec a plan crosses to TP worker processes with.
+
+msgpack of nested arrays in the dataclasses' field order (never pickle: a worker
+decodes numbers, strings and lists, nothing that runs code). Both ends run the
+same code, so positions are the schema; sampling parameters are rebuilt through
+``SamplingParams`` and so validated again on arrival.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+
+from engine.sampling_params import SamplingParams
+from engine.step_plan import KVSend, NewRequest, RunningRequest, StepPlan
+
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def encode_plan(plan: StepPlan) -> bytes:
+    return msgpack.packb(
+        [
+            [[r.request_id, r.new_block_ids, r.num_new_tokens] for r in plan.running],
+            [_new_request_to_wire(r) for r in plan.new_requests],
+            plan.removed_ids,
+            plan.preempted_ids,
+            [[s.request_id, s.src_block_ids, s.dst_block_ids] for s in plan.kv_sends],
+        ],
+        use_bin_type=True,
+    )
+
+
+def decode_plan(data: bytes) -> StepPlan:
+    running, new_requests, removed_ids, preempted_ids, kv_sends = msgpack.unpackb(
+        data, raw=False, use_list=True
+    )
+    return StepPlan(
+        running=[RunningRequest(*r) for r in running],
+        new_requests=[_new_request_from_wire(r) for r in new_requests],
+        removed_ids=removed_ids,
+        preempted_ids=preempted_ids,
+        kv_sends=[KVSend(*s) for s in kv_sends],
+    )
+
+
+def _new_request_to_wire(r: NewRequest) -> list:
+    params = [getattr(r.params, name) for name in _PARAM_FIELDS]
+    return [
+        r.request_id, r.token_ids, r.num_prompt_tokens, params, r.block_ids,
+        r.num_computed_tokens, r.num_new_tokens,
+    ]  # fmt: skip
+
+
+def _new_request_from_wire(wire: list) -> NewRequest:
+    request_id, token_ids, num_prompt, params, block_ids, num_computed, num_new = wire
+    values = dict(zip(_PARAM_FIELDS, params, strict=True))
+    values["eos_token_ids"] = tuple(values["eos_token_ids"])
+    return NewRequest(
+        request_id, token_ids, num_prompt, SamplingParams(**values), block_ids, num_computed,
+        num_new,
+    )  # fmt: skip

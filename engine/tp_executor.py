@@ -1,0 +1,202 @@
+"""Tensor parallelism: rank 0's worker in this process, ranks 1..N-1 in processes of
+their own, every rank running the same step plans.
+
+    engine core --plan bytes (ZMQ ROUTER, one send per worker)--> TP worker 1..N-1
+         |                                                            |
+         +-- rank 0 Worker <====== collectives (gloo / NCCL) ======> Worker
+
+Each step the plan is encoded once (``engine.plan_codec``) and sent to every worker
+before rank 0 runs it; the forward's collectives keep the ranks in step and the
+driver's token broadcast gives every rank the sampled ids. Only rank 0 returns
+results.
+
+A worker that dies is noticed by a watcher thread (its process sentinel): it logs
+which rank died and how, stops the other workers, aborts the group so that a
+collective waiting on the dead rank fails, and calls ``on_worker_death``. Every
+later call raises ``WorkerDiedError``. Workers exit when this process does, even
+when it is killed (each watches its parent).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import zmq
+
+from engine.config import EngineConfig, rank_device
+from engine.distributed import host_group_store, join_group
+from engine.kv_cache import KVCacheLayout
+from engine.model_runner import KVAllocator
+from engine.plan_codec import encode_plan
+from engine.step_plan import StepPlan, StepResult
+from engine.tp_worker import ERROR, QUIT, READY, STEP, run_tp_worker
+from engine.worker import KVSender, PendingStep, Worker
+
+logger = logging.getLogger(__name__)
+
+_STOP_TIMEOUT_S = 5.0
+_NOTICE_TIMEOUT_S = 2.0  # how long a failed collective waits for the watcher's verdict
+
+
+class WorkerDiedError(RuntimeError):
+    """A TP worker of this engine is gone; the engine cannot step any more."""
+
+
+class TPExecutor:
+    def __init__(self, config: EngineConfig, allocate_kv: KVAllocator):
+        size = config.tensor_parallel_size
+        self.failure: str | None = None
+        self.on_worker_death: Callable[[str], None] | None = None
+        self._closing = False
+        store, address = host_group_store("127.0.0.1", size)
+        self._store = store  # rank 0 hosts the group's rendezvous while it lives
+        self._context = zmq.Context()
+        self._channel = self._context.socket(zmq.ROUTER)
+        self._channel.setsockopt(zmq.LINGER, 0)
+        self._channel.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker raises, not drops
+        self._channel.bind("tcp://127.0.0.1:*")
+        channel = self._channel.getsockopt_string(zmq.LAST_ENDPOINT)
+        spawn = multiprocessing.get_context("spawn")
+        self.processes = [
+            spawn.Process(
+                target=run_tp_worker,
+                args=(config, rank, address, channel, torch.get_num_threads()),
+                name=f"pd-tp-worker-{rank}",
+                daemon=True,
+            )
+            for rank in range(1, size)
+        ]
+        for process in self.processes:
+            process.start()
+        logger.info(
+            "tensor parallel %d: workers %s",
+            size, ", ".join(f"rank {r + 1} pid {p.pid}" for r, p in enumerate(self.processes)),
+        )  # fmt: skip
+        self.group = None
+        self._watcher = threading.Thread(target=self._watch, name="tp-watch", daemon=True)
+        self._watcher.start()
+        try:
+            self.group = join_group(address, 0, rank_device(config.device, 0), store)
+            self.worker = Worker(config, self.group, allocate_kv)
+            self._workers = self._wait_ready(size - 1)
+        except Exception as error:
+            self.close()
+            if self.failure is not None:
+                raise WorkerDiedError(f"{self.failure} while starting") from error
+            raise
+
+    # -- steps -------------------------------------------------------------------------
+
+    def submit(self, plan: StepPlan) -> PendingStep:
+        self._check_alive()
+        payload = encode_plan(plan)
+        try:
+            for identity in self._workers:
+                self._channel.send_multipart([identity, STEP, payload], copy=False)
+            return self.worker.submit(plan)
+        except Exception as error:
+            self._raise_if_a_worker_died(error)
+            raise
+
+    def result(self, step: PendingStep) -> StepResult:
+        self._check_alive()
+        try:
+            return self.worker.result(step)
+        except Exception as error:
+            self._raise_if_a_worker_died(error)
+            raise
+
+    def set_kv_sender(self, sender: KVSender | None) -> None:
+        self.worker.kv_sender = sender
+
+    @property
+    def kv_layout(self) -> KVCacheLayout:
+        return self.worker.runner.layout
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.worker.runner.kv_cache
+
+    def workers_alive(self) -> list[bool]:
+        """Liveness of every TP rank, rank 0 (this process) first."""
+        return [True, *(p.is_alive() for p in self.processes)]
+
+    def close(self) -> None:
+        """Stop the workers (politely, then by force) and release the channel."""
+        if self._closing:
+            return
+        self._closing = True
+        for identity in getattr(self, "_workers", []):
+            try:
+                self._channel.send_multipart([identity, QUIT])
+            except zmq.ZMQError:
+                pass  # already gone
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._channel.close()
+        self._context.term()
+
+    # -- start-up and failures ----------------------------------------------------------
+
+    def _wait_ready(self, count: int) -> list[bytes]:
+        """Identities of the workers, once each has loaded its shard."""
+        ready: list[bytes] = []
+        while len(ready) < count:
+            self._check_alive()
+            if not self._channel.poll(100):
+                continue
+            identity, kind, *rest = self._channel.recv_multipart()
+            if kind == ERROR:
+                raise RuntimeError(f"a TP worker failed to start: {rest[0].decode()}")
+            if kind == READY:
+                ready.append(identity)
+        # Plans go out in rank order (not that it matters: each worker has its own queue).
+        return ready
+
+    def _watch(self) -> None:
+        sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self.processes, start=1)}
+        while not self._closing:
+            done = multiprocessing.connection.wait(list(sentinels), timeout=0.5)
+            if not done or self._closing:
+                continue
+            rank, process = sentinels[done[0]]
+            process.join()
+            self._fail(f"TP worker {rank} (pid {process.pid}) exited with code {process.exitcode}")
+            return
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        logger.error("%s: this engine stops", reason)
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+        if self.group is not None:
+            self.group.abort()
+        if self.on_worker_death is not None:
+            self.on_worker_death(reason)
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise WorkerDiedError(self.failure)
+
+    def _raise_if_a_worker_died(self, error: Exception) -> None:
+        """A collective that failed because a peer died: say which worker, not gloo's
+        socket error (the watcher may need a moment to see the exit)."""
+        deadline = time.monotonic() + _NOTICE_TIMEOUT_S
+        while self.failure is None and time.monotonic() < deadline:
+            if not all(p.is_alive() for p in self.processes):
+                self._watcher.join(_NOTICE_TIMEOUT_S)
+                break
+            time.sleep(0.05)
+        if self.failure is not None:
+            raise WorkerDiedError(self.failure) from error
