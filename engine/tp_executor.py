@@ -19,6 +19,7 @@ when it is killed (each watches its parent).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -133,10 +134,8 @@ class TPExecutor:
             return
         self._closing = True
         for identity in getattr(self, "_workers", []):
-            try:
+            with contextlib.suppress(zmq.ZMQError):  # already gone
                 self._channel.send_multipart([identity, QUIT])
-            except zmq.ZMQError:
-                pass  # already gone
         deadline = time.monotonic() + _STOP_TIMEOUT_S
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))

@@ -191,8 +191,8 @@ def check_supported(args: ServeArgs, given: frozenset[str]) -> None:
     """Reject features whose implementation lands in a later issue (never ignore them)."""
     unsupported = [
         (
-            args.tensor_parallel_size > 1,
-            "tensor parallelism",
+            args.tensor_parallel_size > 1 and args.splitwise_role != "mixed",
+            f"tensor parallelism on a {args.splitwise_role} rank",
             f"--tensor-parallel-size {args.tensor_parallel_size}",
         ),
         (

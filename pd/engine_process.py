@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pd.engine")
 
 _IDLE_POLL_MS = 50
+WORKER_DIED_EXIT_CODE = 70  # a TP worker of this engine died
 _STATS_INTERVAL_S = 0.1
 
 
@@ -55,6 +56,7 @@ def run_engine_process(
         config = make_engine_config(**engine_kwargs)
         if settings is None:
             engine = EngineCore(config)
+            _exit_when_a_worker_dies(engine)
             logger.info("model loaded; serving on %s", address)
             EngineLoop(engine, socket).run()
         else:
@@ -63,11 +65,20 @@ def run_engine_process(
 
             pool = KVPool(settings.role, settings.protocols)
             engine = EngineCore(config, allocate_kv=pool)
+            _exit_when_a_worker_dies(engine)
             logger.info("model loaded; %s rank %s", settings.role, settings.rank_id)
             SplitwiseLoop(engine, socket, settings, pool.shm_path).run()
     finally:
         socket.close()
         context.term()
+
+
+def _exit_when_a_worker_dies(engine) -> None:  # type: ignore[no-untyped-def]
+    """A dead TP worker ends this process at once (the executor has logged which rank
+    and why): the API server then fails every request of this engine with an error,
+    where waiting for the next step could leave a collective blocked."""
+    if hasattr(engine.executor, "on_worker_death"):
+        engine.executor.on_worker_death = lambda reason: os._exit(WORKER_DIED_EXIT_CODE)
 
 
 class EngineLoop:

@@ -61,6 +61,7 @@ def engine_kwargs(args: ServeArgs) -> dict:
         "enforce_eager": args.enforce_eager,
         # A prefill/decode rank shares its blocks with peers: it steps synchronously.
         "async_scheduling": args.async_scheduling and args.splitwise_role == "mixed",
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
 
 
@@ -81,7 +82,9 @@ def start_engine(
         target=run_engine_process,
         args=(engine_kwargs(args), address, args.log_level, threads, settings),
         name="pd-engine-0",
-        daemon=True,
+        # Not daemonic: it starts TP worker processes. It stops with us all the same:
+        # _stop_engine on every exit path, and it watches our pid in case we are killed.
+        daemon=False,
     )
     process.start()
     logger.info("engine core (DP rank 0) pid %d on %s", process.pid, address)
@@ -168,9 +171,17 @@ async def _watch(process: multiprocessing.Process, client, servers: list) -> Non
             announced = True
         await asyncio.sleep(0.2)
     if not process.is_alive():
-        client.mark_dead(f"engine process exited with code {process.exitcode}")
+        client.mark_dead(_exit_reason(process.exitcode))
     for server in servers:
         server.should_exit = True
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    from pd.engine_process import WORKER_DIED_EXIT_CODE
+
+    if exitcode == WORKER_DIED_EXIT_CODE:
+        return "a tensor-parallel worker of the engine died (see the engine's log)"
+    return f"engine process exited with code {exitcode}"
 
 
 def _stop_engine(process: multiprocessing.Process) -> None:

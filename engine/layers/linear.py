@@ -65,9 +65,7 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """y = x A^T with A split by rows (output features) over TP ranks."""
 
-    def __init__(
-        self, input_size: int, output_size: int, tp: ParallelGroup, bias: bool = False
-    ):
+    def __init__(self, input_size: int, output_size: int, tp: ParallelGroup, bias: bool = False):
         local = _divide(output_size, tp.size, "output size")
         super().__init__(input_size, local, bias, 0, tp)
 
@@ -135,9 +133,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """y = x A^T with A split by columns (input features); results all-reduced."""
 
-    def __init__(
-        self, input_size: int, output_size: int, tp: ParallelGroup, bias: bool = False
-    ):
+    def __init__(self, input_size: int, output_size: int, tp: ParallelGroup, bias: bool = False):
         local = _divide(input_size, tp.size, "input size")
         super().__init__(local, output_size, bias, 1, tp)
 

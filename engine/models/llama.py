@@ -25,9 +25,7 @@ from engine.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(
-        self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup
-    ):
+    def __init__(self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup):
         super().__init__()
         head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(
@@ -77,9 +75,7 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup
-    ):
+    def __init__(self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup):
         super().__init__()
         self.self_attn = LlamaAttention(config, max_position, qk_norm, tp)
         self.mlp = LlamaMLP(config, tp)
@@ -100,9 +96,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(
-        self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup
-    ):
+    def __init__(self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
