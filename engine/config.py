@@ -199,6 +199,7 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        self._check_tp_divides_the_model()
         if self.device.startswith("cuda"):
             first = torch.device(self.device).index or 0
             available = torch.cuda.device_count()
@@ -220,6 +221,22 @@ class EngineConfig:
             raise ValueError(
                 f"max_model_len ({self.scheduler.max_model_len}) is larger than the model's "
                 f"max_position_embeddings ({self.model.max_position_embeddings})"
+            )
+
+
+    def _check_tp_divides_the_model(self) -> None:
+        tp, model = self.tensor_parallel_size, self.model
+        for name in ("num_attention_heads", "intermediate_size"):
+            if getattr(model, name) % tp:
+                raise ValueError(
+                    f"tensor_parallel_size {tp} does not divide the model's {name} "
+                    f"({getattr(model, name)})"
+                )
+        kv = model.num_key_value_heads
+        if kv % tp and tp % kv:  # fewer ranks than KV heads share them, more replicate them
+            raise ValueError(
+                f"tensor_parallel_size {tp} and the model's num_key_value_heads ({kv}): one "
+                "must divide the other"
             )
 
 

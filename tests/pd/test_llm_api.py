@@ -215,8 +215,10 @@ def test_dummy_load_format_needs_no_checkpoint(tiny_model, tmp_path):
 
 
 def test_unsupported_options_are_refused(tiny_model):
-    with pytest.raises(ValueError, match="not supported yet"):
-        LLM(model=str(tiny_model("qwen2")), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide"):
+        LLM(model=str(tiny_model("qwen2")), tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+        LLM(model=str(tiny_model("qwen2")), tensor_parallel_size=0)
     with pytest.raises(ValueError, match="device"):
         LLM(model=str(tiny_model("qwen2")), device="tpu")
     with pytest.raises(ValueError, match="dtype"):
