@@ -223,7 +223,6 @@ class EngineConfig:
                 f"max_position_embeddings ({self.model.max_position_embeddings})"
             )
 
-
     def _check_tp_divides_the_model(self) -> None:
         tp, model = self.tensor_parallel_size, self.model
         for name in ("num_attention_heads", "intermediate_size"):

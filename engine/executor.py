@@ -47,5 +47,8 @@ class InProcessExecutor:
     def kv_cache(self) -> torch.Tensor:
         return self.worker.runner.kv_cache
 
+    def workers_alive(self) -> list[bool]:
+        return [True]  # the one worker is this process
+
     def close(self) -> None:
         pass

@@ -266,7 +266,12 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def _add_parallel_flags(group: argparse._ArgumentGroup) -> None:
-    _add_size(group, "--tensor-parallel-size", "TP ranks per DP rank", default=1)
+    _add_size(
+        group,
+        "--tensor-parallel-size",
+        "TP ranks per DP rank: the model sharded over this many devices (worker processes)",
+        default=1,
+    )
     _add_size(group, "--data-parallel-size", "DP ranks of this instance", default=1)
     group.add_argument(
         "--enable-expert-parallel",

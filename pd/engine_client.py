@@ -72,6 +72,7 @@ class RequestTimings:
     on_finished: Callable[[str, float, int, int], None] = lambda *args: None
     on_stats: Callable[[int, int, int, int], None] = lambda *args: None
     on_kv_events: Callable[[list], None] = lambda events: None
+    on_workers: Callable[[list[bool]], None] = lambda alive: None
 
 
 class EngineClient:
@@ -209,6 +210,7 @@ class EngineClient:
             elif kind is Kind.STATS:
                 self.stats = payload
                 self.timings.on_kv_events(payload.kv_events)
+                self.timings.on_workers(payload.tp_workers_alive)
                 self.timings.on_stats(
                     payload.num_running,
                     payload.num_waiting,

@@ -46,6 +46,9 @@ class EngineStats:
     # KV hand-off events since the last stats: [kind, protocol, bytes, seconds], kind one
     # of KV_EVENT_KINDS (a prefill rank's view; empty elsewhere)
     kv_events: list = field(default_factory=list)
+    # Per TP rank (rank 0 first): whether its worker is alive. Every rank holds the
+    # same blocks (one block manager per DP rank), so KV use is the same on each.
+    tp_workers_alive: list = field(default_factory=lambda: [True])
 
 
 KV_EVENT_KINDS = ("transfer", "transfer_failed", "reserve_refused", "redispatched")

@@ -187,6 +187,7 @@ class EngineLoop:
             num_free_blocks=blocks.num_free_blocks,
             num_blocks=blocks.num_blocks,
             kv_events=self._kv_events(),
+            tp_workers_alive=self.engine.executor.workers_alive(),
         )
         for identity in self.clients:
             self._send(identity, Kind.STATS, stats)

@@ -60,6 +60,13 @@ class ServerMetrics:
         self._num_waiting = gauge("pd:num_requests_waiting", "Requests waiting to be scheduled.")
         self._kv_usage = gauge("pd:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).")
         self._num_free_blocks = gauge("pd:num_gpu_blocks_free", "KV cache blocks free.")
+        self._tp_worker_up = Gauge(
+            "pd:tp_worker_up",
+            "1 while the tensor-parallel worker of this rank is alive (KV use is the same "
+            "on every TP rank: see pd:kv_cache_usage_perc).",
+            ["model_name", "tp_rank"],
+            registry=self.registry,
+        )
 
     def _make_counters(self) -> None:
         def counter(name: str, doc: str) -> Counter:
@@ -169,6 +176,10 @@ class ServerMetrics:
         self._num_free_blocks.set(free_blocks)
         usage = 1.0 - free_blocks / total_blocks if total_blocks > 0 else 0.0
         self._kv_usage.set(min(max(usage, 0.0), 1.0))
+
+    def set_tp_workers(self, alive: list[bool]) -> None:
+        for rank, up in enumerate(alive):
+            self._tp_worker_up.labels(self.model_name, str(rank)).set(1 if up else 0)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

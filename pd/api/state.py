@@ -56,4 +56,5 @@ class ServerState:
             on_finished=self.metrics.observe_finished,
             on_stats=self.metrics.set_engine_stats,
             on_kv_events=self.metrics.observe_kv_events,
+            on_workers=self.metrics.set_tp_workers,
         )

@@ -127,6 +127,9 @@ def test_serve_tp2_matches_hf_then_a_killed_worker_ends_the_instance(tiny_model,
             tokenizer.decode(ids, skip_special_tokens=True) for ids in reference
         ]
 
+        for rank in ("0", "1"):  # stats arrive every 0.1 s
+            assert server.metric("pd:tp_worker_up", f'tp_rank="{rank}"') == 1.0
+
         engine_pid = server.engine_pid()
         workers = tp_worker_pids(engine_pid)
         assert len(workers) == 1
