@@ -96,11 +96,13 @@ class PdCommService(pb_grpc.PdCommServicer):
         engine.allow(
             reservation.transfer_id, dst_block_ranges(engine.layout, reservation.block_ids)
         )
+        endpoints = [endpoint_to_proto(e) for e in engine.endpoints()]
         return pb.ReserveReply(
             status=Status.OK,
             transfer_id=reservation.transfer_id,
             block_ids=reservation.block_ids,
-            endpoint=endpoint_to_proto(engine.endpoint()),
+            endpoint=endpoints[0],
+            endpoints=endpoints,
             lease_ms=int(self.reservations.lease_s * 1000),
         )
 

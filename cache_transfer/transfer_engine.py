@@ -117,6 +117,10 @@ class TransferEngine(ABC):
     def endpoint(self) -> dict:
         """What a peer needs to reach this pool (msgpack-able; travels in Reserve's reply)."""
 
+    def endpoints(self) -> list[dict]:
+        """One per TP rank of the receiving engine: just this pool's."""
+        return [self.endpoint()]
+
     def allow(self, transfer_id: int, byte_ranges: Sequence[tuple[int, int]]) -> None:
         """Accept writes of ``transfer_id`` into these [start, end) ranges of the pool.
         NOTE: rdma writes and ipc writes on CPU (into shared memory) are one-sided: the

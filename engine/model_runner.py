@@ -48,6 +48,7 @@ class ModelRunner:
     ):
         self.config = config
         self.group = group
+        self.allocate_kv = allocate_kv  # what placed the pool (a transfer may need to know)
         self.device = rank_device(config.device, group.rank)
         self.block_size = config.cache.block_size
         num_kv_heads = num_local_kv_heads(config.model.num_key_value_heads, group.size)

@@ -13,7 +13,7 @@ import dataclasses
 import msgpack
 
 from engine.sampling_params import SamplingParams
-from engine.step_plan import KVSend, NewRequest, RunningRequest, StepPlan
+from engine.step_plan import KVSend, KVTarget, NewRequest, RunningRequest, StepPlan
 
 _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
@@ -25,7 +25,7 @@ def encode_plan(plan: StepPlan) -> bytes:
             [_new_request_to_wire(r) for r in plan.new_requests],
             plan.removed_ids,
             plan.preempted_ids,
-            [[s.request_id, s.src_block_ids, s.dst_block_ids] for s in plan.kv_sends],
+            [send_to_wire(s) for s in plan.kv_sends],
         ],
         use_bin_type=True,
     )
@@ -40,7 +40,7 @@ def decode_plan(data: bytes) -> StepPlan:
         new_requests=[_new_request_from_wire(r) for r in new_requests],
         removed_ids=removed_ids,
         preempted_ids=preempted_ids,
-        kv_sends=[KVSend(*s) for s in kv_sends],
+        kv_sends=[send_from_wire(s) for s in kv_sends],
     )
 
 
@@ -60,3 +60,14 @@ def _new_request_from_wire(wire: list) -> NewRequest:
         request_id, token_ids, num_prompt, SamplingParams(**values), block_ids, num_computed,
         num_new,
     )  # fmt: skip
+
+
+def send_to_wire(send: KVSend) -> list:
+    t = send.target
+    target = [t.protocol, t.peer_key, t.transfer_id, t.peer_num_blocks, t.endpoints]
+    return [send.request_id, send.src_block_ids, send.dst_block_ids, target]
+
+
+def send_from_wire(wire: list) -> KVSend:
+    request_id, src_block_ids, dst_block_ids, target = wire
+    return KVSend(request_id, src_block_ids, dst_block_ids, KVTarget(*target))

@@ -44,12 +44,25 @@ class RunningRequest:
 
 
 @dataclass
+class KVTarget:
+    """Where a request's KV goes: a peer's blocks, opened for one transfer. Every TP rank
+    writes its own KV shard: rank i to ``endpoints[i]`` (the peer's TP rank i)."""
+
+    protocol: str
+    peer_key: str  # the peer's pool, as the transfer engines name it
+    transfer_id: int
+    peer_num_blocks: int  # the peer pool's size; the rest of its layout equals ours
+    endpoints: list[dict]  # one per peer TP rank (msgpack-able descriptors)
+
+
+@dataclass
 class KVSend:
     """Write blocks of one request into a peer's blocks after each layer's K/V land."""
 
     request_id: str
     src_block_ids: list[int]
     dst_block_ids: list[int]
+    target: KVTarget
 
 
 @dataclass

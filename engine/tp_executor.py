@@ -8,7 +8,9 @@ their own, every rank running the same step plans.
 Each step the plan is encoded once (``engine.plan_codec``) and sent to every worker
 before rank 0 runs it; the forward's collectives keep the ranks in step and the
 driver's token broadcast gives every rank the sampled ids. Only rank 0 returns
-results.
+results. Extension loads and calls travel on the same channel, so they run between
+the same steps on every rank; extensions' notifications come back on a PULL socket
+that a thread here drains into ``on_notify``.
 
 A worker that dies is noticed by a watcher thread (its process sentinel): it logs
 which rank died and how, stops the other workers, aborts the group so that a
@@ -26,18 +28,21 @@ import multiprocessing.connection
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+import msgpack
 import torch
 import zmq
 
 from engine.config import EngineConfig, rank_device
 from engine.distributed import host_group_store, join_group
+from engine.executor import Notify, build_extension
 from engine.kv_cache import KVCacheLayout
 from engine.model_runner import KVAllocator
 from engine.plan_codec import encode_plan
 from engine.step_plan import StepPlan, StepResult
-from engine.tp_worker import ERROR, QUIT, READY, STEP, run_tp_worker
-from engine.worker import KVSender, PendingStep, Worker
+from engine.tp_worker import CALL, ERROR, LOAD, QUIT, READY, REPLY, STEP, run_tp_worker
+from engine.worker import PendingStep, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +57,11 @@ class WorkerDiedError(RuntimeError):
 class TPExecutor:
     def __init__(self, config: EngineConfig, allocate_kv: KVAllocator):
         size = config.tensor_parallel_size
+        self.tp_size = size
         self.failure: str | None = None
         self.on_worker_death: Callable[[str], None] | None = None
+        self.on_notify: Notify = lambda payload: None
+        self.extension: Any = None
         self._closing = False
         store, address = host_group_store("127.0.0.1", size)
         self._store = store  # rank 0 hosts the group's rendezvous while it lives
@@ -63,11 +71,16 @@ class TPExecutor:
         self._channel.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker raises, not drops
         self._channel.bind("tcp://127.0.0.1:*")
         channel = self._channel.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._notices = self._context.socket(zmq.PULL)
+        self._notices.setsockopt(zmq.LINGER, 0)
+        self._notices.bind("tcp://127.0.0.1:*")
+        notices = self._notices.getsockopt_string(zmq.LAST_ENDPOINT)
         spawn = multiprocessing.get_context("spawn")
+        num_threads = torch.get_num_threads()
         self.processes = [
             spawn.Process(
                 target=run_tp_worker,
-                args=(config, rank, address, channel, torch.get_num_threads()),
+                args=(config, rank, address, channel, notices, allocate_kv, num_threads),
                 name=f"pd-tp-worker-{rank}",
                 daemon=True,
             )
@@ -82,6 +95,8 @@ class TPExecutor:
         self.group = None
         self._watcher = threading.Thread(target=self._watch, name="tp-watch", daemon=True)
         self._watcher.start()
+        self._receiver = threading.Thread(target=self._receive, name="tp-notices", daemon=True)
+        self._receiver.start()
         try:
             self.group = join_group(address, 0, rank_device(config.device, 0), store)
             self.worker = Worker(config, self.group, allocate_kv)
@@ -113,8 +128,58 @@ class TPExecutor:
             self._raise_if_a_worker_died(error)
             raise
 
-    def set_kv_sender(self, sender: KVSender | None) -> None:
-        self.worker.kv_sender = sender
+    # -- extensions --------------------------------------------------------------------
+
+    def load_extension(self, name: str, *args: Any) -> None:
+        self._check_alive()
+        self._broadcast(LOAD, [name, list(args)])
+        self.extension = build_extension(name, self.worker, self._notify, list(args))
+        self._replies()
+
+    def call_extension(self, method: str, *args: Any) -> list:
+        """Every rank's answer, rank 0 first (raises if a rank's call raised)."""
+        self._check_alive()
+        self._broadcast(CALL, [method, list(args)])
+        local = getattr(self.extension, method)(*args)
+        return [local, *self._replies()]
+
+    def _notify(self, payload: Any) -> None:
+        self.on_notify(payload)
+
+    def _broadcast(self, kind: bytes, message: list) -> None:
+        payload = msgpack.packb(message, use_bin_type=True)
+        for identity in self._workers:
+            self._channel.send_multipart([identity, kind, payload])
+
+    def _replies(self) -> list:
+        """Each worker's answer to the last LOAD or CALL, in rank order."""
+        answers: dict[bytes, Any] = {}
+        errors = []
+        while len(answers) < len(self._workers):
+            self._check_alive()
+            if not self._channel.poll(100):
+                continue
+            identity, kind, payload = self._channel.recv_multipart()
+            if kind != REPLY:
+                raise RuntimeError(f"unexpected {kind!r} from a TP worker awaiting replies")
+            ok, value = msgpack.unpackb(payload, raw=False)
+            answers[identity] = value
+            if not ok:
+                errors.append(value)
+        if errors:
+            raise RuntimeError(f"a TP worker's extension call failed: {errors[0]}")
+        return [answers[identity] for identity in self._workers]
+
+    def _receive(self) -> None:
+        """Extensions' notifications from the workers, handed to ``on_notify``."""
+        while not self._closing:
+            try:
+                if not self._notices.poll(200):
+                    continue
+                payload = msgpack.unpackb(self._notices.recv(), raw=False)
+            except zmq.ZMQError:
+                return  # closed
+            self.on_notify(payload)
 
     @property
     def kv_layout(self) -> KVCacheLayout:
@@ -133,6 +198,8 @@ class TPExecutor:
         if self._closing:
             return
         self._closing = True
+        if self.extension is not None:
+            self.extension.close()
         for identity in getattr(self, "_workers", []):
             with contextlib.suppress(zmq.ZMQError):  # already gone
                 self._channel.send_multipart([identity, QUIT])
@@ -142,7 +209,9 @@ class TPExecutor:
             if process.is_alive():
                 process.kill()
                 process.join()
+        self._receiver.join(1.0)
         self._channel.close()
+        self._notices.close()
         self._context.term()
 
     # -- start-up and failures ----------------------------------------------------------
@@ -159,8 +228,7 @@ class TPExecutor:
                 raise RuntimeError(f"a TP worker failed to start: {rest[0].decode()}")
             if kind == READY:
                 ready.append(identity)
-        # Plans go out in rank order (not that it matters: each worker has its own queue).
-        return ready
+        return sorted(ready, key=lambda identity: int(identity.split(b"-")[1]))
 
     def _watch(self) -> None:
         sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self.processes, start=1)}

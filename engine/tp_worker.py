@@ -6,8 +6,11 @@ step to its end before taking the next plan: its rows then hold the sampled toke
 on the host, which gives the same inputs as rank 0's pending tokens, so one rank may
 schedule asynchronously while the others do not.
 
-Frames from the executor: ``[STEP, plan bytes]`` or ``[QUIT]``; to it: ``[READY]``
-or ``[ERROR, text]`` when start-up fails.
+Frames from the executor: ``[STEP, plan bytes]``, ``[LOAD, msgpack [name, args]]``
+(build a worker extension, see ``engine.executor``), ``[CALL, msgpack [method, args]]``
+or ``[QUIT]``; to it: ``[READY]``, ``[ERROR, text]`` when start-up fails, and
+``[REPLY, msgpack [ok, answer or error text]]`` for each LOAD and CALL. Extensions'
+notifications go to the executor's PULL socket.
 """
 
 from __future__ import annotations
@@ -16,23 +19,32 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
+import msgpack
 import torch
 import zmq
 
 from engine.config import EngineConfig, rank_device
 from engine.distributed import GroupAddress, join_group
-from engine.kv_cache import allocate_kv_cache
+from engine.model_runner import KVAllocator
 from engine.plan_codec import decode_plan
 
 logger = logging.getLogger("engine.tp_worker")
 
-STEP, QUIT, READY, ERROR = b"S", b"Q", b"R", b"E"
+STEP, LOAD, CALL, QUIT = b"S", b"L", b"C", b"Q"
+READY, ERROR, REPLY = b"R", b"E", b"A"
 _PARENT_POLL_S = 0.5
 
 
 def run_tp_worker(
-    config: EngineConfig, rank: int, address: GroupAddress, channel: str, num_threads: int
+    config: EngineConfig,
+    rank: int,
+    address: GroupAddress,
+    channel: str,
+    notices: str,
+    allocate_kv: KVAllocator,
+    num_threads: int,
 ) -> None:
     logging.basicConfig(
         level=logging.getLogger().getEffectiveLevel(),
@@ -42,28 +54,67 @@ def run_tp_worker(
     _exit_with_parent(os.getppid())
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, f"rank-{rank}".encode())
     socket.setsockopt(zmq.LINGER, 1000)
     socket.connect(channel)
+    notify = _Notifier(context, notices)
     try:
         from engine.worker import Worker  # after the threads are set
 
         group = join_group(address, rank, rank_device(config.device, rank))
-        worker = Worker(config, group, allocate_kv_cache)
+        worker = Worker(config, group, allocate_kv)
     except Exception as error:
         logger.exception("TP worker %d failed to start", rank)
         socket.send_multipart([ERROR, f"rank {rank}: {error}".encode()])
         socket.close()
         raise SystemExit(1) from error
     socket.send_multipart([READY])
+    extension: Any = None
     while True:
         kind, *payload = socket.recv_multipart()
-        if kind == QUIT:
+        if kind == STEP:
+            worker.result(worker.submit(decode_plan(payload[0])))
+        elif kind in (LOAD, CALL):
+            name, args = msgpack.unpackb(payload[0], raw=False)
+            try:
+                if kind == LOAD:
+                    from engine.executor import build_extension
+
+                    extension, answer = build_extension(name, worker, notify, args), None
+                else:
+                    answer = getattr(extension, name)(*args)
+                reply = [True, answer]
+            except Exception as error:  # the executor raises it on rank 0
+                logger.exception("TP worker %d: %s failed", rank, name)
+                reply = [False, f"rank {rank}: {name}: {error}"]
+            socket.send_multipart([REPLY, msgpack.packb(reply, use_bin_type=True)])
+        elif kind == QUIT:
             break
-        if kind != STEP:
+        else:
             raise SystemExit(f"TP worker {rank}: unknown frame {kind!r} from the executor")
-        worker.result(worker.submit(decode_plan(payload[0])))
+    if extension is not None:
+        extension.close()
     socket.close()
+    notify.close()
     context.term()
+
+
+class _Notifier:
+    """An extension's ``notify``: msgpack payloads pushed to rank 0, from any thread."""
+
+    def __init__(self, context: zmq.Context, address: str):
+        self._socket = context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.LINGER, 1000)
+        self._socket.connect(address)
+        self._lock = threading.Lock()
+
+    def __call__(self, payload: Any) -> None:
+        data = msgpack.packb(payload, use_bin_type=True)
+        with self._lock:
+            self._socket.send(data)
+
+    def close(self) -> None:
+        self._socket.close()
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -191,11 +191,6 @@ def check_supported(args: ServeArgs, given: frozenset[str]) -> None:
     """Reject features whose implementation lands in a later issue (never ignore them)."""
     unsupported = [
         (
-            args.tensor_parallel_size > 1 and args.splitwise_role != "mixed",
-            f"tensor parallelism on a {args.splitwise_role} rank",
-            f"--tensor-parallel-size {args.tensor_parallel_size}",
-        ),
-        (
             args.data_parallel_size > 1,
             "data parallelism",
             f"--data-parallel-size {args.data_parallel_size}",

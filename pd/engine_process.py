@@ -49,6 +49,7 @@ def run_engine_process(
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.bind(address)
+    engine = None
     try:
         from engine.config import make_engine_config
         from engine.engine_core import EngineCore
@@ -63,12 +64,14 @@ def run_engine_process(
             from pd.rank.splitwise_loop import SplitwiseLoop
             from pd.rank.transfer_setup import KVPool
 
-            pool = KVPool(settings.role, settings.protocols)
-            engine = EngineCore(config, allocate_kv=pool)
+            # Every TP rank places its pool with its own copy of this allocator.
+            engine = EngineCore(config, allocate_kv=KVPool(settings.role, settings.protocols))
             _exit_when_a_worker_dies(engine)
             logger.info("model loaded; %s rank %s", settings.role, settings.rank_id)
-            SplitwiseLoop(engine, socket, settings, pool.shm_path).run()
+            SplitwiseLoop(engine, socket, settings).run()
     finally:
+        if engine is not None:
+            engine.close()  # TP workers and the transfer engines
         socket.close()
         context.term()
 

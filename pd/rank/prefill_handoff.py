@@ -4,11 +4,14 @@ prefills for a decode rank:
     reserve   (worker thread)  Reserve on the dispatched decode rank; refused or
                                unreachable -> one other decode rank; no room anywhere ->
                                wait, bounded
-    prefill   (engine loop)    each layer's finished blocks are written into the decode
-                               rank's blocks as soon as the layer's K/V are in the cache
-    commit    (worker thread)  wait for the writes, then Commit(first token); a failed
-                               transfer or Commit -> everything again on one other
-                               decode rank, from the parked blocks; then a clear error
+    prefill   (engine loop)    the step plans carry the sends: each TP rank writes its
+                               heads of each layer's finished blocks into the decode
+                               rank's same TP rank as soon as the layer's K/V are in the
+                               cache (``pd.rank.rank_transfer``)
+    commit    (worker thread)  flush (every TP rank reports its writes), then
+                               Commit(first token); a failed transfer or Commit ->
+                               everything again on one other decode rank, from the
+                               parked blocks; then a clear error
 
 Worker threads never touch the engine: they post their outcome to the loop
 (``LoopCalls``). A request's blocks stay parked in the engine until its hand-off ends,
@@ -29,13 +32,12 @@ from dataclasses import dataclass, field
 
 from cache_transfer.endpoints import endpoint_from_proto
 from cache_transfer.pd_comm import PdCommClient, PdCommError
-from cache_transfer.regions import BlockRuns, Regions, all_regions, block_runs, layer_regions
-from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle, wait_all
 from engine.kv_cache import KVCacheLayout
 from engine.outputs import EngineCoreOutput
 from engine.scheduler import ScheduledSequence
-from engine.step_plan import KVSend
+from engine.step_plan import KVSend, KVTarget
 from pd.cluster_wire import layout_from_proto
+from pd.rank.kv_group import PrefillWrites
 from pd.rank.loop_calls import LoopCalls
 from proto import cluster_pb2 as cluster_pb
 from proto import pd_comm_pb2 as pb
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 MAX_DECODE_RANKS = 2  # the dispatched one, then one other (issue: "retried ... once")
 NO_ROOM_WAIT_S = 5.0  # how long to keep asking when every decode rank is full
 _NO_ROOM_PAUSE_S = 0.1
+_REPORT_GRACE_S = 5.0  # past the ranks' own write timeout, for their reports to arrive
 
 
 class HandoffFailed(RuntimeError):
@@ -68,16 +71,11 @@ class Handoff:
 
     request: cluster_pb.DispatchedRequest
     peer: DecodePeer
-    peer_key: str  # the transfer engine's name for the peer's pool
-    transfer_id: int
+    target: KVTarget  # the peer's blocks and endpoints (one per TP rank), its transfer id
     dst_blocks: list[int]
     tried: list[str]  # decode rank ids asked so far, with what they answered
     reasons: list[str] = field(default_factory=list)
-    handles: list[TransferHandle] = field(default_factory=list)
-    num_sent_blocks: int = 0  # blocks of the prompt already written (whole, final)
-    write_error: str | None = None
-    num_bytes: int = 0
-    started_at: float | None = None  # the first write
+    num_sent_blocks: int = 0  # blocks of the prompt already in a step's sends
     aborted: bool = False  # the owner aborted: end with Abort, never Commit
     src_blocks: list[int] = field(default_factory=list)  # set once parked
     first_output: EngineCoreOutput | None = None  # the first token, sent once committed
@@ -96,12 +94,16 @@ class Handoff:
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def transfer_id(self) -> int:
+        return self.target.transfer_id
+
 
 class PrefillHandoff:
     def __init__(
         self,
         record: cluster_pb.InstanceRecord,
-        engines: dict[str, TransferEngine],
+        writes: PrefillWrites,
         layout: KVCacheLayout,
         fingerprint: pb.KvFingerprint,
         registry: RegistryReader,
@@ -113,7 +115,7 @@ class PrefillHandoff:
     ):
         self.rank_id = record.rank_id
         self.me = rank_view(record)
-        self.engines = engines
+        self.writes = writes
         self.layout = layout
         self.fingerprint = fingerprint
         self.registry = registry
@@ -128,8 +130,7 @@ class PrefillHandoff:
         # [kind, protocol, bytes, seconds] for metrics (engine_messages.KV_EVENT_KINDS);
         # appended by workers, drained by the loop
         self.events: collections.deque[list] = collections.deque(maxlen=10_000)
-        self._lock = threading.Lock()  # clients and engine connects
-        self._step_runs: tuple[list[KVSend], list[tuple[Handoff, BlockRuns]]] | None = None
+        self._lock = threading.Lock()  # pd-comm clients
 
     # -- reserve (worker) ------------------------------------------------------------
 
@@ -231,19 +232,28 @@ class PrefillHandoff:
             self.events.append(["reserve_refused", peer.protocol, 0, 0.0])
             status = pb.ReserveReply.Status.Name(reply.status).lower().replace("_", " ")
             raise HandoffFailed(f"decode rank {rank_id} refused ({status}): {reply.message}")
-        endpoint = endpoint_from_proto(reply.endpoint)
-        digest = hashlib.blake2b(reply.endpoint.SerializeToString(), digest_size=6).hexdigest()
-        peer_key = f"{rank_id}/{digest}"  # a restarted decode rank is a new peer
         try:
-            with self._lock:
-                self.engines[peer.protocol].connect(peer_key, endpoint)
-        except TransferError as e:
+            target = self._target(peer, reply)
+        except ValueError as e:
             self._abort_quietly(peer, request.request_id)
             raise HandoffFailed(f"decode rank {rank_id}: {e}") from None
         request.decode_rank_id = rank_id
         request.protocol = peer.protocol
-        return Handoff(
-            request, peer, peer_key, reply.transfer_id, list(reply.block_ids), tried, reasons
+        return Handoff(request, peer, target, list(reply.block_ids), tried, reasons)
+
+    def _target(self, peer: DecodePeer, reply: pb.ReserveReply) -> KVTarget:
+        """Where each TP rank writes: the decode rank's same TP rank (equal TP sizes,
+        which Reserve's fingerprint check ensured)."""
+        endpoints = list(reply.endpoints) or [reply.endpoint]
+        digest = hashlib.blake2b(digest_size=6)
+        for endpoint in endpoints:
+            digest.update(endpoint.SerializeToString())
+        return KVTarget(
+            protocol=peer.protocol,
+            peer_key=f"{peer.rank_id}/{digest.hexdigest()}",  # a restarted rank is a new peer
+            transfer_id=reply.transfer_id,
+            peer_num_blocks=peer.layout.num_blocks,
+            endpoints=[endpoint_from_proto(e) for e in endpoints],
         )
 
     def _abort_quietly(self, peer: DecodePeer, request_id: str) -> None:
@@ -258,13 +268,13 @@ class PrefillHandoff:
         self, handoffs: dict[str, Handoff], scheduled: list[ScheduledSequence]
     ) -> list[KVSend]:
         """This step's writes: the blocks its prompt chunks complete, for each request
-        with a hand-off (the worker sends each layer's share once its K/V are in the
-        cache, through ``send_layer``)."""
+        with a hand-off (every TP rank sends each layer's share of them once its K/V
+        are in the cache)."""
         size = self.layout.block_size
         sends: list[KVSend] = []
         for item in scheduled:
             handoff = handoffs.get(item.seq.request_id)
-            if handoff is None or handoff.write_error is not None:
+            if handoff is None:
                 continue
             seq = item.seq
             end = seq.num_computed_tokens + item.num_new_tokens
@@ -278,41 +288,19 @@ class PrefillHandoff:
                         seq.request_id,
                         seq.block_ids[first:end_block],
                         handoff.dst_blocks[first:end_block],
+                        handoff.target,
                     )
                 )
                 handoff.num_sent_blocks = end_block
         return sends
 
-    def send_layer(self, handoffs: dict[str, Handoff], layer: int, sends: list[KVSend]) -> None:
-        """Submit ``layer``'s K/V of this step's ``sends``."""
-        if self._step_runs is None or self._step_runs[0] is not sends:
-            runs = [
-                (handoff, block_runs(send.src_block_ids, send.dst_block_ids))
-                for send in sends
-                if (handoff := handoffs.get(send.request_id)) is not None
-            ]
-            self._step_runs = (sends, runs)  # computed once per step, at its first layer
-        for handoff, runs in self._step_runs[1]:
-            regions = layer_regions(self.layout, handoff.peer.layout, runs, layer)
-            self._write(handoff, regions)
-
-    def _write(self, handoff: Handoff, regions: Regions) -> None:
-        if handoff.write_error is not None:
-            return
-        engine = self.engines[handoff.peer.protocol]
-        if handoff.started_at is None:
-            handoff.started_at = time.monotonic()
-        try:
-            handoff.handles.append(engine.write(handoff.peer_key, handoff.transfer_id, regions))
-        except TransferError as e:
-            handoff.write_error = str(e)
-        handoff.num_bytes += regions.total_bytes
-
     # -- commit (worker) -------------------------------------------------------------
 
     def complete(self, handoff: Handoff) -> None:
         """The prompt is prefilled (``src_blocks`` and ``first_output`` set) or
-        the request was aborted: wait for the writes, then Commit or Abort."""
+        the request was aborted: wait for the writes, then Commit or Abort. On the
+        engine loop, after the last step that wrote for it."""
+        self.writes.flush(handoff.target)
         self.workers.submit(self._complete_job, handoff)
 
     def _complete_job(self, handoff: Handoff) -> None:
@@ -341,9 +329,13 @@ class PrefillHandoff:
         except HandoffFailed as e:
             return str(e)
         retry.first_output = handoff.first_output
-        regions = all_regions(self.layout, retry.peer.layout, handoff.src_blocks, retry.dst_blocks)
-        self._write(retry, regions)
-        error = self._wait_writes(retry) or self._commit(retry)
+        try:
+            self.writes.send_all(
+                KVSend(retry.request_id, handoff.src_blocks, retry.dst_blocks, retry.target)
+            )
+            error = self._wait_writes(retry) or self._commit(retry)
+        except Exception as e:  # e.g. the engine loop did not take the writes in time
+            error = f"resending to {retry.peer.rank_id} failed: {e}"
         if error is not None:
             self._abort_quietly(retry.peer, retry.request_id)
             reasons = "; ".join([*handoff.reasons, error])
@@ -354,18 +346,12 @@ class PrefillHandoff:
 
     def _wait_writes(self, handoff: Handoff) -> str | None:
         protocol = handoff.peer.protocol
-        error = handoff.write_error
-        if error is None:
-            try:
-                wait_all(handoff.handles, self.timeout_s)
-            except TransferError as e:
-                error = str(e)
-        if error is not None:
+        outcome = self.writes.wait(handoff.target, self.timeout_s + _REPORT_GRACE_S)
+        if outcome.error is not None:
             self.events.append(["transfer_failed", protocol, 0, 0.0])
-            return f"KV write to {handoff.peer.rank_id} failed: {error}"
-        if handoff.started_at is not None and not handoff.aborted:
-            seconds = time.monotonic() - handoff.started_at
-            self.events.append(["transfer", protocol, handoff.num_bytes, seconds])
+            return f"KV write to {handoff.peer.rank_id} failed: {outcome.error}"
+        if outcome.num_bytes and not handoff.aborted:
+            self.events.append(["transfer", protocol, outcome.num_bytes, outcome.seconds])
         return None
 
     def _commit(self, handoff: Handoff) -> str | None:

@@ -23,7 +23,6 @@ import logging
 import zmq
 
 from cache_transfer.pd_comm import CommitRefused
-from cache_transfer.transfer_engine import TransferEngine
 from engine.engine_core import EngineCore
 from engine.outputs import EngineCoreOutput
 from engine.scheduler import ScheduledSequence
@@ -32,10 +31,10 @@ from engine.step_plan import KVSend
 from pd.cluster_wire import kv_fingerprint, layout_to_proto, output_to_entry, params_from_proto
 from pd.engine_process import EngineLoop
 from pd.rank.decode_intake import DecodeIntake
+from pd.rank.kv_group import PrefillWrites, RankCalls, ShardedReceiver, WriteReports
 from pd.rank.loop_calls import LoopCalls
 from pd.rank.prefill_handoff import Handoff, PrefillHandoff
 from pd.rank.settings import RankSettings
-from pd.rank.transfer_setup import make_transfer_engines
 from proto import cluster_pb2 as pb
 from proto import pd_comm_pb2 as comm_pb
 from scheduler.redis_link import SchedulerUnavailable
@@ -54,7 +53,6 @@ class SplitwiseLoop(EngineLoop):
         engine: EngineCore,
         socket: zmq.Socket,
         settings: RankSettings,
-        shm_path: str | None = None,
     ):
         super().__init__(engine, socket)
         self.settings = settings
@@ -72,37 +70,46 @@ class SplitwiseLoop(EngineLoop):
         self.handoffs: dict[str, Handoff] = {}
         self.redis_down = False
         executor = engine.executor
-        self.fingerprint = kv_fingerprint(settings.model, executor.kv_layout)
-        self.transfer_engines: dict[str, TransferEngine] = {}
-        if self.role != "mixed":
-            self.transfer_engines = make_transfer_engines(
-                self.role, executor.kv_cache, executor.kv_layout, settings.protocols, settings.host,
-                shm_path, settings.rdma_comm_ports[0],
+        layout, tp_size = executor.kv_layout, executor.tp_size
+        self.fingerprint = kv_fingerprint(settings.model, layout, tp_size=tp_size)
+        if self.role != "mixed":  # each TP rank moves its own KV shard
+            executor.load_extension(
+                "pd.rank.rank_transfer:RankTransfer", self.role, settings.protocols,
+                settings.host, settings.rdma_comm_ports, settings.handoff_timeout_s,
             )  # fmt: skip
+        rank_calls = RankCalls(executor, self.calls)
         self.intake: DecodeIntake | None = None
         pd_comm_port = 0
         if self.role == "decode":
+            per_rank = executor.call_extension("endpoints")
+            receivers = {
+                protocol: ShardedReceiver(
+                    protocol, layout, [endpoints[protocol] for endpoints in per_rank], rank_calls
+                )
+                for protocol in per_rank[0]
+            }
             self.intake = DecodeIntake(
-                self.rank_id, self.fingerprint, engine.block_manager, self.transfer_engines,
+                self.rank_id, self.fingerprint, engine.block_manager, receivers,
                 self.calls, self._adopt, settings.host, settings.pd_comm_port, settings.lease_s,
             )  # fmt: skip
             pd_comm_port = self.intake.port
         record = pb.InstanceRecord(
             rank_id=self.rank_id, role=self.role, host=settings.host, model=settings.model,
-            dp_rank=0, dp_size=1, tp_size=1, api_port=settings.api_port,
+            dp_rank=0, dp_size=1, tp_size=tp_size, api_port=settings.api_port,
             pd_comm_port=pd_comm_port, protocols=settings.protocols,
-            rdma_comm_ports=settings.rdma_comm_ports, kv_layout=layout_to_proto(executor.kv_layout),
+            rdma_comm_ports=settings.rdma_comm_ports, kv_layout=layout_to_proto(layout),
         )  # fmt: skip
         self.registry: RegistryReader | None = None
         self.handoff: PrefillHandoff | None = None
         if self.role == "prefill":
             self.registry = RegistryReader(settings.scheduler, name=f"registry[{self.rank_id}]")
+            reports = WriteReports(tp_size)
+            executor.on_notify = reports.add  # each TP rank's word on its writes
             self.handoff = PrefillHandoff(
-                record, self.transfer_engines, executor.kv_layout, self.fingerprint, self.registry,
-                self.calls, self._on_reserved, self._on_reserve_failed, self._on_handoff_done,
-                settings.handoff_timeout_s,
+                record, PrefillWrites(rank_calls, reports), layout, self.fingerprint,
+                self.registry, self.calls, self._on_reserved, self._on_reserve_failed,
+                self._on_handoff_done, settings.handoff_timeout_s,
             )  # fmt: skip
-            executor.set_kv_sender(self._send_layer)
         self.rank = SplitwiseRank(settings.scheduler, record).start()
         logger.info("rank %s (%s) registered in topic %r", self.rank_id, self.role,
                     settings.scheduler.topic)  # fmt: skip
@@ -260,10 +267,6 @@ class SplitwiseLoop(EngineLoop):
     def _plan_kv_sends(self, scheduled: list[ScheduledSequence]) -> list[KVSend]:
         return self.handoff.plan_sends(self.handoffs, scheduled)  # type: ignore[union-attr]
 
-    def _send_layer(self, layer: int, sends: list[KVSend]) -> None:
-        """The worker's KV sender: it runs in the engine process (TP 1)."""
-        self.handoff.send_layer(self.handoffs, layer, sends)  # type: ignore[union-attr]
-
     def _on_handoff_done(self, handoff: Handoff, error: str | None) -> None:
         request_id = handoff.request_id
         self.handoffs.pop(request_id, None)
@@ -331,8 +334,6 @@ class SplitwiseLoop(EngineLoop):
             self.intake.close()
         if self.handoff is not None:
             self.handoff.close()
-        for engine in self.transfer_engines.values():
-            engine.close()
         if self.registry is not None:
             self.registry.close()
         self.calls.close()

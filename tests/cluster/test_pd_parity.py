@@ -1,5 +1,6 @@
 """Disaggregated serving gives the same greedy tokens as the offline engine: 1P1D over
-ipc (shared memory) and tcp, 2P2D, and a mixed rank behind the splitwise scheduler;
+ipc (shared memory) and tcp, 2P2D, 1P1D with TP 2 on both sides over ipc and tcp, and a
+mixed rank behind the splitwise scheduler;
 32 concurrent requests of mixed lengths through the official openai client, sent to
 prefill and decode instances alike; streaming keeps token order; every KV block is
 free again afterwards on every rank."""
@@ -62,6 +63,12 @@ LAYOUTS = {
     "1P1D-tcp": (["prefill", "decode"], ["--cache-transfer-protocol", "tcp"]),
     "2P2D-ipc": (["prefill", "prefill", "decode", "decode"], []),
     "mixed": (["mixed"], []),
+    # Each TP rank writes its heads into the decode instance's same TP rank.
+    "1P1D-tp2-ipc": (["prefill", "decode"], ["--tensor-parallel-size", "2"]),
+    "1P1D-tp2-tcp": (
+        ["prefill", "decode"],
+        ["--tensor-parallel-size", "2", "--cache-transfer-protocol", "tcp"],
+    ),
 }
 
 

@@ -193,17 +193,6 @@ def test_model_is_required(capsys):
 
 
 NOT_SUPPORTED = [
-    (
-        [
-            "--tensor-parallel-size",
-            "2",
-            "--splitwise-role",
-            "decode",
-            "--scheduler-name",
-            "splitwise",
-        ],
-        "tensor parallelism on a decode rank (--tensor-parallel-size 2)",
-    ),
     (["--data-parallel-size", "2"], "data parallelism (--data-parallel-size 2)"),
     (["--enable-expert-parallel"], "expert parallelism (--enable-expert-parallel)"),
     (["--router", "10.0.0.1:30000"], "registering with pd-router (--router)"),

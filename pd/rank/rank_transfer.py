@@ -1,0 +1,172 @@
+"""One TP rank's end of the KV hand-off: built on every TP rank of a prefill or decode
+engine as a worker extension (``engine.executor``), so that each rank moves its own KV
+shard (its heads) with its own transfer engines and endpoints.
+
+    decode rank   each TP rank listens: ``endpoints()`` is published (Reserve's reply
+                  carries one per rank), ``allow``/``revoke`` open and close a transfer
+                  on every rank's receiver
+    prefill rank  each TP rank writes: the step plan's ``KVSend``s, layer by layer as
+                  the worker computes them (TP rank i into the peer's TP rank i), and
+                  ``send_all`` for a retry from parked blocks; ``flush`` then waits for
+                  a transfer's writes on this rank and reports the outcome through
+                  ``notify``: ``[peer_key, transfer_id, tp_rank, error, bytes, seconds]``
+
+Connections to a peer are made at its first write (a failure is that transfer's
+error, reported at its flush), so rank 0 never waits on the other ranks to connect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from cache_transfer.regions import BlockRuns, Regions, block_runs, layer_regions
+from cache_transfer.transfer_engine import TransferError, TransferHandle, wait_all
+from engine.kv_cache import KVCacheLayout
+from engine.plan_codec import send_from_wire
+from engine.step_plan import KVSend, KVTarget
+from pd.rank.transfer_setup import make_transfer_engines
+
+logger = logging.getLogger(__name__)
+
+WriteKey = tuple[str, int]  # (peer_key, transfer_id)
+
+
+@dataclass
+class _Writes:
+    """This rank's writes of one transfer so far."""
+
+    handles: list[TransferHandle] = field(default_factory=list)
+    num_bytes: int = 0
+    started_at: float | None = None
+    error: str | None = None
+
+
+class RankTransfer:
+    def __init__(
+        self,
+        worker: Any,
+        notify: Any,
+        role: str,
+        protocols: list[str],
+        host: str,
+        rdma_comm_ports: list[int],
+        timeout_s: float,
+    ):
+        self.tp_rank = worker.group.rank
+        runner = worker.runner
+        self.layout: KVCacheLayout = runner.layout
+        # A decode rank on CPU that offers ipc keeps its pool in shared memory: the
+        # allocator (pd.rank.transfer_setup.KVPool) knows the file.
+        shm_path = getattr(runner.allocate_kv, "shm_path", None)
+        rdma_port = rdma_comm_ports[self.tp_rank] if rdma_comm_ports else 0
+        self.engines = make_transfer_engines(
+            role, runner.kv_cache, self.layout, protocols, host, shm_path, rdma_port
+        )
+        self.notify = notify
+        self.timeout_s = timeout_s
+        self._writes: dict[WriteKey, _Writes] = {}
+        self._connected: set[tuple[str, str]] = set()  # (protocol, peer_key)
+        self._step_runs: tuple[list[KVSend], list[tuple[KVSend, BlockRuns]]] | None = None
+        self._flushes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-flush")
+        # The engine loop writes; with TP 1 a hand-off thread may too (a retry).
+        self._lock = threading.Lock()
+        if role == "prefill":
+            worker.kv_sender = self.send_layer
+
+    # -- decode: receiving ---------------------------------------------------------------
+
+    def endpoints(self) -> dict[str, dict]:
+        return {protocol: engine.endpoint() for protocol, engine in self.engines.items()}
+
+    def allow(self, protocol: str, transfer_id: int, byte_ranges: list[list[int]]) -> None:
+        self.engines[protocol].allow(transfer_id, [(start, end) for start, end in byte_ranges])
+
+    def revoke(self, protocol: str, transfer_id: int) -> None:
+        self.engines[protocol].revoke(transfer_id)
+
+    # -- prefill: sending ----------------------------------------------------------------
+
+    def send_layer(self, layer: int, sends: list[KVSend]) -> None:
+        """The worker's KV sender: ``layer``'s K and V of this step's ``sends``."""
+        if self._step_runs is None or self._step_runs[0] is not sends:
+            runs = [(send, block_runs(send.src_block_ids, send.dst_block_ids)) for send in sends]
+            self._step_runs = (sends, runs)  # once per step, at its first layer
+        for send, runs in self._step_runs[1]:
+            peer = self._peer_layout(send.target)
+            self._write(send.target, lambda runs=runs, peer=peer: layer_regions(
+                self.layout, peer, runs, layer))  # fmt: skip
+
+    def send_all(self, wire_sends: list[list]) -> None:
+        """Every layer of ``sends`` at once (a retry from a request's parked blocks)."""
+        for send in map(send_from_wire, wire_sends):
+            runs = block_runs(send.src_block_ids, send.dst_block_ids)
+            peer = self._peer_layout(send.target)
+            self._write(send.target, lambda runs=runs, peer=peer: Regions.concat([
+                layer_regions(self.layout, peer, runs, layer)
+                for layer in range(self.layout.num_layers)
+            ]))  # fmt: skip
+
+    def flush(self, peer_key: str, transfer_id: int) -> None:
+        """Report this transfer's writes on this rank once they have all landed (or
+        failed); later writes of it would open a new record."""
+        with self._lock:
+            writes = self._writes.pop((peer_key, transfer_id), None) or _Writes()
+        self._flushes.submit(self._report, peer_key, transfer_id, writes)
+
+    def _peer_layout(self, target: KVTarget) -> KVCacheLayout:
+        return dataclasses.replace(self.layout, num_blocks=target.peer_num_blocks)
+
+    def _write(self, target: KVTarget, regions_of: Any) -> None:
+        with self._lock:
+            self._write_locked(target, regions_of)
+
+    def _write_locked(self, target: KVTarget, regions_of: Any) -> None:
+        writes = self._writes.setdefault((target.peer_key, target.transfer_id), _Writes())
+        if writes.error is not None:
+            return
+        try:
+            engine = self._connect(target)
+            regions = regions_of()
+            if writes.started_at is None:
+                writes.started_at = time.monotonic()
+            writes.handles.append(engine.write(target.peer_key, target.transfer_id, regions))
+            writes.num_bytes += regions.total_bytes
+        except (TransferError, ValueError, OSError) as e:
+            writes.error = str(e)
+
+    def _connect(self, target: KVTarget):  # type: ignore[no-untyped-def]
+        engine = self.engines.get(target.protocol)
+        if engine is None:
+            raise TransferError(f"TP rank {self.tp_rank} has no {target.protocol} engine")
+        if (target.protocol, target.peer_key) not in self._connected:
+            if len(target.endpoints) <= self.tp_rank:
+                raise TransferError(
+                    f"the peer has {len(target.endpoints)} TP ranks; TP rank {self.tp_rank} "
+                    "has no counterpart"
+                )
+            engine.connect(target.peer_key, target.endpoints[self.tp_rank])
+            self._connected.add((target.protocol, target.peer_key))
+        return engine
+
+    def _report(self, peer_key: str, transfer_id: int, writes: _Writes) -> None:
+        error = writes.error
+        if error is None:
+            try:
+                wait_all(writes.handles, self.timeout_s)
+            except TransferError as e:
+                error = str(e)
+        seconds = 0.0 if writes.started_at is None else time.monotonic() - writes.started_at
+        if error is not None:
+            error = f"TP rank {self.tp_rank}: {error}"
+        self.notify([peer_key, transfer_id, self.tp_rank, error, writes.num_bytes, seconds])
+
+    def close(self) -> None:
+        self._flushes.shutdown(wait=False, cancel_futures=True)
+        for engine in self.engines.values():
+            engine.close()
