@@ -243,8 +243,10 @@ class PullService:
             regions = decode_regions(payload)
         except ValueError as e:
             return str(e), []
-        ends = regions.src_offset + regions.nbytes
-        if len(regions) and (regions.src_offset.min() < 0 or ends.max() > src.numel()):
+        src_offset, nbytes = regions.src_offset, regions.nbytes
+        # Overflow-safe: sizes against the room left, never offset + size.
+        room = src.numel() - src_offset
+        if len(regions) and ((src_offset < 0).any() or (nbytes < 0).any() or (nbytes > room).any()):
             return "source bytes outside the sender's pool", []
         with self._lock:
             why = self.engine.check_allowed_regions(transfer_id, regions.dst_offset, regions.nbytes)

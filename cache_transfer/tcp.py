@@ -252,7 +252,10 @@ class _Receiver:
                         sock.sendall(reason)
                     continue
                 if kind == DATA:  # one chunk (GPU senders, through their staging)
-                    offsets, sizes = np.array([offset]), np.array([nbytes])
+                    if nbytes > CHUNK_BYTES:  # its bytes could not even be drained
+                        raise ConnectionError(f"a DATA frame of {nbytes} bytes")
+                    offsets = np.array([offset if offset < 2**63 else -1])  # -1: refused
+                    sizes = np.array([nbytes])
                 else:
                     offsets, sizes = self._read_table(sock, offset, nbytes)
                 why = self._land(sock, transfer_id, offsets, sizes, staging)
@@ -272,6 +275,9 @@ class _Receiver:
         table = bytearray(16 * count)
         recv_exact(sock, memoryview(table))
         offsets, sizes = np.frombuffer(table, dtype="<i8").reshape(count, 2).T
+        # Bounded before summing: a table of huge sizes must not wrap around to nbytes.
+        if (sizes <= 0).any() or (sizes > CHUNK_BYTES).any():
+            raise ConnectionError(f"a DATAV frame with a chunk outside (0, {CHUNK_BYTES}] bytes")
         if int(sizes.sum()) != nbytes:
             raise ConnectionError("a DATAV frame's table does not add up to its payload")
         return offsets, sizes

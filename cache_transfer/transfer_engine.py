@@ -140,7 +140,11 @@ class TransferEngine(ABC):
         self, transfer_id: int, offsets: np.ndarray, nbytes: np.ndarray
     ) -> str | None:
         """None if every write [offsets[i], offsets[i] + nbytes[i]) may land; else why
-        the first that may not cannot."""
+        the first that may not cannot. Overflow-safe: sizes are compared with the room
+        left in their range (``end - offset``), never summed with the offset."""
+        offsets, nbytes = _as_int64(offsets), _as_int64(nbytes)
+        if offsets is None or nbytes is None:
+            return "an offset or size does not fit in 63 bits"
         with self._allowed_lock:
             allowed = self._allowed.get(transfer_id)
         if allowed is None:
@@ -148,11 +152,11 @@ class TransferEngine(ABC):
         starts, ends = allowed
         i = np.searchsorted(starts, offsets, side="right") - 1  # the range at or before
         end = ends[np.maximum(i, 0)] if len(ends) else np.zeros_like(offsets)
-        inside = (i >= 0) & (nbytes > 0) & (offsets + nbytes <= end)
+        inside = (i >= 0) & (offsets >= 0) & (nbytes > 0) & (nbytes <= end - offsets)
         if inside.all():
             return None
         k = int(np.argmin(inside))
-        start, end = int(offsets[k]), int(offsets[k] + nbytes[k])
+        start, end = int(offsets[k]), int(offsets[k]) + int(nbytes[k])  # Python ints
         return f"bytes [{start}, {end}) are outside transfer {transfer_id}'s blocks"
 
     # -- sending side ---------------------------------------------------------------
@@ -168,3 +172,20 @@ class TransferEngine(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release sockets, mappings and threads."""
+
+
+def _as_int64(values: np.ndarray) -> np.ndarray | None:
+    """``values`` as int64, or None when one is out of [-2**63, 2**63) (e.g. a uint64
+    from a frame header) or not an integer."""
+    values = np.asarray(values)
+    if values.dtype.kind == "i":
+        return values.astype(np.int64, copy=False)
+    if values.dtype.kind == "u":
+        if len(values) and int(values.max()) >= 2**63:
+            return None
+        return values.astype(np.int64)
+    if values.dtype == object:
+        if any(type(v) is not int or not -(2**63) <= v < 2**63 for v in values.tolist()):
+            return None
+        return values.astype(np.int64)
+    return None

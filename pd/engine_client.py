@@ -23,7 +23,15 @@ import zmq.asyncio
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineCoreOutput, OutputKind, RequestOutput
 from engine.sampling_params import SamplingParams
-from pd.engine_messages import AddRequest, EngineInfo, EngineStats, Kind, decode, encode
+from pd.engine_messages import (
+    AddRequest,
+    EngineInfo,
+    EngineStats,
+    Kind,
+    MalformedMessage,
+    decode,
+    encode,
+)  # fmt: skip
 
 logger = logging.getLogger("pd.api")
 
@@ -100,7 +108,10 @@ class EngineClient:
             if not is_alive():
                 raise EngineDeadError("the engine process exited during start-up")
             if await self.socket.poll(200):
-                kind, payload = decode(await self.socket.recv())
+                try:
+                    kind, payload = decode(await self.socket.recv())
+                except MalformedMessage:
+                    continue
                 if kind is Kind.READY:
                     self.info = payload
                     self._reader = asyncio.create_task(self._read_loop())
@@ -203,7 +214,11 @@ class EngineClient:
 
     async def _read_loop(self) -> None:
         while True:
-            kind, payload = decode(await self.socket.recv())
+            try:
+                kind, payload = decode(await self.socket.recv())
+            except MalformedMessage as error:
+                logger.warning("dropped a malformed message from the engine: %s", error)
+                continue
             if kind is Kind.OUTPUTS:
                 self._on_outputs(payload)
             elif kind is Kind.STATS:

@@ -58,14 +58,46 @@ class AddRequest:
     params: SamplingParams
 
 
+class MalformedMessage(ValueError):
+    """A frame that is not a message of this codec (garbage, a wrong shape, bad values)."""
+
+
+MAX_FRAME_BYTES = 64 << 20  # an ADD of the longest prompt is far below this
+
+
 def encode(kind: Kind, payload: Any = None) -> bytes:
     return msgpack.packb([int(kind), _to_wire(kind, payload)], use_bin_type=True)
 
 
 def decode(frame: bytes) -> tuple[Kind, Any]:
-    kind_value, payload = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    kind = Kind(kind_value)
-    return kind, _from_wire(kind, payload)
+    """The message in ``frame``; MalformedMessage (never another error) when it is not one."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise MalformedMessage(f"a frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+        if not isinstance(message, list) or len(message) != 2:
+            raise MalformedMessage("a frame must be [kind, payload]")
+        kind_value, payload = message
+        if type(kind_value) is not int or kind_value not in Kind._value2member_map_:
+            raise MalformedMessage(f"unknown message kind {kind_value!r:.40}")
+        kind = Kind(kind_value)
+        return kind, _from_wire(kind, payload)
+    except MalformedMessage:
+        raise
+    except Exception as e:  # msgpack's errors, wrong types, bad sampling values
+        raise MalformedMessage(f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _check_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 256:
+        raise MalformedMessage(f"{what} must be a string of 1-256 characters")
+    return value
+
+
+def _check_token_ids(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(type(t) is int for t in value):
+        raise MalformedMessage("prompt_token_ids must be a list of integers")
+    return value
 
 
 def _to_wire(kind: Kind, payload: Any) -> Any:
@@ -86,8 +118,17 @@ def _from_wire(kind: Kind, payload: Any) -> Any:
         return EngineStats(*payload)
     if kind is Kind.ADD:
         request_id, token_ids, params = payload
-        params["eos_token_ids"] = tuple(params["eos_token_ids"])
-        return AddRequest(request_id, token_ids, SamplingParams(**params))
+        if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+            raise MalformedMessage("params must be a map of sampling fields")
+        params["eos_token_ids"] = tuple(params.get("eos_token_ids") or ())
+        return AddRequest(
+            _check_id(request_id, "request_id"), _check_token_ids(token_ids),
+            SamplingParams(**params),
+        )  # fmt: skip
+    if kind is Kind.ABORT:
+        if not isinstance(payload, list):
+            raise MalformedMessage("an ABORT carries a list of request ids")
+        return [_check_id(request_id, "request id") for request_id in payload]
     if kind is Kind.OUTPUTS:
         return [_output_from_wire(o) for o in payload]
     return payload

@@ -19,7 +19,15 @@ import zmq
 
 from engine.outputs import EngineCoreOutput
 from pd.cpu_threads import ThreadChoice, apply_engine_threads
-from pd.engine_messages import AddRequest, EngineInfo, EngineStats, Kind, decode, encode
+from pd.engine_messages import (
+    AddRequest,
+    EngineInfo,
+    EngineStats,
+    Kind,
+    MalformedMessage,
+    decode,
+    encode,
+)  # fmt: skip
 from scheduler.local import LocalScheduler
 
 if TYPE_CHECKING:
@@ -78,6 +86,7 @@ class EngineLoop:
         self.clients: set[bytes] = set()
         self.scheduler: LocalScheduler[AddRequest, Any] = LocalScheduler(self._send_outputs)
         self.running = True
+        self.num_malformed = 0
         self._parent_pid = os.getppid()
         self._last_stats = 0.0
         config = engine.config
@@ -123,11 +132,25 @@ class EngineLoop:
     def _drain_messages(self) -> None:
         while self.running:
             try:
-                identity, frame = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            kind, payload = decode(frame)
+            try:
+                if len(frames) != 2:
+                    raise MalformedMessage(f"{len(frames)} frames, not [identity, message]")
+                identity, frame = frames
+                kind, payload = decode(frame)
+            except MalformedMessage as error:
+                self._drop(error)
+                continue
             self._handle(identity, kind, payload)
+
+    def _drop(self, error: MalformedMessage) -> None:
+        """A garbage frame costs its sender nothing but a log line (rate-limited)."""
+        self.num_malformed += 1
+        if self.num_malformed <= 10 or self.num_malformed % 1000 == 0:
+            logger.warning("dropped a malformed engine message (%d so far): %s",
+                           self.num_malformed, error)  # fmt: skip
 
     def _handle(self, identity: bytes, kind: Kind, payload: Any) -> None:
         if kind is Kind.HELLO:

@@ -61,6 +61,14 @@ class LoopBlockAllocator:
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
 
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.block_manager.block_size
+
 
 # Runs on the loop: takes over a committed request, or raises CommitRefused.
 Adopt = Callable[[pb.CommitRequest, list[int]], None]

@@ -29,7 +29,7 @@ from engine.outputs import EngineCoreOutput
 from engine.scheduler import ScheduledSequence
 from engine.sequence import SequenceStatus
 from engine.step_plan import KVSend
-from pd.cluster_wire import kv_fingerprint, layout_to_proto, output_to_entry, params_from_proto
+from pd.cluster_wire import check_dispatched, kv_fingerprint, layout_to_proto, output_to_entry
 from pd.engine_process import EngineLoop
 from pd.rank.decode_intake import DecodeIntake
 from pd.rank.loop_calls import LoopCalls
@@ -187,7 +187,7 @@ class SplitwiseLoop(EngineLoop):
 
     def _add_to_engine(self, request: pb.DispatchedRequest, prefill_only: bool = False) -> bool:
         try:
-            params = params_from_proto(request.sampling)
+            params = check_dispatched(request, self.engine)
             self.engine.add_request(
                 request.request_id, list(request.prompt_token_ids), params, prefill_only
             )
@@ -220,27 +220,44 @@ class SplitwiseLoop(EngineLoop):
             self._fail(request_id, message)
 
     def _adopt(self, commit: comm_pb.CommitRequest, block_ids: list[int]) -> None:
-        """A decode rank takes over a prefilled request (on the loop, from pd-comm)."""
+        """A decode rank takes over a prefilled request (on the loop, from pd-comm).
+        Every field is checked before anything is written; a failure after the T:proc
+        entry is written takes the entry back, so nothing outlives a refusal."""
         request = commit.request
         request_id = request.request_id
         if self.rank.inbox.was_aborted(request_id):
             raise CommitRefused(f"request {request_id} was aborted", aborted=True)
         try:
-            params = params_from_proto(request.sampling)
-            self.engine.validate_prompt(list(request.prompt_token_ids))
+            params = check_dispatched(request, self.engine)
+            vocab_size = self.engine.config.model.vocab_size
+            if commit.first_token_id >= vocab_size:
+                raise ValueError(f"first_token_id must be below the vocabulary size {vocab_size}")
         except ValueError as e:
             raise CommitRefused(f"{self.rank_id} cannot run {request_id}: {e}") from None
         try:
             self.rank.inbox.adopt(request)  # from here the reaper answers for it if we die
         except SchedulerUnavailable as e:
             raise CommitRefused(f"{self.rank_id} cannot reach the scheduler: {e}") from None
-        self.engine.adopt_request(
-            request_id, list(request.prompt_token_ids), [commit.first_token_id], params, block_ids
-        )
+        try:
+            self.engine.adopt_request(
+                request_id, list(request.prompt_token_ids), [commit.first_token_id], params,
+                block_ids,
+            )  # fmt: skip
+        except Exception as e:
+            self.rank.inbox.unadopt(request_id)
+            raise CommitRefused(f"{self.rank_id} cannot run {request_id}: {e}") from None
         self.owners[request_id] = request.owner
         self.emitted[request_id] = 1
 
     def _abort(self, request_id: str) -> None:
+        """An abort from Redis: the request's stream ends with an error event, whoever
+        sent it (an owner that aborted its own request has stopped reading already)."""
+        owner = self.owners.get(request_id)
+        if owner is not None:
+            self.rank.add_result(owner, pb.ResultEntry(
+                request_id=request_id, finish_reason="error", rank_id=self.rank_id,
+                error=f"request {request_id} was aborted on {self.rank_id}",
+            ))  # fmt: skip
         if request_id in self.reserving:
             self.aborted_reserving.add(request_id)  # settled when the Reserve returns
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import struct
 import threading
 import time
 
@@ -56,3 +57,36 @@ def test_scatter_reads_fill_every_view_whatever_the_pieces_arrive_in() -> None:
         sender.join()
     assert bytes(landing[3 : 3 + len(payload)]) == payload
     assert landing[:3] == b"\0\0\0" and landing[-4:] == b"\0\0\0\0"
+
+
+def test_writes_at_overflowing_offsets_are_refused_and_land_nothing() -> None:
+    """Issue 17: a DATA frame at offset 2**63 - 1000 passed the range check (64-bit
+    overflow of offset + size); a DATAV table of huge sizes could wrap to its total."""
+    dst_layout = layout(8)
+    dst = torch.zeros(dst_layout.shape, dtype=dst_layout.dtype)
+    receiver = tcp.TcpTransferEngine(dst, dst_layout)
+    receiver.allow(9, dst_block_ranges(dst_layout, [0, 1]))
+    endpoint = receiver.endpoint()
+    try:
+        with socket.create_connection((endpoint["host"], endpoint["port"]), timeout=5) as sock:
+            for offset in (2**63 - 1000, 2**64 - 8, 2**63):
+                frame = tcp.HEADER.pack(tcp.MAGIC, tcp.DATA, 9, offset, 4096)
+                sock.sendall(frame + b"\xff" * 4096)
+                sock.sendall(tcp.HEADER.pack(tcp.MAGIC, tcp.SYNC, 9, 1, 0))
+                reply = bytearray(tcp.HEADER.size)
+                tcp.recv_exact(sock, memoryview(reply))
+                _, kind, _, _, nbytes = tcp.HEADER.unpack(reply)
+                reason = bytearray(nbytes)
+                tcp.recv_exact(sock, memoryview(reason))
+                assert kind == tcp.NACK and b"outside" in reason, (offset, bytes(reason))
+        with socket.create_connection((endpoint["host"], endpoint["port"]), timeout=5) as sock:
+            table = struct.pack("<qQqQ", 0, 2**62, 0, 2**62 * 3)  # sums to 0 mod 2**64
+            sock.sendall(tcp.HEADER.pack(tcp.MAGIC, tcp.DATAV, 9, 2, 0) + table)
+            assert sock.recv(1) == b"", "the receiver closed the stream"
+        assert not dst.any(), "nothing landed"
+        assert receiver.check_allowed(9, 2**63 - 1000, 4096) is not None
+        assert receiver.check_allowed(9, 0, 2**63 - 1) is not None
+        assert receiver.check_allowed(9, -4096, 4096) is not None
+        assert receiver.check_allowed(9, 0, 16) is None
+    finally:
+        receiver.close()

@@ -126,7 +126,7 @@ def test_layout_mismatch_is_refused_by_name_then_retried_elsewhere(make_cluster)
     cluster.start("decode", "--block-size", "8")
     with pytest.raises(openai.APIError) as refused:
         complete(prefill)
-    assert "KV layouts differ in block_size: 16 on prefill, 8 here" in str(refused.value)
+    assert "KV layouts differ in block_size: 16 on prefill" in str(refused.value)
     good = cluster.start("decode")
     texts = {complete(prefill) for _ in range(6)}  # some dispatched to the bad one first
     assert len(texts) == 1
