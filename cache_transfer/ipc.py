@@ -17,7 +17,6 @@ import os
 import queue
 import socket
 import threading
-import uuid
 from collections.abc import Sequence
 
 import torch
@@ -25,18 +24,25 @@ import torch
 from cache_transfer.ipc_pull import PullChannel, PullService
 from cache_transfer.pool_bytes import flat_bytes, host_view
 from cache_transfer.regions import Region, Regions
+from cache_transfer.shm_pools import new_pool_path, remove_stale_pools
 from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle
 from engine.kv_cache import KVCacheLayout
 
-SHM_DIR = "/dev/shm"
 HOST_BULK_COPY_MIN_BYTES = 1 << 20  # regions this large go through torch's copy
 
 
 def allocate_shared_pool(
     layout: KVCacheLayout, path: str | None = None
 ) -> tuple[torch.Tensor, str]:
-    """A zeroed CPU KV pool backed by a shared-memory file; returns (pool, path)."""
-    path = path or os.path.join(SHM_DIR, f"pd-kv-{uuid.uuid4().hex}")
+    """A zeroed CPU KV pool backed by a shared-memory file; returns (pool, path).
+
+    NOTE: the file cannot be unlinked right after mapping: a same-host sender opens it
+    by path. Its name carries the owner's pid, so pools left by a process that died
+    without closing (kill -9) are removed by the next allocation on this host
+    (``remove_stale_pools``), and by ``pd-serve cluster`` when it starts or restarts an
+    instance."""
+    remove_stale_pools()
+    path = path or new_pool_path()
     numel = 1
     for size in layout.shape:
         numel *= size

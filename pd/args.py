@@ -84,6 +84,7 @@ class ServeArgs:
     engine_worker_queue_ports: list[int] = field(default_factory=lambda: [0])
     api_key: str | None = None
     max_waiting_requests: int = 1024
+    max_request_tokens: int = 32768
     log_level: str = "info"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -259,6 +260,13 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
         "--max-waiting-requests",
         "above this many waiting requests, answer 503 with Retry-After (default: 1024)",
         default=1024,
+    )
+    _add_size(
+        group,
+        "--max-request-tokens",
+        "most tokens one request may generate, all its choices (n) and prompts together; "
+        "without max_tokens each choice gets its share (default: 32768)",
+        default=32768,
     )
     group.add_argument(
         "--log-level", default="info", type=str.lower, choices=LOG_LEVELS, help="(default: info)"

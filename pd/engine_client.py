@@ -96,6 +96,10 @@ class EngineClient:
         self.info: EngineInfo | None = None
         self.stats: EngineStats | None = None
         self.dead_reason: str | None = None
+        # A stream that gets nothing for this long ends with RequestFailed (its request
+        # vanished somewhere); None: a local engine, whose death fails every stream.
+        self.idle_timeout_s: float | None = None
+        self.last_stats_at: float | None = None  # monotonic time of the engine's last STATS
         self._reader: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -223,6 +227,7 @@ class EngineClient:
                 self._on_outputs(payload)
             elif kind is Kind.STATS:
                 self.stats = payload
+                self.last_stats_at = time.monotonic()
                 self.timings.on_kv_events(payload.kv_events)
                 self.timings.on_stats(
                     payload.num_running,
@@ -296,7 +301,14 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._finished or self._released:
             raise StopAsyncIteration
-        item = await self._entry.queue.get()
+        idle_timeout_s = self._client.idle_timeout_s
+        if idle_timeout_s is None:
+            item = await self._entry.queue.get()
+        else:
+            try:
+                item = await asyncio.wait_for(self._entry.queue.get(), idle_timeout_s)
+            except asyncio.TimeoutError:
+                item = RequestFailed(f"no output for {idle_timeout_s:g} s: the request was lost")
         if isinstance(item, Exception):
             self.release()
             raise item

@@ -139,7 +139,11 @@ def _make_servers(args: ServeArgs, port: int, app, state, uvicorn) -> list:
     logger.info("OpenAI API on http://%s:%d/v1 (model %s)", args.host, port, state.model_names[0])
     if args.metrics_port is not None:
         metrics_port = args.metrics_port or pick_free_port(args.host)
-        metrics_app = state.metrics.make_metrics_app()
+        from pd.api.errors import install_error_handlers
+        from pd.api.server import api_key_dependencies
+
+        metrics_app = state.metrics.make_metrics_app(api_key_dependencies(args.api_key))
+        install_error_handlers(metrics_app)
         servers.append(_server(uvicorn, metrics_app, args.host, metrics_port, args.log_level))
         logger.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     return servers

@@ -45,6 +45,9 @@ class SplitwiseEngineClient(EngineClient):
         self.frontend: SplitwiseFrontend | None = None
         self._aborts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aborts")
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Past --scheduler-ttl a queued request is failed by its rank; a stream silent for
+        # longer than that (and a registry period) has lost its request.
+        self.idle_timeout_s = scheduler.ttl_s + 2 * scheduler.expire_period_s
 
     async def wait_ready(self, is_alive, timeout: float) -> EngineInfo:  # type: ignore[no-untyped-def]
         info = await super().wait_ready(is_alive, timeout)
