@@ -47,6 +47,7 @@ def allocate_shared_pool(
     for size in layout.shape:
         numel *= size
     pool = torch.from_file(path, shared=True, size=numel, dtype=layout.dtype)
+    os.chmod(path, 0o600)  # only this user's processes may map (and write) the pool
     return pool.view(layout.shape), path
 
 

@@ -21,6 +21,7 @@ from concurrent import futures
 import grpc
 from google.protobuf.message import DecodeError
 
+from cache_transfer.auth import PD_AUTH_HEADER, bearer_token, check_token
 from cache_transfer.endpoints import endpoint_to_proto
 from cache_transfer.regions import dst_block_ranges
 from cache_transfer.reservations import BlockAllocator, PeerLimit, Reservation, Reservations
@@ -228,8 +229,16 @@ class PdCommServer:
     guarded: an unparsable message is refused, and a handler that raises answers
     INTERNAL with a one-line reason (the service has released what it held)."""
 
-    def __init__(self, service: PdCommService, host: str = "0.0.0.0", port: int = 0):
+    def __init__(
+        self,
+        service: PdCommService,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        secret: bytes | None = None,
+    ):
         self.service = service
+        self.secret = secret  # the cluster secret: calls without its token are refused
+        self.num_unauthenticated = 0
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -251,6 +260,11 @@ class PdCommServer:
         handler = getattr(self.service, name)
 
         def call(request, context):  # type: ignore[no-untyped-def]
+            if self.secret is not None:
+                presented = dict(context.invocation_metadata()).get(PD_AUTH_HEADER)
+                if not check_token(self.secret, "pd-comm", presented):
+                    self.num_unauthenticated += 1
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "cluster secret required")
             if request is None:
                 self.service.num_refused += 1
                 context.abort(
@@ -275,15 +289,20 @@ class PdCommError(RuntimeError):
 
 
 class PdCommClient:
-    def __init__(self, address: str, timeout_s: float = 5.0):
+    def __init__(self, address: str, timeout_s: float = 5.0, secret: bytes | None = None):
         self.address = address
         self.timeout_s = timeout_s
+        self.metadata = (
+            None if secret is None else ((PD_AUTH_HEADER, bearer_token(secret, "pd-comm")),)
+        )
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.PdCommStub(self.channel)
 
     def _call(self, name: str, request, timeout_s: float | None):  # type: ignore[no-untyped-def]
         try:
-            return getattr(self.stub, name)(request, timeout=timeout_s or self.timeout_s)
+            return getattr(self.stub, name)(
+                request, timeout=timeout_s or self.timeout_s, metadata=self.metadata
+            )
         except grpc.RpcError as e:
             raise PdCommError(
                 f"pd-comm {name} to {self.address} failed: {e.code().name}: {e.details()}"

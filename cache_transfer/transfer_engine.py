@@ -109,6 +109,8 @@ class TransferEngine(ABC):
         self.layout = layout
         # transfer id -> (range starts, range ends), sorted by start
         self._allowed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # transfer id -> the authenticated session whose bytes it takes (its first writer)
+        self._sessions: dict[int, bytes] = {}
         self._allowed_lock = threading.Lock()
 
     # -- receiving side -------------------------------------------------------------
@@ -131,22 +133,28 @@ class TransferEngine(ABC):
         Returns once none of its writes can still land."""
         with self._allowed_lock:
             self._allowed.pop(transfer_id, None)
+            self._sessions.pop(transfer_id, None)
 
     def check_allowed(self, transfer_id: int, offset: int, nbytes: int) -> str | None:
         """None if a write of [offset, offset + nbytes) may land; else why not."""
         return self.check_allowed_regions(transfer_id, np.array([offset]), np.array([nbytes]))
 
     def check_allowed_regions(
-        self, transfer_id: int, offsets: np.ndarray, nbytes: np.ndarray
+        self, transfer_id: int, offsets: np.ndarray, nbytes: np.ndarray, session: bytes = b""
     ) -> str | None:
         """None if every write [offsets[i], offsets[i] + nbytes[i]) may land; else why
         the first that may not cannot. Overflow-safe: sizes are compared with the room
-        left in their range (``end - offset``), never summed with the offset."""
+        left in their range (``end - offset``), never summed with the offset. A
+        ``session`` (an authenticated sender) binds the transfer to itself on first use."""
         offsets, nbytes = _as_int64(offsets), _as_int64(nbytes)
         if offsets is None or nbytes is None:
             return "an offset or size does not fit in 63 bits"
         with self._allowed_lock:
             allowed = self._allowed.get(transfer_id)
+            if allowed is not None and session:
+                owner = self._sessions.setdefault(transfer_id, session)
+                if owner != session:
+                    return f"transfer {transfer_id} is being written by another sender"
         if allowed is None:
             return f"transfer {transfer_id} is not open (never reserved, committed or aborted)"
         starts, ends = allowed

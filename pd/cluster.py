@@ -101,18 +101,23 @@ def main(argv: list[str] | None = None) -> int:
         model_flags = _model_flags(args.model, passthrough)
     except ValueError as error:
         sys.exit(f"pd-serve cluster: {error}")
+    try:
+        secret_flags, secret = _cluster_secret(passthrough, log_dir)
+    except ValueError as error:
+        sys.exit(f"pd-serve cluster: {error}")
     redis_server = None
     if args.scheduler_host is None and args.scheduler_port is None:
+        from pd.cluster_secret import redis_password
         from scheduler.redis_server import EmbeddedRedis
 
-        redis_server = EmbeddedRedis().start()
+        redis_server = EmbeddedRedis(password=redis_password(secret)).start()
         print(f"embedded Redis on {redis_server.url}", flush=True)
     host = args.scheduler_host or "127.0.0.1"
     port = args.scheduler_port or (redis_server.port if redis_server else 6379)
     common = [
         *model_flags, "--host", "127.0.0.1", "--scheduler-name", "splitwise",
         "--scheduler-host", host, "--scheduler-port", str(port),
-        "--scheduler-topic", args.scheduler_topic, *passthrough,
+        "--scheduler-topic", args.scheduler_topic, *secret_flags, *passthrough,
     ]  # fmt: skip
     roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["mixed"] * args.mixed
     common += _engine_threads_args(len(roles), passthrough)
@@ -136,6 +141,23 @@ def main(argv: list[str] | None = None) -> int:
         _stop_all(instances)
         if redis_server is not None:
             redis_server.close()
+
+
+def _cluster_secret(passthrough: list[str], log_dir: Path) -> tuple[list[str], bytes]:
+    """The instances' secret flags and the secret: the user's (--cluster-secret-file or
+    PD_CLUSTER_SECRET, which the instances inherit), else a fresh one in ``log_dir``."""
+    from pd.cluster_secret import create_secret_file, load_cluster_secret
+
+    for i, arg in enumerate(passthrough):
+        if arg.startswith("--cluster-secret-file"):
+            path = arg.split("=", 1)[1] if "=" in arg else passthrough[i + 1]
+            return [], load_cluster_secret(path)  # type: ignore[return-value]
+    secret = load_cluster_secret(None)
+    if secret is not None:
+        return [], secret
+    path = create_secret_file(log_dir)
+    print(f"cluster secret in {path}", flush=True)
+    return ["--cluster-secret-file", str(path)], load_cluster_secret(str(path))  # type: ignore[return-value]
 
 
 def _engine_threads_args(num_instances: int, passthrough: list[str]) -> list[str]:

@@ -31,6 +31,7 @@ from pd.engine_messages import (
     MalformedMessage,
     decode,
     encode,
+    hello_token,
 )  # fmt: skip
 
 logger = logging.getLogger("pd.api")
@@ -96,6 +97,7 @@ class EngineClient:
         self.info: EngineInfo | None = None
         self.stats: EngineStats | None = None
         self.dead_reason: str | None = None
+        self.channel_key: bytes | None = None  # proven in HELLO (pd/cluster_secret.py)
         # A stream that gets nothing for this long ends with RequestFailed (its request
         # vanished somewhere); None: a local engine, whose death fails every stream.
         self.idle_timeout_s: float | None = None
@@ -106,7 +108,11 @@ class EngineClient:
 
     async def wait_ready(self, is_alive: Callable[[], bool], timeout: float) -> EngineInfo:
         """Say HELLO until the engine answers READY (it does once its model is loaded)."""
-        await self.socket.send(encode(Kind.HELLO))
+        token = None
+        if self.channel_key is not None:
+            identity = self.socket.getsockopt(zmq.IDENTITY)
+            token = hello_token(self.channel_key, identity)
+        await self.socket.send(encode(Kind.HELLO, token))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not is_alive():

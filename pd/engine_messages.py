@@ -1,14 +1,19 @@
 """Messages between the API server and an engine-core process, and their one codec.
 
-Frames are msgpack arrays ``[kind, payload]``. The API server is a DEALER and
-the engine a ROUTER bound on ``--engine-worker-queue-port``; the engine replies
-to the identity a request came from. Outputs are per-step diffs.
+Frames are msgpack arrays ``[kind, payload]``. A client proves the channel key in its
+HELLO (``hello_token``); the engine ignores every other message from an identity that
+has not, and drops a frame that is not a message of this codec (``MalformedMessage``).
+The API server is a DEALER and the engine a ROUTER bound on
+``--engine-worker-queue-port``; the engine replies to the identity a request came from.
+Outputs are per-step diffs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +24,7 @@ from engine.sampling_params import SamplingParams
 
 
 class Kind(enum.IntEnum):
-    HELLO = 0  # api -> engine: who I am; answered with READY once the model is loaded
+    HELLO = 0  # api -> engine: channel token (hello_token); READY once the model is loaded
     READY = 1  # engine -> api: EngineInfo
     ADD = 2  # api -> engine: AddRequest
     ABORT = 3  # api -> engine: list of request ids
@@ -63,6 +68,12 @@ class MalformedMessage(ValueError):
 
 
 MAX_FRAME_BYTES = 64 << 20  # an ADD of the longest prompt is far below this
+
+
+def hello_token(channel_key: bytes, identity: bytes) -> str:
+    """What a client's HELLO carries: proof that it holds the channel key, bound to its
+    ZMQ identity (a ROUTER refuses a second connection with a live identity)."""
+    return hmac.new(channel_key, identity, hashlib.sha256).hexdigest()
 
 
 def encode(kind: Kind, payload: Any = None) -> bytes:
@@ -125,6 +136,10 @@ def _from_wire(kind: Kind, payload: Any) -> Any:
             _check_id(request_id, "request_id"), _check_token_ids(token_ids),
             SamplingParams(**params),
         )  # fmt: skip
+    if kind is Kind.HELLO:
+        if payload is not None and not (isinstance(payload, str) and len(payload) <= 128):
+            raise MalformedMessage("a HELLO carries its channel token or nothing")
+        return payload
     if kind is Kind.ABORT:
         if not isinstance(payload, list):
             raise MalformedMessage("an ABORT carries a list of request ids")

@@ -9,6 +9,7 @@ client the outputs of its requests, and report load.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from pd.engine_messages import (
     MalformedMessage,
     decode,
     encode,
+    hello_token,
 )  # fmt: skip
 from scheduler.local import LocalScheduler
 
@@ -45,6 +47,7 @@ def run_engine_process(
     log_level: str,
     threads: ThreadChoice,
     settings: RankSettings | None = None,
+    channel_key: bytes | None = None,
 ) -> None:
     """Entry point of the child process (spawned; everything heavy imports here, after
     ``threads`` set up OpenMP). With ``settings`` the rank joins a splitwise cluster;
@@ -64,7 +67,9 @@ def run_engine_process(
         if settings is None:
             engine = EngineCore(config)
             logger.info("model loaded; serving on %s", address)
-            EngineLoop(engine, socket).run()
+            loop = EngineLoop(engine, socket)
+            loop.channel_key = channel_key
+            loop.run()
         else:
             from pd.rank.splitwise_loop import SplitwiseLoop
             from pd.rank.transfer_setup import KVPool
@@ -72,7 +77,9 @@ def run_engine_process(
             pool = KVPool(settings.role, settings.protocols)
             engine = EngineCore(config, allocate_kv=pool)
             logger.info("model loaded; %s rank %s", settings.role, settings.rank_id)
-            SplitwiseLoop(engine, socket, settings, pool.shm_path).run()
+            loop = SplitwiseLoop(engine, socket, settings, pool.shm_path)
+            loop.channel_key = channel_key
+            loop.run()
     finally:
         socket.close()
         context.term()
@@ -87,6 +94,9 @@ class EngineLoop:
         self.scheduler: LocalScheduler[AddRequest, Any] = LocalScheduler(self._send_outputs)
         self.running = True
         self.num_malformed = 0
+        # The channel key (pd/cluster_secret.py); None: any HELLO is accepted (tests).
+        self.channel_key: bytes | None = None
+        self.num_unauthenticated = 0
         self._parent_pid = os.getppid()
         self._last_stats = 0.0
         config = engine.config
@@ -145,6 +155,12 @@ class EngineLoop:
                 continue
             self._handle(identity, kind, payload)
 
+    def _proves_key(self, identity: bytes, token: Any) -> bool:
+        if self.channel_key is None:
+            return True
+        expected = hello_token(self.channel_key, identity)
+        return isinstance(token, str) and hmac.compare_digest(token, expected)
+
     def _drop(self, error: MalformedMessage) -> None:
         """A garbage frame costs its sender nothing but a log line (rate-limited)."""
         self.num_malformed += 1
@@ -153,6 +169,13 @@ class EngineLoop:
                            self.num_malformed, error)  # fmt: skip
 
     def _handle(self, identity: bytes, kind: Kind, payload: Any) -> None:
+        if kind is Kind.HELLO and not self._proves_key(identity, payload):
+            self._drop(MalformedMessage("a HELLO without the channel key"))
+            return
+        if kind is not Kind.HELLO and self.channel_key is not None and identity not in self.clients:
+            self.num_unauthenticated += 1
+            self._drop(MalformedMessage(f"a {kind.name} before an accepted HELLO"))
+            return
         if kind is Kind.HELLO:
             self.clients.add(identity)
             self._send(identity, Kind.READY, self.info)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from pd.args import ServeArgs, parse_args, pick_free_port
 from pd.cluster_instance import cluster_instance
+from pd.cluster_secret import engine_channel_key
 from pd.cpu_threads import apply_api_server_threads, engine_thread_choice
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def engine_kwargs(args: ServeArgs) -> dict:
 
 
 def start_engine(
-    args: ServeArgs, settings: RankSettings | None = None
+    args: ServeArgs, settings: RankSettings | None = None, channel_key: bytes | None = None
 ) -> tuple[multiprocessing.Process, str]:
     from pd.engine_process import run_engine_process
 
@@ -79,7 +80,7 @@ def start_engine(
     )
     process = multiprocessing.get_context("spawn").Process(
         target=run_engine_process,
-        args=(engine_kwargs(args), address, args.log_level, threads, settings),
+        args=(engine_kwargs(args), address, args.log_level, threads, settings, channel_key),
         name="pd-engine-0",
         daemon=True,
     )
@@ -100,7 +101,8 @@ async def serve(args: ServeArgs) -> int:
     logger.info(apply_api_server_threads())
     api_port = args.api_port or pick_free_port(args.host)
     instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
-    process, address = start_engine(args, instance.rank_settings if instance else None)
+    channel_key = engine_channel_key(args.cluster_secret())
+    process, address = start_engine(args, instance.rank_settings if instance else None, channel_key)
     try:
         state = ServerState.create(args, load_tokenizer(args.model))
         if instance is None:
@@ -111,6 +113,7 @@ async def serve(args: ServeArgs) -> int:
             client = SplitwiseEngineClient(
                 address, state.tokenizer, state.timings(), args.scheduler_config(), instance.api_id
             )
+        client.channel_key = channel_key
         state.engine = client
         info = await client.wait_ready(process.is_alive, _READY_TIMEOUT_S)
     except (EngineDeadError, ValueError, OSError, SchedulerUnavailable) as error:

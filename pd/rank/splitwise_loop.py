@@ -77,7 +77,7 @@ class SplitwiseLoop(EngineLoop):
         if self.role != "mixed":
             self.transfer_engines = make_transfer_engines(
                 self.role, executor.kv_cache, executor.kv_layout, settings.protocols, settings.host,
-                shm_path, settings.rdma_comm_ports[0],
+                shm_path, settings.rdma_comm_ports[0], settings.secret,
             )  # fmt: skip
         self.intake: DecodeIntake | None = None
         pd_comm_port = 0
@@ -85,6 +85,7 @@ class SplitwiseLoop(EngineLoop):
             self.intake = DecodeIntake(
                 self.rank_id, self.fingerprint, engine.block_manager, self.transfer_engines,
                 self.calls, self._adopt, settings.host, settings.pd_comm_port, settings.lease_s,
+                settings.secret, engine.config.scheduler.max_model_len,
             )  # fmt: skip
             pd_comm_port = self.intake.port
         record = pb.InstanceRecord(
@@ -100,7 +101,7 @@ class SplitwiseLoop(EngineLoop):
             self.handoff = PrefillHandoff(
                 record, self.transfer_engines, executor.kv_layout, self.fingerprint, self.registry,
                 self.calls, self._on_reserved, self._on_reserve_failed, self._on_handoff_done,
-                settings.handoff_timeout_s,
+                settings.handoff_timeout_s, settings.secret,
             )  # fmt: skip
             executor.set_kv_sender(self._send_layer)
         self.rank = SplitwiseRank(settings.scheduler, record).start()

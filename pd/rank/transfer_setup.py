@@ -39,6 +39,7 @@ def make_transfer_engines(
     host: str,
     shm_path: str | None,
     rdma_comm_port: int = 0,
+    secret: bytes | None = None,
 ) -> dict[str, TransferEngine]:
     receiving = role == "decode"
     engines: dict[str, TransferEngine] = {}
@@ -46,7 +47,9 @@ def make_transfer_engines(
         if protocol == "ipc":
             engines[protocol] = IpcTransferEngine(pool, layout, shm_path if receiving else None)
         elif protocol == "tcp":
-            engines[protocol] = TcpTransferEngine(pool, layout, host=host, listen=receiving)
+            engines[protocol] = TcpTransferEngine(
+                pool, layout, host=host, listen=receiving, secret=secret
+            )
         elif protocol == "rdma":
             from cache_transfer.rdma import RdmaTransferEngine
 

@@ -27,7 +27,7 @@ from tests.cluster.cluster import Cluster, wait_blocks_free
 pytestmark = pytest.mark.slow
 
 PROMPT = "prefill decode cache block layer token"
-NUM_DECODE_BLOCKS = 64
+NUM_DECODE_BLOCKS = 16  # x 16 tokens: one max_model_len (256) sequence
 SAMPLING = dict(n=1, temperature=0.0, top_p=1.0, max_tokens=4, repetition_penalty=1.0)
 
 
@@ -150,7 +150,7 @@ def test_commit_with_a_token_id_beyond_the_vocabulary_is_refused(peer: Peer) -> 
 
 
 def test_commit_that_does_not_match_its_reservation_releases_every_block(peer: Peer) -> None:
-    request_id, reply = peer.reserve(NUM_DECODE_BLOCKS * peer.record.kv_layout.block_size)
+    request_id, reply = peer.reserve(NUM_DECODE_BLOCKS * peer.record.kv_layout.block_size - 1)
     assert reply.status == pb.ReserveReply.OK, reply.message
     assert peer.health().num_free_blocks == 0
     commit = peer.commit(request_id, reply, [1, 2, 3, 4])
