@@ -4,17 +4,21 @@ held, and leaves the engines alive and the other requests' answers unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import msgpack
 import openai
 import pytest
+import redis
 import zmq
 
 from pd.args import pick_free_port
@@ -27,6 +31,7 @@ from tests.cluster.cluster import Cluster, wait_blocks_free
 pytestmark = pytest.mark.slow
 
 PROMPT = "prefill decode cache block layer token"
+SECRET = b"test-cluster-secret-0123456789"
 NUM_DECODE_BLOCKS = 16  # x 16 tokens: one max_model_len (256) sequence
 SAMPLING = dict(n=1, temperature=0.0, top_p=1.0, max_tokens=4, repetition_penalty=1.0)
 
@@ -43,7 +48,7 @@ class Peer:
         self.decode_rank = cluster.rank_id(decode)
         raw = self.redis.get(cluster.keys.instance("decode", self.decode_rank))
         self.record = cluster_pb.InstanceRecord.FromString(raw)
-        self.pd_comm = PdCommClient(f"127.0.0.1:{self.record.pd_comm_port}")
+        self.pd_comm = PdCommClient(f"127.0.0.1:{self.record.pd_comm_port}", secret=SECRET)
         self.zmq_address = f"tcp://127.0.0.1:{decode_zmq_port}"
 
     def fingerprint(self) -> pb.KvFingerprint:
@@ -121,23 +126,124 @@ def complete(server, prompt: str = PROMPT, max_tokens: int = 8) -> str:  # type:
 
 
 @pytest.fixture(scope="module")
-def peer(redis_server: EmbeddedRedis, model_dir, tmp_path_factory) -> Iterator[Peer]:  # type: ignore[no-untyped-def]
-    cluster = Cluster(
-        redis_server, model_dir, tmp_path_factory.mktemp("trust"), f"t{uuid.uuid4().hex[:8]}"
-    )
-    prefill = cluster.start("prefill", "--cache-transfer-protocol", "tcp")
-    zmq_port = pick_free_port()
-    decode = cluster.start(
-        "decode", "--cache-transfer-protocol", "tcp", "--engine-worker-queue-port", str(zmq_port),
-        "--num-gpu-blocks-override", str(NUM_DECODE_BLOCKS),
-    )  # fmt: skip
-    GREEDY_ANSWER[:] = [complete(prefill)]
-    side = Peer(cluster, prefill, decode, zmq_port)
-    yield side
-    side.pd_comm.close()
-    for server, code in cluster.stop():
-        assert code == 0, server.log()[-4000:]
-        assert "Traceback" not in server.log(), server.log()[-4000:]
+def peer(model_dir, tmp_path_factory) -> Iterator[Peer]:  # type: ignore[no-untyped-def]
+    """A 1P1D cluster on tcp whose instances and Redis hold SECRET."""
+    from pd.cluster_secret import redis_password
+
+    log_dir = tmp_path_factory.mktemp("trust")
+    secret_file = log_dir / "cluster.secret"
+    secret_file.write_bytes(SECRET)
+    with EmbeddedRedis(password=redis_password(SECRET)) as redis_server:
+        cluster = Cluster(redis_server, model_dir, log_dir, f"t{uuid.uuid4().hex[:8]}")
+        common = ("--cache-transfer-protocol", "tcp", "--cluster-secret-file", str(secret_file))
+        prefill = cluster.start("prefill", *common)
+        zmq_port = pick_free_port()
+        decode = cluster.start(
+            "decode", *common, "--engine-worker-queue-port", str(zmq_port),
+            "--num-gpu-blocks-override", str(NUM_DECODE_BLOCKS),
+        )  # fmt: skip
+        GREEDY_ANSWER[:] = [complete(prefill)]
+        side = Peer(cluster, prefill, decode, zmq_port)
+        yield side
+        side.pd_comm.close()
+        for server, code in cluster.stop():
+            assert code == 0, server.log()[-4000:]
+            assert "Traceback" not in server.log(), server.log()[-4000:]
+
+
+def test_without_the_secret_every_internal_endpoint_refuses(peer: Peer) -> None:
+    """Issue 17: pd-comm, the KV port, the engine's ZMQ port and Redis answered anyone."""
+    from cache_transfer import tcp
+    from cache_transfer.pd_comm import PdCommClient, PdCommError
+
+    stranger = PdCommClient(f"127.0.0.1:{peer.record.pd_comm_port}")
+    with pytest.raises(PdCommError, match="UNAUTHENTICATED"):
+        stranger.reserve(pb.ReserveRequest(request_id="x", num_tokens=4))
+    wrong = PdCommClient(f"127.0.0.1:{peer.record.pd_comm_port}", secret=b"w" * 32)
+    with pytest.raises(PdCommError, match="UNAUTHENTICATED"):
+        wrong.health()
+    stranger.close(), wrong.close()
+
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=peer.cluster.redis.port).ping()
+
+    request_id, reply = peer.reserve(4)  # where the KV port is (a peer with the secret)
+    address = (reply.endpoint.tcp.host, reply.endpoint.tcp.port)
+    with socket.create_connection(address, timeout=5) as sock:
+        assert len(sock.recv(64)) == 16, "a challenge comes first"
+        sock.sendall(b"\0" * 48)  # a wrong answer
+        frame = tcp.HEADER.pack(tcp.MAGIC, tcp.DATA, reply.transfer_id, 0, 8)
+        with contextlib.suppress(OSError):
+            sock.sendall(frame + b"x" * 8)
+        try:
+            closed = sock.recv(1) == b""
+        except ConnectionResetError:  # closed with our frame unread
+            closed = True
+        assert closed, "closed without reading a frame"
+    assert peer.pd_comm.abort(request_id)
+
+    context = zmq.Context()
+    socket_ = context.socket(zmq.DEALER)
+    socket_.setsockopt(zmq.LINGER, 0)
+    socket_.connect(peer.zmq_address)
+    socket_.send(encode(Kind.HELLO, "0" * 64))
+    socket_.send(encode(Kind.SHUTDOWN))
+    assert not socket_.poll(1000), "no READY for a HELLO without the key"
+    socket_.close()
+    context.term()
+    assert "before an accepted HELLO" in peer.decode.log()
+    peer.assert_released()
+    peer.assert_alive()
+
+
+def test_forged_kv_writes_change_no_other_request(peer: Peer) -> None:
+    """Issue 17: a forger wrote into 63 transfers of other requests; 58 of 1,682 greedy
+    answers changed. Now a forger holding the secret, writing to every transfer id it
+    can name (its own, outside its blocks, and guessed ones), lands nothing."""
+    from cache_transfer import tcp
+    from cache_transfer.auth import respond
+
+    request_id, reply = peer.reserve(4)
+    address = (reply.endpoint.tcp.host, reply.endpoint.tcp.port)
+    stop = threading.Event()
+    refusals: list[bytes] = []
+
+    def forge() -> None:
+        rng = random.Random(3)
+        with socket.create_connection(address, timeout=10) as sock:
+            respond(sock, SECRET, tcp.AUTH_PURPOSE, b"forger-session!!")
+            seq = 0
+            while not stop.is_set():
+                guess = reply.transfer_id + rng.randrange(-64, 64)
+                offset = rng.randrange(0, 1 << 24)
+                for transfer_id in (guess, reply.transfer_id):
+                    frame = tcp.HEADER.pack(tcp.MAGIC, tcp.DATA, transfer_id, offset, 4096)
+                    sock.sendall(frame + b"\xff" * 4096)
+                    seq += 1
+                    sock.sendall(tcp.HEADER.pack(tcp.MAGIC, tcp.SYNC, transfer_id, seq, 0))
+                    answer = bytearray(tcp.HEADER.size)
+                    tcp.recv_exact(sock, memoryview(answer))
+                    *_, nbytes = tcp.HEADER.unpack(answer)
+                    reason = bytearray(nbytes)
+                    tcp.recv_exact(sock, memoryview(reason))
+                    refusals.append(bytes(reason))
+
+    forger = threading.Thread(target=forge)
+    forger.start()
+    deadline = time.monotonic() + 10
+    while len(refusals) < 4:  # forging before the requests start
+        assert time.monotonic() < deadline and forger.is_alive()
+        time.sleep(0.01)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: complete(peer.prefill), range(16)))
+    finally:
+        stop.set()
+        forger.join(timeout=10)
+    assert answers == GREEDY_ANSWER * 16
+    assert all(refusals), "every forged frame was refused"
+    assert peer.pd_comm.abort(request_id)
+    peer.assert_released()
 
 
 def test_commit_with_a_token_id_beyond_the_vocabulary_is_refused(peer: Peer) -> None:
