@@ -144,6 +144,10 @@ class EngineClient:
         self.socket.close()
         self.context.term()
 
+    async def wait_dispatchable(self) -> None:
+        """Return once a request could be placed (a cluster's ranks registered), or after
+        a bound; a local engine always can."""
+
     @property
     def num_not_started(self) -> int:
         """Requests sent to the engine that have no token yet (queued or prefilling)."""

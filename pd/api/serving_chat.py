@@ -52,6 +52,7 @@ async def create_chat_completion(
     check_lengths(state, len(token_ids), max_tokens, "messages")
     default = room_left(state, len(token_ids), body.n or 1)
     params = sampling_params(body.to_sampling_params, default)
+    await state.engine.wait_dispatchable()  # type: ignore[union-attr]
     request = open_request(state, text, token_ids, params, body.stream)
     if body.stream:
         events = _stream(body, len(token_ids), outputs(request))

@@ -63,6 +63,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
             400, "echo with logprobs is not supported yet (needs prompt logprobs)", param="echo"
         )
     plan = await _plan(state, body)
+    await state.engine.wait_dispatchable()  # type: ignore[union-attr]
     requests = _open(state, plan, body.stream)
     if body.stream:
         events = _stream(state, plan, requests)

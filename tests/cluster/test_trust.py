@@ -407,3 +407,14 @@ def test_abort_pushed_through_redis_ends_the_stream_with_an_error_event(peer: Pe
 def _running_request_ids(peer: Peer) -> list[str]:
     proc = peer.redis.lrange(peer.cluster.keys.processing(peer.decode_rank), 0, -1)
     return [cluster_pb.DispatchedRequest.FromString(e).request_id for e in proc]
+
+
+def test_requests_right_after_a_redis_restart_wait_for_the_ranks(peer: Peer) -> None:
+    """Issue 17: requests in the seconds after a Redis restart failed 503 until the ranks
+    re-registered; now they wait for them (bounded). Last in the module: it restarts the
+    module's Redis."""
+    server = peer.cluster.redis
+    server.kill()
+    server.start()
+    assert not peer.redis.keys(f"{peer.cluster.topic}:inst:*"), "the registry is empty"
+    assert complete(peer.prefill) == GREEDY_ANSWER[0]
