@@ -93,6 +93,7 @@ class PdCommService(pb_grpc.PdCommServicer):
             allocator, lease_s, on_end=self._revoke, max_peer_fraction=max_peer_fraction
         )
         self.num_refused = 0  # bad messages and failed handlers, for tests and metrics
+        self.draining = False  # stopping: no new reservations (Commits of earlier ones land)
 
     def _revoke(self, reservation: Reservation) -> None:
         self.engines[reservation.protocol].revoke(reservation.transfer_id)
@@ -110,6 +111,8 @@ class PdCommService(pb_grpc.PdCommServicer):
         mismatch = fingerprint_mismatch(self.fingerprint, request.fingerprint)
         if mismatch is not None:
             return pb.ReserveReply(status=Status.INCOMPATIBLE, message=mismatch)
+        if self.draining:
+            return pb.ReserveReply(status=Status.NO_ROOM, message=f"{self.rank_id} is stopping")
         engine = self.engines.get(request.protocol)
         if engine is None:
             return pb.ReserveReply(

@@ -186,8 +186,11 @@ class EngineLoop:
                 aborted = EngineCoreOutput(request_id, [], finish_reason="abort")
                 self._send(identity, Kind.OUTPUTS, [aborted])
         elif kind is Kind.SHUTDOWN:
-            logger.info("shutdown requested")
-            self.running = False
+            self._on_shutdown()
+
+    def _on_shutdown(self) -> None:
+        logger.info("shutdown requested")
+        self.running = False
 
     def _add_from_api(self, identity: bytes, request: AddRequest) -> None:
         """Reject what can never run at once; queue the rest in the local scheduler."""

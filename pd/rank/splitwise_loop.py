@@ -19,6 +19,7 @@ the Redis parts only; the engine keeps stepping what it holds.
 from __future__ import annotations
 
 import logging
+import time
 
 import zmq
 
@@ -45,6 +46,9 @@ from scheduler.splitwise import SplitwiseRank
 logger = logging.getLogger("pd.engine")
 
 _IDLE_S = 0.05
+# A stopping rank finishes what it holds for at most this long (pd-serve gives its engine
+# 10 s after SHUTDOWN); what is left then fails with an explained error.
+_DRAIN_S = 8.0
 _PENDING_POLL_MS = 5  # while hand-offs are in flight: their outcomes also wake us
 
 
@@ -71,6 +75,7 @@ class SplitwiseLoop(EngineLoop):
         self.aborted_reserving: set[str] = set()
         self.handoffs: dict[str, Handoff] = {}
         self.redis_down = False
+        self.drain_deadline: float | None = None  # set by SHUTDOWN: finish, take nothing new
         executor = engine.executor
         self.fingerprint = kv_fingerprint(settings.model, executor.kv_layout)
         self.transfer_engines: dict[str, TransferEngine] = {}
@@ -122,6 +127,8 @@ class SplitwiseLoop(EngineLoop):
                         self._on_output(output)
                 self._end_step()
                 self._maybe_send_stats()
+                if self.drain_deadline is not None:
+                    self._check_drained()
                 if not (self.engine.has_unfinished() and not self.engine.stalled):
                     self._idle()
         finally:
@@ -152,6 +159,8 @@ class SplitwiseLoop(EngineLoop):
         self.poller.poll(timeout_ms)
 
     def _capacity(self) -> int:
+        if self.drain_deadline is not None:
+            return 0
         max_num_seqs = self.engine.config.scheduler.max_num_seqs
         return max_num_seqs - len(self.engine.sequences) - len(self.reserving)
 
@@ -172,6 +181,32 @@ class SplitwiseLoop(EngineLoop):
             num_queued_prompt_tokens=queued,
             num_free_blocks=self.engine.block_manager.num_free_blocks,
         )
+
+    # -- stopping --------------------------------------------------------------------
+
+    def _on_shutdown(self) -> None:
+        """Drain: take no new request (no queue takes, no new reservations), finish what
+        runs and what is in flight to us, then stop; bounded by _DRAIN_S."""
+        logger.info("shutdown requested: %s drains (at most %.0f s)", self.rank_id, _DRAIN_S)
+        self.drain_deadline = time.monotonic() + _DRAIN_S
+        if self.intake is not None:
+            self.intake.service.draining = True
+
+    def _check_drained(self) -> None:
+        reservations = 0 if self.intake is None else len(self.intake.service.reservations)
+        busy = self.engine.has_unfinished() or self.reserving or self.handoffs or reservations
+        if not busy:
+            self.running = False
+            return
+        if time.monotonic() < self.drain_deadline:  # type: ignore[operator]
+            return
+        left = [r for r in self.owners if r not in self.handoffs and r not in self.reserving]
+        logger.warning("%s: drain bound reached; failing %d requests", self.rank_id, len(left))
+        for request_id in left:
+            self.engine.abort_requests([request_id])
+            self._fail(request_id, f"{self.rank_id} stopped before the request finished")
+        self._end_step()
+        self.running = False
 
     # -- requests in -----------------------------------------------------------------
 
