@@ -6,7 +6,8 @@ Nothing here sends the secret itself. Each use gets its own key derived from it
 - pd-comm (gRPC): every call carries ``derive_key(secret, "pd-comm")`` as a bearer
   token in its metadata (``PD_AUTH_HEADER``); a call without it is refused
   UNAUTHENTICATED before any handler runs.
-- Stream transports (tcp KV streams): challenge-response at connect. The receiver
+- Stream transports (tcp KV streams, rdma's QP exchange, the CUDA ipc pull service,
+  which also checks the peer's uid): challenge-response at connect. The receiver
   sends a random nonce; the sender answers HMAC(key, nonce) and a random session id;
   a wrong answer closes the connection before a frame is read.
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import socket
+import struct
 
 PD_AUTH_HEADER = "x-pd-auth"
 NONCE_BYTES = 16
@@ -46,6 +49,15 @@ def check_token(secret: bytes, purpose: str, presented: str | bytes | None) -> b
     if isinstance(presented, bytes):
         presented = presented.decode(errors="replace")
     return hmac.compare_digest(presented, bearer_token(secret, purpose))
+
+
+def check_same_user(sock: socket.socket) -> None:
+    """AuthError unless the process at the other end of a Unix socket runs as our user
+    (SO_PEERCRED: the kernel's word, not the peer's)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid != os.getuid():
+        raise AuthError(f"a process of uid {uid} is not this user's")
 
 
 def _recv_exact(sock: socket.socket, nbytes: int) -> bytes:

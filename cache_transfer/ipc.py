@@ -69,13 +69,20 @@ def copy_regions_host(src: torch.Tensor, dst: torch.Tensor, regions: Sequence[Re
 class IpcTransferEngine(TransferEngine):
     protocol = "ipc"
 
-    def __init__(self, pool: torch.Tensor, layout: KVCacheLayout, shm_path: str | None = None):
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        layout: KVCacheLayout,
+        shm_path: str | None = None,
+        secret: bytes | None = None,
+    ):
         super().__init__(pool, layout)
         self.shm_path = shm_path
+        self.secret = secret  # the CUDA pull channel proves it at connect
         self.hostname = socket.gethostname()
         self._local = flat_bytes(pool)
         if pool.is_cuda:
-            self._service: PullService | None = PullService(self, self._local)
+            self._service: PullService | None = PullService(self, self._local, secret)
             self._channels: dict[str, PullChannel] = {}
             return
         self._service = None
@@ -109,7 +116,9 @@ class IpcTransferEngine(TransferEngine):
             raise TransferError(f"a {mine} pool cannot write into {peer_id}'s {kind} pool over ipc")
         if self._service is not None:
             if peer_id not in self._channels:
-                self._channels[peer_id] = PullChannel(peer_id, endpoint["socket"], self._local)
+                self._channels[peer_id] = PullChannel(
+                    peer_id, endpoint["socket"], self._local, self.secret
+                )
             return
         if peer_id in self._peers:
             return

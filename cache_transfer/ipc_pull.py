@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import secrets
 import socket
 import struct
 import threading
@@ -52,6 +53,12 @@ import msgpack
 import numpy as np
 import torch
 
+from cache_transfer.auth import (
+    SESSION_BYTES,
+    challenge,
+    check_same_user,
+    respond,
+)
 from cache_transfer.cuda_copy import copy_regions
 from cache_transfer.regions import Regions
 from cache_transfer.tcp import recv_exact
@@ -66,6 +73,8 @@ MAGIC = b"PDIP"
 HELLO, PULL, ACK, NACK = 1, 2, 3, 4
 HELLO_TIMEOUT_S = 10.0
 EVENT_SLOTS = 64
+
+AUTH_PURPOSE = "kv-ipc-pull"
 
 
 def send_frame(sock: socket.socket, kind: int, seq: int, transfer_id: int, payload: bytes,
@@ -148,9 +157,10 @@ class _Streams:
 class PullService:
     """The receiving side: serves channels, pulling into ``engine``'s pool."""
 
-    def __init__(self, engine: TransferEngine, flat: torch.Tensor):
+    def __init__(self, engine: TransferEngine, flat: torch.Tensor, secret: bytes | None = None):
         self.engine = engine
         self.flat = flat
+        self.secret = secret
         self.name = f"pd-kv-pull-{uuid.uuid4().hex}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind("\0" + self.name)
@@ -195,7 +205,12 @@ class PullService:
         replier.start()
         src = None  # the sender's pool; outlives every copy from it (replier joined below)
         try:
+            conn.settimeout(HELLO_TIMEOUT_S)
+            check_same_user(conn)
+            if self.secret is not None:
+                challenge(conn, self.secret, AUTH_PURPOSE)
             kind, _, seq, _, payload = read_frame(conn)
+            conn.settimeout(None)
             if kind != HELLO:
                 raise ConnectionError(f"expected HELLO, got frame kind {kind}")
             try:
@@ -292,7 +307,7 @@ def _readable(sock: socket.socket) -> bool:
 class PullChannel:
     """The sending side's channel to one receiver's pull service."""
 
-    def __init__(self, peer_id: str, name: str, flat: torch.Tensor):
+    def __init__(self, peer_id: str, name: str, flat: torch.Tensor, secret: bytes | None = None):
         self.peer_id = peer_id
         with torch.cuda.device(flat.device):  # the events belong to the pool's device
             self._events = [torch.cuda.Event(interprocess=True) for _ in range(EVENT_SLOTS)]
@@ -301,6 +316,8 @@ class PullChannel:
         self._sock.settimeout(HELLO_TIMEOUT_S)
         try:
             self._sock.connect("\0" + name)
+            if secret is not None:
+                respond(self._sock, secret, AUTH_PURPOSE, secrets.token_bytes(SESSION_BYTES))
             send_frame(self._sock, HELLO, 0, 0, hello)
             kind, _, _, _, reason = read_frame(self._sock)
         except (OSError, ConnectionError) as e:

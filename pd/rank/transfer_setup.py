@@ -45,7 +45,9 @@ def make_transfer_engines(
     engines: dict[str, TransferEngine] = {}
     for protocol in protocols:
         if protocol == "ipc":
-            engines[protocol] = IpcTransferEngine(pool, layout, shm_path if receiving else None)
+            engines[protocol] = IpcTransferEngine(
+                pool, layout, shm_path if receiving else None, secret
+            )
         elif protocol == "tcp":
             engines[protocol] = TcpTransferEngine(
                 pool, layout, host=host, listen=receiving, secret=secret
@@ -55,7 +57,8 @@ def make_transfer_engines(
 
             gpu = pool.device.index or 0
             engines[protocol] = RdmaTransferEngine(
-                pool, layout, pick_nic(gpu), comm_port=rdma_comm_port, listen=receiving
-            )
+                pool, layout, pick_nic(gpu), comm_port=rdma_comm_port, listen=receiving,
+                secret=secret,
+            )  # fmt: skip
     logger.info("KV transfer engines (%s): %s", role, ", ".join(engines))
     return engines
