@@ -132,7 +132,7 @@ class IpcTransferEngine(TransferEngine):
         except OSError as e:
             raise TransferError(f"cannot open {peer_id}'s KV pool over ipc: {e}") from e
 
-    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+    def write(self, peer_id: str, transfer_id: bytes, regions: Sequence[Region]) -> TransferHandle:
         if self._service is not None:
             channel = self._channels.get(peer_id)
             if channel is None:
@@ -142,11 +142,11 @@ class IpcTransferEngine(TransferEngine):
         peer = self._peers.get(peer_id)
         if peer is None:
             raise TransferError(f"not connected to {peer_id}")
-        handle = TransferHandle(f"ipc write {transfer_id} to {peer_id}")
+        handle = TransferHandle(f"ipc write {transfer_id.hex()[:8]} to {peer_id}")
         self._jobs.put((peer, list(regions), handle))
         return handle
 
-    def revoke(self, transfer_id: int) -> None:
+    def revoke(self, transfer_id: bytes) -> None:
         super().revoke(transfer_id)
         if self._service is not None:
             self._service.quiesce(transfer_id)

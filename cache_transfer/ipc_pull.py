@@ -28,7 +28,7 @@ other's copies.
 
 Wire: a Unix socket in the abstract namespace, one connection per sender.
 
-    header  <4sBB2xQQQ : magic, kind, event slot, seq, transfer id, payload bytes
+    header  <4sBB2xQ16sQ : magic, kind, event slot, seq, transfer id, payload bytes
     HELLO   ->  msgpack {"handle": the sender pool's torch _share_cuda_ fields, "nbytes",
                          "events": the IPC handles of its events}
     PULL    ->  regions: src offsets, dst offsets, lengths (int64 arrays, back to back);
@@ -68,7 +68,8 @@ if TYPE_CHECKING:
     from cache_transfer.transfer_engine import TransferEngine
 
 
-HEADER = struct.Struct("<4sBB2xQQQ")
+HEADER = struct.Struct("<4sBB2xQ16sQ")
+NO_TRANSFER = bytes(16)  # HELLO and replies name no transfer
 MAGIC = b"PDIP"
 HELLO, PULL, ACK, NACK = 1, 2, 3, 4
 HELLO_TIMEOUT_S = 10.0
@@ -77,7 +78,7 @@ EVENT_SLOTS = 64
 AUTH_PURPOSE = "kv-ipc-pull"
 
 
-def send_frame(sock: socket.socket, kind: int, seq: int, transfer_id: int, payload: bytes,
+def send_frame(sock: socket.socket, kind: int, seq: int, transfer_id: bytes, payload: bytes,
                slot: int = 0) -> None:  # fmt: skip
     sock.sendall(HEADER.pack(MAGIC, kind, slot, seq, transfer_id, len(payload)) + payload)
 
@@ -168,11 +169,11 @@ class PullService:
         self._lock = threading.Lock()  # a PULL's check and queueing vs. quiesce
         # transfer id -> channel -> the events of its latest pull (a channel's pulls run
         # in order on its streams, so the latest covers the earlier ones)
-        self._in_flight: dict[int, dict[int, list[torch.cuda.Event]]] = {}
+        self._in_flight: dict[bytes, dict[int, list[torch.cuda.Event]]] = {}
         self._connections: set[socket.socket] = set()
         threading.Thread(target=self._accept, name="ipc-pull-accept", daemon=True).start()
 
-    def quiesce(self, transfer_id: int) -> None:
+    def quiesce(self, transfer_id: bytes) -> None:
         """Wait until the copies queued for ``transfer_id`` have landed. Called after the
         transfer is revoked, so no new copy of it can be queued (the check and the
         queueing happen under one lock)."""
@@ -252,7 +253,7 @@ class PullService:
         except RuntimeError:  # no peer access between the two GPUs
             return open_shared_pool(handle, nbytes, torch.device("cuda", handle[0]))
 
-    def _pull(self, src: torch.Tensor, streams: _Streams, transfer_id: int,
+    def _pull(self, src: torch.Tensor, streams: _Streams, transfer_id: bytes,
               payload: bytes) -> tuple[str | None, list[torch.cuda.Event]]:  # fmt: skip
         try:
             regions = decode_regions(payload)
@@ -290,9 +291,9 @@ class PullService:
             event.synchronize()
         with contextlib.suppress(OSError):  # a gone sender needs no answer
             if error is None:
-                send_frame(conn, ACK, seq, 0, b"")
+                send_frame(conn, ACK, seq, NO_TRANSFER, b"")
             else:
-                send_frame(conn, NACK, seq, 0, error.encode())
+                send_frame(conn, NACK, seq, NO_TRANSFER, error.encode())
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -318,7 +319,7 @@ class PullChannel:
             self._sock.connect("\0" + name)
             if secret is not None:
                 respond(self._sock, secret, AUTH_PURPOSE, secrets.token_bytes(SESSION_BYTES))
-            send_frame(self._sock, HELLO, 0, 0, hello)
+            send_frame(self._sock, HELLO, 0, NO_TRANSFER, hello)
             kind, _, _, _, reason = read_frame(self._sock)
         except (OSError, ConnectionError) as e:
             self._sock.close()
@@ -333,10 +334,12 @@ class PullChannel:
         self._broken: str | None = None
         threading.Thread(target=self._receive, name="ipc-pull-ack", daemon=True).start()
 
-    def pull(self, transfer_id: int, regions: Regions, stream: torch.cuda.Stream) -> TransferHandle:
+    def pull(
+        self, transfer_id: bytes, regions: Regions, stream: torch.cuda.Stream
+    ) -> TransferHandle:
         """Ask the receiver to pull ``regions`` once the work queued so far on
         ``stream`` (which produces them) is done."""
-        handle = TransferHandle(f"ipc write {transfer_id} to {self.peer_id}")
+        handle = TransferHandle(f"ipc write {transfer_id.hex()[:8]} to {self.peer_id}")
         payload = encode_regions(regions)
         with self._lock:
             if self._broken is not None:

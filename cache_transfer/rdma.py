@@ -296,14 +296,14 @@ class RdmaTransferEngine(TransferEngine):
         self._peers[peer_id] = _Peer(self.verbs, qp, cq, int(endpoint["addr"]),
                                      int(endpoint["rkey"]), f"rdma[{peer_id}]")  # fmt: skip
 
-    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+    def write(self, peer_id: str, transfer_id: bytes, regions: Sequence[Region]) -> TransferHandle:
         peer = self._peers.get(peer_id)
         if peer is None:
             raise TransferError(f"not connected to {peer_id}")
         if peer.broken is not None:
             self._peers.pop(peer_id).jobs.put(None)  # the next connect() starts a fresh QP
             raise TransferError(f"queue pair to {peer_id} failed earlier: {peer.broken}")
-        handle = TransferHandle(f"rdma write {transfer_id} to {peer_id}")
+        handle = TransferHandle(f"rdma write {transfer_id.hex()[:8]} to {peer_id}")
         peer.jobs.put((list(regions), handle))
         return handle
 

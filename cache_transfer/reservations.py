@@ -45,15 +45,15 @@ class PeerLimit(Exception):
     """A peer already holds as many blocks in reservations as one peer may."""
 
 
-def new_transfer_id() -> int:
-    """A random, unguessable transfer id (the wire carries 64 bits; never 0)."""
-    return secrets.randbits(64) or 1
+def new_transfer_id() -> bytes:
+    """A random, unguessable transfer id: 128 bits."""
+    return secrets.token_bytes(16)
 
 
 @dataclass
 class Reservation:
     request_id: str
-    transfer_id: int
+    transfer_id: bytes
     block_ids: list[int]
     protocol: str
     expires_at: float
@@ -116,7 +116,7 @@ class Reservations:
         else:
             self._peer_blocks.pop(reservation.peer, None)
 
-    def take(self, request_id: str, transfer_id: int) -> Reservation | None:
+    def take(self, request_id: str, transfer_id: bytes) -> Reservation | None:
         """End a reservation by handing its blocks over (Commit); None if it is gone."""
         with self._lock:
             reservation = self._by_request.get(request_id)

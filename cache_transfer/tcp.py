@@ -16,7 +16,7 @@ that the ranges are open for the frame's transfer id (DATA, one chunk per frame,
 the same way); a refused frame is drained and the transfer's next SYNC is
 answered with NACK and the reason.
 
-    frame header  <4s B 3x Q Q Q : magic, kind, transfer id, offset|seq|count, nbytes
+    frame header  <4s B 3x 16s Q Q : magic, kind, transfer id, offset|seq|count, nbytes
     DATAV table   count x <Q Q   : destination offset, bytes (then the payloads)
 """
 
@@ -45,7 +45,7 @@ from engine.kv_cache import KVCacheLayout
 
 logger = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<4sB3xQQQ")
+HEADER = struct.Struct("<4sB3x16sQQ")
 MAGIC = b"PDKV"
 DATA, SYNC, ACK, NACK, DATAV = 1, 2, 3, 4, 5
 CHUNK_BYTES = 4 << 20
@@ -104,7 +104,7 @@ def _tune(sock: socket.socket) -> None:
 @dataclass
 class _Job:
     handle: TransferHandle
-    transfer_id: int
+    transfer_id: bytes
     chunks: list[Region] = field(default_factory=list)
     nbytes: int = 0
 
@@ -200,8 +200,9 @@ class _Stream:
                 if kind == ACK:
                     handle.part_done()
                 else:
+                    name = transfer_id.hex()[:8]
                     handle.fail(TransferError(f"{self.name}: peer refused transfer "
-                                              f"{transfer_id}: {reason.decode()}"))  # fmt: skip
+                                              f"{name}: {reason.decode()}"))  # fmt: skip
         except (OSError, IndexError) as e:
             self._break(TransferError(f"{self.name}: stream broke: {e}"))
 
@@ -247,7 +248,7 @@ class _Receiver:
     def _serve(self, sock: socket.socket, peer: tuple) -> None:
         engine = self.engine
         header = bytearray(HEADER.size)
-        refused: dict[int, str] = {}  # transfer id -> why, until its SYNC
+        refused: dict[bytes, str] = {}  # transfer id -> why, until its SYNC
         staging = Staging(engine.pool, CHUNK_BYTES) if engine.pool.is_cuda else None
         session = b""
         try:
@@ -302,7 +303,7 @@ class _Receiver:
             raise ConnectionError("a DATAV frame's table does not add up to its payload")
         return offsets, sizes
 
-    def _land(self, sock: socket.socket, transfer_id: int, offsets: np.ndarray,
+    def _land(self, sock: socket.socket, transfer_id: bytes, offsets: np.ndarray,
               sizes: np.ndarray, staging: Staging | None,
               session: bytes) -> str | None:  # fmt: skip
         """Receive a frame's chunks into the pool; why they were refused, or None."""
@@ -378,7 +379,7 @@ class TcpTransferEngine(TransferEngine):
         for stream in old:
             stream.close()
 
-    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+    def write(self, peer_id: str, transfer_id: bytes, regions: Sequence[Region]) -> TransferHandle:
         with self._lock:
             streams = self._streams.get(peer_id)
         if not streams:
@@ -399,7 +400,8 @@ class TcpTransferEngine(TransferEngine):
                 )
                 job.nbytes += nbytes
         used = [(stream, job) for stream, job in zip(streams, jobs, strict=True) if job.chunks]
-        handle = TransferHandle(f"tcp write {transfer_id} to {peer_id}", num_parts=len(used))
+        name = f"tcp write {transfer_id.hex()[:8]} to {peer_id}"
+        handle = TransferHandle(name, num_parts=len(used))
         for stream, job in used:
             job.handle = handle
             stream.submit(job)

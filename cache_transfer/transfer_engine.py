@@ -26,6 +26,8 @@ import torch
 from cache_transfer.regions import Region
 from engine.kv_cache import KVCacheLayout
 
+TRANSFER_ID_BYTES = 16  # random: a transfer id cannot be guessed, only learned at Reserve
+
 
 class TransferError(RuntimeError):
     """A write failed; the message says which peer and why."""
@@ -108,9 +110,9 @@ class TransferEngine(ABC):
         self.pool = pool
         self.layout = layout
         # transfer id -> (range starts, range ends), sorted by start
-        self._allowed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._allowed: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
         # transfer id -> the authenticated session whose bytes it takes (its first writer)
-        self._sessions: dict[int, bytes] = {}
+        self._sessions: dict[bytes, bytes] = {}
         self._allowed_lock = threading.Lock()
 
     # -- receiving side -------------------------------------------------------------
@@ -119,7 +121,7 @@ class TransferEngine(ABC):
     def endpoint(self) -> dict:
         """What a peer needs to reach this pool (msgpack-able; travels in Reserve's reply)."""
 
-    def allow(self, transfer_id: int, byte_ranges: Sequence[tuple[int, int]]) -> None:
+    def allow(self, transfer_id: bytes, byte_ranges: Sequence[tuple[int, int]]) -> None:
         """Accept writes of ``transfer_id`` into these [start, end) ranges of the pool.
         NOTE: rdma writes and ipc writes on CPU (into shared memory) are one-sided: the
         receiver cannot refuse them, so there this documents intent and the lease
@@ -128,19 +130,19 @@ class TransferEngine(ABC):
         with self._allowed_lock:
             self._allowed[transfer_id] = (ranges[:, 0].copy(), ranges[:, 1].copy())
 
-    def revoke(self, transfer_id: int) -> None:
+    def revoke(self, transfer_id: bytes) -> None:
         """Stop accepting writes of ``transfer_id`` (committed, aborted or expired).
         Returns once none of its writes can still land."""
         with self._allowed_lock:
             self._allowed.pop(transfer_id, None)
             self._sessions.pop(transfer_id, None)
 
-    def check_allowed(self, transfer_id: int, offset: int, nbytes: int) -> str | None:
+    def check_allowed(self, transfer_id: bytes, offset: int, nbytes: int) -> str | None:
         """None if a write of [offset, offset + nbytes) may land; else why not."""
         return self.check_allowed_regions(transfer_id, np.array([offset]), np.array([nbytes]))
 
     def check_allowed_regions(
-        self, transfer_id: int, offsets: np.ndarray, nbytes: np.ndarray, session: bytes = b""
+        self, transfer_id: bytes, offsets: np.ndarray, nbytes: np.ndarray, session: bytes = b""
     ) -> str | None:
         """None if every write [offsets[i], offsets[i] + nbytes[i]) may land; else why
         the first that may not cannot. Overflow-safe: sizes are compared with the room
@@ -154,9 +156,10 @@ class TransferEngine(ABC):
             if allowed is not None and session:
                 owner = self._sessions.setdefault(transfer_id, session)
                 if owner != session:
-                    return f"transfer {transfer_id} is being written by another sender"
+                    return f"transfer {transfer_id.hex()[:8]} is being written by another sender"
         if allowed is None:
-            return f"transfer {transfer_id} is not open (never reserved, committed or aborted)"
+            name = transfer_id.hex()[:8]
+            return f"transfer {name} is not open (never reserved, committed or aborted)"
         starts, ends = allowed
         i = np.searchsorted(starts, offsets, side="right") - 1  # the range at or before
         end = ends[np.maximum(i, 0)] if len(ends) else np.zeros_like(offsets)
@@ -165,7 +168,7 @@ class TransferEngine(ABC):
             return None
         k = int(np.argmin(inside))
         start, end = int(offsets[k]), int(offsets[k]) + int(nbytes[k])  # Python ints
-        return f"bytes [{start}, {end}) are outside transfer {transfer_id}'s blocks"
+        return f"bytes [{start}, {end}) are outside transfer {transfer_id.hex()[:8]}'s blocks"
 
     # -- sending side ---------------------------------------------------------------
 
@@ -174,7 +177,7 @@ class TransferEngine(ABC):
         """Prepare to write into the pool behind ``endpoint`` (idempotent per peer)."""
 
     @abstractmethod
-    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+    def write(self, peer_id: str, transfer_id: bytes, regions: Sequence[Region]) -> TransferHandle:
         """Copy ``regions`` of the local pool into the peer's pool, asynchronously."""
 
     @abstractmethod

@@ -69,7 +69,7 @@ class Handoff:
     request: cluster_pb.DispatchedRequest
     peer: DecodePeer
     peer_key: str  # the transfer engine's name for the peer's pool
-    transfer_id: int
+    transfer_id: bytes
     dst_blocks: list[int]
     tried: list[str]  # decode rank ids asked so far, with what they answered
     reasons: list[str] = field(default_factory=list)

@@ -14,6 +14,8 @@ from cache_transfer import tcp
 from cache_transfer.regions import all_regions, dst_block_ranges
 from tests.cache_transfer.kv_cluster import layout
 
+TID = bytes(range(16))  # a transfer id
+
 
 def test_an_idle_tcp_stream_survives_its_socket_timeout(monkeypatch) -> None:
     monkeypatch.setattr(tcp, "SOCKET_TIMEOUT_S", 0.2)
@@ -24,10 +26,10 @@ def test_an_idle_tcp_stream_survives_its_socket_timeout(monkeypatch) -> None:
     sender = tcp.TcpTransferEngine(src, src_layout, listen=False, num_streams=2)
     try:
         sender.connect("d0", receiver.endpoint())
-        receiver.allow(1, dst_block_ranges(dst_layout, [0, 1]))
-        sender.write("d0", 1, all_regions(src_layout, dst_layout, [2, 3], [0, 1])).wait(5)
+        receiver.allow(b"1" * 16, dst_block_ranges(dst_layout, [0, 1]))
+        sender.write("d0", b"1" * 16, all_regions(src_layout, dst_layout, [2, 3], [0, 1])).wait(5)
         time.sleep(0.7)  # several socket timeouts with nothing pending
-        sender.write("d0", 1, all_regions(src_layout, dst_layout, [4, 5], [0, 1])).wait(5)
+        sender.write("d0", b"1" * 16, all_regions(src_layout, dst_layout, [4, 5], [0, 1])).wait(5)
         assert torch.equal(dst[:, :, [0, 1]], src[:, :, [4, 5]])
     finally:
         sender.close()
@@ -65,14 +67,14 @@ def test_writes_at_overflowing_offsets_are_refused_and_land_nothing() -> None:
     dst_layout = layout(8)
     dst = torch.zeros(dst_layout.shape, dtype=dst_layout.dtype)
     receiver = tcp.TcpTransferEngine(dst, dst_layout)
-    receiver.allow(9, dst_block_ranges(dst_layout, [0, 1]))
+    receiver.allow(TID, dst_block_ranges(dst_layout, [0, 1]))
     endpoint = receiver.endpoint()
     try:
         with socket.create_connection((endpoint["host"], endpoint["port"]), timeout=5) as sock:
             for offset in (2**63 - 1000, 2**64 - 8, 2**63):
-                frame = tcp.HEADER.pack(tcp.MAGIC, tcp.DATA, 9, offset, 4096)
+                frame = tcp.HEADER.pack(tcp.MAGIC, tcp.DATA, TID, offset, 4096)
                 sock.sendall(frame + b"\xff" * 4096)
-                sock.sendall(tcp.HEADER.pack(tcp.MAGIC, tcp.SYNC, 9, 1, 0))
+                sock.sendall(tcp.HEADER.pack(tcp.MAGIC, tcp.SYNC, TID, 1, 0))
                 reply = bytearray(tcp.HEADER.size)
                 tcp.recv_exact(sock, memoryview(reply))
                 _, kind, _, _, nbytes = tcp.HEADER.unpack(reply)
@@ -81,12 +83,12 @@ def test_writes_at_overflowing_offsets_are_refused_and_land_nothing() -> None:
                 assert kind == tcp.NACK and b"outside" in reason, (offset, bytes(reason))
         with socket.create_connection((endpoint["host"], endpoint["port"]), timeout=5) as sock:
             table = struct.pack("<qQqQ", 0, 2**62, 0, 2**62 * 3)  # sums to 0 mod 2**64
-            sock.sendall(tcp.HEADER.pack(tcp.MAGIC, tcp.DATAV, 9, 2, 0) + table)
+            sock.sendall(tcp.HEADER.pack(tcp.MAGIC, tcp.DATAV, TID, 2, 0) + table)
             assert sock.recv(1) == b"", "the receiver closed the stream"
         assert not dst.any(), "nothing landed"
-        assert receiver.check_allowed(9, 2**63 - 1000, 4096) is not None
-        assert receiver.check_allowed(9, 0, 2**63 - 1) is not None
-        assert receiver.check_allowed(9, -4096, 4096) is not None
-        assert receiver.check_allowed(9, 0, 16) is None
+        assert receiver.check_allowed(TID, 2**63 - 1000, 4096) is not None
+        assert receiver.check_allowed(TID, 0, 2**63 - 1) is not None
+        assert receiver.check_allowed(TID, -4096, 4096) is not None
+        assert receiver.check_allowed(TID, 0, 16) is None
     finally:
         receiver.close()

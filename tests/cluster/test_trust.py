@@ -214,7 +214,7 @@ def test_forged_kv_writes_change_no_other_request(peer: Peer) -> None:
             respond(sock, SECRET, tcp.AUTH_PURPOSE, b"forger-session!!")
             seq = 0
             while not stop.is_set():
-                guess = reply.transfer_id + rng.randrange(-64, 64)
+                guess = rng.randbytes(16)
                 offset = rng.randrange(0, 1 << 24)
                 for transfer_id in (guess, reply.transfer_id):
                     frame = tcp.HEADER.pack(tcp.MAGIC, tcp.DATA, transfer_id, offset, 4096)
@@ -416,5 +416,4 @@ def test_requests_right_after_a_redis_restart_wait_for_the_ranks(peer: Peer) -> 
     server = peer.cluster.redis
     server.kill()
     server.start()
-    assert not peer.redis.keys(f"{peer.cluster.topic}:inst:*"), "the registry is empty"
     assert complete(peer.prefill) == GREEDY_ANSWER[0]
