@@ -20,7 +20,7 @@ import zmq
 
 from engine.plan_codec import decode_plan, encode_plan
 from engine.sampling_params import SamplingParams
-from engine.step_plan import KVSend, NewRequest, RunningRequest, StepPlan
+from engine.step_plan import KVSend, KVTarget, NewRequest, RunningRequest, StepPlan
 
 
 def decode_plan_of(batch: int) -> StepPlan:
@@ -50,9 +50,16 @@ def prefill_plan_of(count: int, prompt_len: int, block_size: int = 16) -> StepPl
             for i in range(count)
         ],
         kv_sends=[
-            KVSend(f"req-{i}", list(range(blocks)), list(range(blocks))) for i in range(count)
+            KVSend(f"req-{i}", list(range(blocks)), list(range(blocks)), _target(i))
+            for i in range(count)
         ],
     )
+
+
+def _target(index: int) -> KVTarget:
+    """A decode rank of TP 2 reached over tcp."""
+    endpoints = [{"protocol": "tcp", "host": "10.0.0.7", "port": 7000 + r} for r in range(2)]
+    return KVTarget("tcp", f"decode-{index}/0a1b2c", bytes(16), 4096, endpoints)
 
 
 def _echo(address: str) -> None:

@@ -17,7 +17,6 @@ import os
 import queue
 import socket
 import threading
-import uuid
 from collections.abc import Sequence
 
 import torch
@@ -25,22 +24,30 @@ import torch
 from cache_transfer.ipc_pull import PullChannel, PullService
 from cache_transfer.pool_bytes import flat_bytes, host_view
 from cache_transfer.regions import Region, Regions
+from cache_transfer.shm_pools import new_pool_path, remove_stale_pools
 from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle
 from engine.kv_cache import KVCacheLayout
 
-SHM_DIR = "/dev/shm"
 HOST_BULK_COPY_MIN_BYTES = 1 << 20  # regions this large go through torch's copy
 
 
 def allocate_shared_pool(
     layout: KVCacheLayout, path: str | None = None
 ) -> tuple[torch.Tensor, str]:
-    """A zeroed CPU KV pool backed by a shared-memory file; returns (pool, path)."""
-    path = path or os.path.join(SHM_DIR, f"pd-kv-{uuid.uuid4().hex}")
+    """A zeroed CPU KV pool backed by a shared-memory file; returns (pool, path).
+
+    NOTE: the file cannot be unlinked right after mapping: a same-host sender opens it
+    by path. Its name carries the owner's pid, so pools left by a process that died
+    without closing (kill -9) are removed by the next allocation on this host
+    (``remove_stale_pools``), and by ``pd-serve cluster`` when it starts or restarts an
+    instance."""
+    remove_stale_pools()
+    path = path or new_pool_path()
     numel = 1
     for size in layout.shape:
         numel *= size
     pool = torch.from_file(path, shared=True, size=numel, dtype=layout.dtype)
+    os.chmod(path, 0o600)  # only this user's processes may map (and write) the pool
     return pool.view(layout.shape), path
 
 
@@ -62,13 +69,20 @@ def copy_regions_host(src: torch.Tensor, dst: torch.Tensor, regions: Sequence[Re
 class IpcTransferEngine(TransferEngine):
     protocol = "ipc"
 
-    def __init__(self, pool: torch.Tensor, layout: KVCacheLayout, shm_path: str | None = None):
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        layout: KVCacheLayout,
+        shm_path: str | None = None,
+        secret: bytes | None = None,
+    ):
         super().__init__(pool, layout)
         self.shm_path = shm_path
+        self.secret = secret  # the CUDA pull channel proves it at connect
         self.hostname = socket.gethostname()
         self._local = flat_bytes(pool)
         if pool.is_cuda:
-            self._service: PullService | None = PullService(self, self._local)
+            self._service: PullService | None = PullService(self, self._local, secret)
             self._channels: dict[str, PullChannel] = {}
             return
         self._service = None
@@ -102,7 +116,9 @@ class IpcTransferEngine(TransferEngine):
             raise TransferError(f"a {mine} pool cannot write into {peer_id}'s {kind} pool over ipc")
         if self._service is not None:
             if peer_id not in self._channels:
-                self._channels[peer_id] = PullChannel(peer_id, endpoint["socket"], self._local)
+                self._channels[peer_id] = PullChannel(
+                    peer_id, endpoint["socket"], self._local, self.secret
+                )
             return
         if peer_id in self._peers:
             return
@@ -116,7 +132,7 @@ class IpcTransferEngine(TransferEngine):
         except OSError as e:
             raise TransferError(f"cannot open {peer_id}'s KV pool over ipc: {e}") from e
 
-    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+    def write(self, peer_id: str, transfer_id: bytes, regions: Sequence[Region]) -> TransferHandle:
         if self._service is not None:
             channel = self._channels.get(peer_id)
             if channel is None:
@@ -126,11 +142,11 @@ class IpcTransferEngine(TransferEngine):
         peer = self._peers.get(peer_id)
         if peer is None:
             raise TransferError(f"not connected to {peer_id}")
-        handle = TransferHandle(f"ipc write {transfer_id} to {peer_id}")
+        handle = TransferHandle(f"ipc write {transfer_id.hex()[:8]} to {peer_id}")
         self._jobs.put((peer, list(regions), handle))
         return handle
 
-    def revoke(self, transfer_id: int) -> None:
+    def revoke(self, transfer_id: bytes) -> None:
         super().revoke(transfer_id)
         if self._service is not None:
             self._service.quiesce(transfer_id)

@@ -28,7 +28,7 @@ other's copies.
 
 Wire: a Unix socket in the abstract namespace, one connection per sender.
 
-    header  <4sBB2xQQQ : magic, kind, event slot, seq, transfer id, payload bytes
+    header  <4sBB2xQ16sQ : magic, kind, event slot, seq, transfer id, payload bytes
     HELLO   ->  msgpack {"handle": the sender pool's torch _share_cuda_ fields, "nbytes",
                          "events": the IPC handles of its events}
     PULL    ->  regions: src offsets, dst offsets, lengths (int64 arrays, back to back);
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import secrets
 import socket
 import struct
 import threading
@@ -52,6 +53,12 @@ import msgpack
 import numpy as np
 import torch
 
+from cache_transfer.auth import (
+    SESSION_BYTES,
+    challenge,
+    check_same_user,
+    respond,
+)
 from cache_transfer.cuda_copy import copy_regions
 from cache_transfer.regions import Regions
 from cache_transfer.tcp import recv_exact
@@ -61,14 +68,17 @@ if TYPE_CHECKING:
     from cache_transfer.transfer_engine import TransferEngine
 
 
-HEADER = struct.Struct("<4sBB2xQQQ")
+HEADER = struct.Struct("<4sBB2xQ16sQ")
+NO_TRANSFER = bytes(16)  # HELLO and replies name no transfer
 MAGIC = b"PDIP"
 HELLO, PULL, ACK, NACK = 1, 2, 3, 4
 HELLO_TIMEOUT_S = 10.0
 EVENT_SLOTS = 64
 
+AUTH_PURPOSE = "kv-ipc-pull"
 
-def send_frame(sock: socket.socket, kind: int, seq: int, transfer_id: int, payload: bytes,
+
+def send_frame(sock: socket.socket, kind: int, seq: int, transfer_id: bytes, payload: bytes,
                slot: int = 0) -> None:  # fmt: skip
     sock.sendall(HEADER.pack(MAGIC, kind, slot, seq, transfer_id, len(payload)) + payload)
 
@@ -148,9 +158,10 @@ class _Streams:
 class PullService:
     """The receiving side: serves channels, pulling into ``engine``'s pool."""
 
-    def __init__(self, engine: TransferEngine, flat: torch.Tensor):
+    def __init__(self, engine: TransferEngine, flat: torch.Tensor, secret: bytes | None = None):
         self.engine = engine
         self.flat = flat
+        self.secret = secret
         self.name = f"pd-kv-pull-{uuid.uuid4().hex}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind("\0" + self.name)
@@ -158,11 +169,11 @@ class PullService:
         self._lock = threading.Lock()  # a PULL's check and queueing vs. quiesce
         # transfer id -> channel -> the events of its latest pull (a channel's pulls run
         # in order on its streams, so the latest covers the earlier ones)
-        self._in_flight: dict[int, dict[int, list[torch.cuda.Event]]] = {}
+        self._in_flight: dict[bytes, dict[int, list[torch.cuda.Event]]] = {}
         self._connections: set[socket.socket] = set()
         threading.Thread(target=self._accept, name="ipc-pull-accept", daemon=True).start()
 
-    def quiesce(self, transfer_id: int) -> None:
+    def quiesce(self, transfer_id: bytes) -> None:
         """Wait until the copies queued for ``transfer_id`` have landed. Called after the
         transfer is revoked, so no new copy of it can be queued (the check and the
         queueing happen under one lock)."""
@@ -195,7 +206,12 @@ class PullService:
         replier.start()
         src = None  # the sender's pool; outlives every copy from it (replier joined below)
         try:
+            conn.settimeout(HELLO_TIMEOUT_S)
+            check_same_user(conn)
+            if self.secret is not None:
+                challenge(conn, self.secret, AUTH_PURPOSE)
             kind, _, seq, _, payload = read_frame(conn)
+            conn.settimeout(None)
             if kind != HELLO:
                 raise ConnectionError(f"expected HELLO, got frame kind {kind}")
             try:
@@ -237,14 +253,16 @@ class PullService:
         except RuntimeError:  # no peer access between the two GPUs
             return open_shared_pool(handle, nbytes, torch.device("cuda", handle[0]))
 
-    def _pull(self, src: torch.Tensor, streams: _Streams, transfer_id: int,
+    def _pull(self, src: torch.Tensor, streams: _Streams, transfer_id: bytes,
               payload: bytes) -> tuple[str | None, list[torch.cuda.Event]]:  # fmt: skip
         try:
             regions = decode_regions(payload)
         except ValueError as e:
             return str(e), []
-        ends = regions.src_offset + regions.nbytes
-        if len(regions) and (regions.src_offset.min() < 0 or ends.max() > src.numel()):
+        src_offset, nbytes = regions.src_offset, regions.nbytes
+        # Overflow-safe: sizes against the room left, never offset + size.
+        room = src.numel() - src_offset
+        if len(regions) and ((src_offset < 0).any() or (nbytes < 0).any() or (nbytes > room).any()):
             return "source bytes outside the sender's pool", []
         with self._lock:
             why = self.engine.check_allowed_regions(transfer_id, regions.dst_offset, regions.nbytes)
@@ -273,9 +291,9 @@ class PullService:
             event.synchronize()
         with contextlib.suppress(OSError):  # a gone sender needs no answer
             if error is None:
-                send_frame(conn, ACK, seq, 0, b"")
+                send_frame(conn, ACK, seq, NO_TRANSFER, b"")
             else:
-                send_frame(conn, NACK, seq, 0, error.encode())
+                send_frame(conn, NACK, seq, NO_TRANSFER, error.encode())
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -290,7 +308,7 @@ def _readable(sock: socket.socket) -> bool:
 class PullChannel:
     """The sending side's channel to one receiver's pull service."""
 
-    def __init__(self, peer_id: str, name: str, flat: torch.Tensor):
+    def __init__(self, peer_id: str, name: str, flat: torch.Tensor, secret: bytes | None = None):
         self.peer_id = peer_id
         with torch.cuda.device(flat.device):  # the events belong to the pool's device
             self._events = [torch.cuda.Event(interprocess=True) for _ in range(EVENT_SLOTS)]
@@ -299,7 +317,9 @@ class PullChannel:
         self._sock.settimeout(HELLO_TIMEOUT_S)
         try:
             self._sock.connect("\0" + name)
-            send_frame(self._sock, HELLO, 0, 0, hello)
+            if secret is not None:
+                respond(self._sock, secret, AUTH_PURPOSE, secrets.token_bytes(SESSION_BYTES))
+            send_frame(self._sock, HELLO, 0, NO_TRANSFER, hello)
             kind, _, _, _, reason = read_frame(self._sock)
         except (OSError, ConnectionError) as e:
             self._sock.close()
@@ -314,10 +334,12 @@ class PullChannel:
         self._broken: str | None = None
         threading.Thread(target=self._receive, name="ipc-pull-ack", daemon=True).start()
 
-    def pull(self, transfer_id: int, regions: Regions, stream: torch.cuda.Stream) -> TransferHandle:
+    def pull(
+        self, transfer_id: bytes, regions: Regions, stream: torch.cuda.Stream
+    ) -> TransferHandle:
         """Ask the receiver to pull ``regions`` once the work queued so far on
         ``stream`` (which produces them) is done."""
-        handle = TransferHandle(f"ipc write {transfer_id} to {self.peer_id}")
+        handle = TransferHandle(f"ipc write {transfer_id.hex()[:8]} to {self.peer_id}")
         payload = encode_regions(regions)
         with self._lock:
             if self._broken is not None:

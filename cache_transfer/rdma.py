@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import secrets
 import socket
 import threading
 import time
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cache_transfer.auth import SESSION_BYTES, challenge, respond
 from cache_transfer.rdma_plan import (
     decode_qp_info,
     describe_wc_status,
@@ -43,6 +45,9 @@ from engine.kv_cache import KVCacheLayout
 from proto import pd_comm_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+AUTH_PURPOSE = "rdma-qp"
+_HANDSHAKE_TIMEOUT_S = 10.0
 
 MAX_OUTSTANDING = 256  # the send queue depth
 SIGNAL_EVERY = 16
@@ -231,8 +236,10 @@ class RdmaTransferEngine(TransferEngine):
         port_num: int = 1,
         gid_index: int = 0,
         listen: bool = True,
+        secret: bytes | None = None,
     ):
         super().__init__(pool, layout)
+        self.secret = secret  # both ends prove it before QP info is exchanged
         available, why = rdma_available(nic)
         if not available:
             raise TransferError(f"rdma backend unavailable: {why}")
@@ -259,6 +266,9 @@ class RdmaTransferEngine(TransferEngine):
                 return
             with sock:
                 try:
+                    sock.settimeout(_HANDSHAKE_TIMEOUT_S)  # a silent peer cannot stall us
+                    if self.secret is not None:
+                        challenge(sock, self.secret, AUTH_PURPOSE)
                     peer = decode_qp_info(_read_exact(sock))
                     qp, cq = self.verbs.new_qp()
                     mine = self.verbs.my_info(qp)
@@ -276,6 +286,8 @@ class RdmaTransferEngine(TransferEngine):
         address = (endpoint["host"], int(endpoint["comm_port"]))
         try:
             with socket.create_connection(address, timeout=10) as sock:
+                if self.secret is not None:
+                    respond(sock, self.secret, AUTH_PURPOSE, secrets.token_bytes(SESSION_BYTES))
                 sock.sendall(encode_qp_info(mine))
                 peer = decode_qp_info(_read_exact(sock))
         except (OSError, ValueError) as e:
@@ -284,14 +296,14 @@ class RdmaTransferEngine(TransferEngine):
         self._peers[peer_id] = _Peer(self.verbs, qp, cq, int(endpoint["addr"]),
                                      int(endpoint["rkey"]), f"rdma[{peer_id}]")  # fmt: skip
 
-    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+    def write(self, peer_id: str, transfer_id: bytes, regions: Sequence[Region]) -> TransferHandle:
         peer = self._peers.get(peer_id)
         if peer is None:
             raise TransferError(f"not connected to {peer_id}")
         if peer.broken is not None:
             self._peers.pop(peer_id).jobs.put(None)  # the next connect() starts a fresh QP
             raise TransferError(f"queue pair to {peer_id} failed earlier: {peer.broken}")
-        handle = TransferHandle(f"rdma write {transfer_id} to {peer_id}")
+        handle = TransferHandle(f"rdma write {transfer_id.hex()[:8]} to {peer_id}")
         peer.jobs.put((list(regions), handle))
         return handle
 

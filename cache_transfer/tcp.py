@@ -7,13 +7,16 @@ per-block round trip), spread over the streams by bytes, and closed on each stre
 it used by a SYNC frame; it completes when every such stream has acknowledged it.
 Host pools send many chunks per frame (DATAV: a table of destinations, then the
 payloads back to back), so small scattered blocks cost no per-block header or check.
+With a cluster secret, each stream starts with a challenge-response (auth.py) that also
+names the sending engine's session; the first stream to write into a transfer binds it
+to that session, and frames of the transfer from any other session are refused.
 Receiver: one thread per incoming stream reads each frame's payload straight into
 the pool (``recvmsg_into`` fills many destinations per system call) after checking
 that the ranges are open for the frame's transfer id (DATA, one chunk per frame, goes
 the same way); a refused frame is drained and the transfer's next SYNC is
 answered with NACK and the reason.
 
-    frame header  <4s B 3x Q Q Q : magic, kind, transfer id, offset|seq|count, nbytes
+    frame header  <4s B 3x 16s Q Q : magic, kind, transfer id, offset|seq|count, nbytes
     DATAV table   count x <Q Q   : destination offset, bytes (then the payloads)
 """
 
@@ -23,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import queue
+import secrets
 import socket
 import struct
 import threading
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cache_transfer.auth import SESSION_BYTES, AuthError, challenge, respond
 from cache_transfer.pool_bytes import Staging, host_view
 from cache_transfer.regions import Region, Regions
 from cache_transfer.transfer_engine import TransferEngine, TransferError, TransferHandle
@@ -40,7 +45,7 @@ from engine.kv_cache import KVCacheLayout
 
 logger = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<4sB3xQQQ")
+HEADER = struct.Struct("<4sB3x16sQQ")
 MAGIC = b"PDKV"
 DATA, SYNC, ACK, NACK, DATAV = 1, 2, 3, 4, 5
 CHUNK_BYTES = 4 << 20
@@ -48,6 +53,8 @@ CHUNKS_PER_FRAME = 256  # DATAV; also bounds what a cancelled write still sends
 BUFFERS_PER_SYSCALL = 64  # below IOV_MAX (1024); larger lists cost more to slice
 MIN_BYTES_PER_STREAM = 1 << 20  # a write uses one more stream per MiB it carries
 SOCKET_TIMEOUT_S = 30.0
+AUTH_TIMEOUT_S = 10.0
+AUTH_PURPOSE = "kv-tcp"
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -97,7 +104,7 @@ def _tune(sock: socket.socket) -> None:
 @dataclass
 class _Job:
     handle: TransferHandle
-    transfer_id: int
+    transfer_id: bytes
     chunks: list[Region] = field(default_factory=list)
     nbytes: int = 0
 
@@ -109,6 +116,12 @@ class _Stream:
         self.name = name
         self.sock = socket.create_connection(address, timeout=SOCKET_TIMEOUT_S)
         _tune(self.sock)
+        if source.secret is not None:
+            try:
+                respond(self.sock, source.secret, AUTH_PURPOSE, source.session)
+            except OSError:
+                self.sock.close()
+                raise
         self.source = source
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.pending: deque[tuple[int, TransferHandle]] = deque()
@@ -187,8 +200,9 @@ class _Stream:
                 if kind == ACK:
                     handle.part_done()
                 else:
+                    name = transfer_id.hex()[:8]
                     handle.fail(TransferError(f"{self.name}: peer refused transfer "
-                                              f"{transfer_id}: {reason.decode()}"))  # fmt: skip
+                                              f"{name}: {reason.decode()}"))  # fmt: skip
         except (OSError, IndexError) as e:
             self._break(TransferError(f"{self.name}: stream broke: {e}"))
 
@@ -234,9 +248,14 @@ class _Receiver:
     def _serve(self, sock: socket.socket, peer: tuple) -> None:
         engine = self.engine
         header = bytearray(HEADER.size)
-        refused: dict[int, str] = {}  # transfer id -> why, until its SYNC
+        refused: dict[bytes, str] = {}  # transfer id -> why, until its SYNC
         staging = Staging(engine.pool, CHUNK_BYTES) if engine.pool.is_cuda else None
+        session = b""
         try:
+            if engine.secret is not None:  # prove the secret before a frame is read
+                sock.settimeout(AUTH_TIMEOUT_S)
+                session = challenge(sock, engine.secret, AUTH_PURPOSE)
+                sock.settimeout(None)
             while True:
                 recv_exact(sock, memoryview(header))
                 magic, kind, transfer_id, offset, nbytes = HEADER.unpack(header)
@@ -252,12 +271,17 @@ class _Receiver:
                         sock.sendall(reason)
                     continue
                 if kind == DATA:  # one chunk (GPU senders, through their staging)
-                    offsets, sizes = np.array([offset]), np.array([nbytes])
+                    if nbytes > CHUNK_BYTES:  # its bytes could not even be drained
+                        raise ConnectionError(f"a DATA frame of {nbytes} bytes")
+                    offsets = np.array([offset if offset < 2**63 else -1])  # -1: refused
+                    sizes = np.array([nbytes])
                 else:
                     offsets, sizes = self._read_table(sock, offset, nbytes)
-                why = self._land(sock, transfer_id, offsets, sizes, staging)
+                why = self._land(sock, transfer_id, offsets, sizes, staging, session)
                 if why is not None:
                     refused[transfer_id] = why
+        except AuthError as e:
+            logger.warning("tcp KV stream from %s refused: %s", peer, e)
         except (OSError, ConnectionError) as e:
             if not self.closed:
                 logger.debug("tcp KV stream from %s ended: %s", peer, e)
@@ -272,14 +296,18 @@ class _Receiver:
         table = bytearray(16 * count)
         recv_exact(sock, memoryview(table))
         offsets, sizes = np.frombuffer(table, dtype="<i8").reshape(count, 2).T
+        # Bounded before summing: a table of huge sizes must not wrap around to nbytes.
+        if (sizes <= 0).any() or (sizes > CHUNK_BYTES).any():
+            raise ConnectionError(f"a DATAV frame with a chunk outside (0, {CHUNK_BYTES}] bytes")
         if int(sizes.sum()) != nbytes:
             raise ConnectionError("a DATAV frame's table does not add up to its payload")
         return offsets, sizes
 
-    def _land(self, sock: socket.socket, transfer_id: int, offsets: np.ndarray,
-              sizes: np.ndarray, staging: Staging | None) -> str | None:  # fmt: skip
+    def _land(self, sock: socket.socket, transfer_id: bytes, offsets: np.ndarray,
+              sizes: np.ndarray, staging: Staging | None,
+              session: bytes) -> str | None:  # fmt: skip
         """Receive a frame's chunks into the pool; why they were refused, or None."""
-        why = self.engine.check_allowed_regions(transfer_id, offsets, sizes)
+        why = self.engine.check_allowed_regions(transfer_id, offsets, sizes, session)
         if why is None and (sizes > CHUNK_BYTES).any():
             why = f"a chunk of {int(sizes.max())} bytes exceeds {CHUNK_BYTES}"
         if why is not None:
@@ -318,9 +346,12 @@ class TcpTransferEngine(TransferEngine):
         port: int = 0,
         num_streams: int = 4,
         listen: bool = True,
+        secret: bytes | None = None,
     ):
         super().__init__(pool, layout)
         self.host = host_view(pool)
+        self.secret = secret  # the cluster secret: both ends prove it at connect
+        self.session = secrets.token_bytes(SESSION_BYTES)  # names our streams to peers
         self.num_streams = num_streams
         self._streams: dict[str, list[_Stream]] = {}
         self._rotation = itertools.count()
@@ -348,7 +379,7 @@ class TcpTransferEngine(TransferEngine):
         for stream in old:
             stream.close()
 
-    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+    def write(self, peer_id: str, transfer_id: bytes, regions: Sequence[Region]) -> TransferHandle:
         with self._lock:
             streams = self._streams.get(peer_id)
         if not streams:
@@ -369,7 +400,8 @@ class TcpTransferEngine(TransferEngine):
                 )
                 job.nbytes += nbytes
         used = [(stream, job) for stream, job in zip(streams, jobs, strict=True) if job.chunks]
-        handle = TransferHandle(f"tcp write {transfer_id} to {peer_id}", num_parts=len(used))
+        name = f"tcp write {transfer_id.hex()[:8]} to {peer_id}"
+        handle = TransferHandle(name, num_parts=len(used))
         for stream, job in used:
             job.handle = handle
             stream.submit(job)

@@ -26,6 +26,8 @@ import torch
 from cache_transfer.regions import Region
 from engine.kv_cache import KVCacheLayout
 
+TRANSFER_ID_BYTES = 16  # random: a transfer id cannot be guessed, only learned at Reserve
+
 
 class TransferError(RuntimeError):
     """A write failed; the message says which peer and why."""
@@ -108,7 +110,9 @@ class TransferEngine(ABC):
         self.pool = pool
         self.layout = layout
         # transfer id -> (range starts, range ends), sorted by start
-        self._allowed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._allowed: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        # transfer id -> the authenticated session whose bytes it takes (its first writer)
+        self._sessions: dict[bytes, bytes] = {}
         self._allowed_lock = threading.Lock()
 
     # -- receiving side -------------------------------------------------------------
@@ -121,7 +125,7 @@ class TransferEngine(ABC):
         """One per TP rank of the receiving engine: just this pool's."""
         return [self.endpoint()]
 
-    def allow(self, transfer_id: int, byte_ranges: Sequence[tuple[int, int]]) -> None:
+    def allow(self, transfer_id: bytes, byte_ranges: Sequence[tuple[int, int]]) -> None:
         """Accept writes of ``transfer_id`` into these [start, end) ranges of the pool.
         NOTE: rdma writes and ipc writes on CPU (into shared memory) are one-sided: the
         receiver cannot refuse them, so there this documents intent and the lease
@@ -130,34 +134,45 @@ class TransferEngine(ABC):
         with self._allowed_lock:
             self._allowed[transfer_id] = (ranges[:, 0].copy(), ranges[:, 1].copy())
 
-    def revoke(self, transfer_id: int) -> None:
+    def revoke(self, transfer_id: bytes) -> None:
         """Stop accepting writes of ``transfer_id`` (committed, aborted or expired).
         Returns once none of its writes can still land."""
         with self._allowed_lock:
             self._allowed.pop(transfer_id, None)
+            self._sessions.pop(transfer_id, None)
 
-    def check_allowed(self, transfer_id: int, offset: int, nbytes: int) -> str | None:
+    def check_allowed(self, transfer_id: bytes, offset: int, nbytes: int) -> str | None:
         """None if a write of [offset, offset + nbytes) may land; else why not."""
         return self.check_allowed_regions(transfer_id, np.array([offset]), np.array([nbytes]))
 
     def check_allowed_regions(
-        self, transfer_id: int, offsets: np.ndarray, nbytes: np.ndarray
+        self, transfer_id: bytes, offsets: np.ndarray, nbytes: np.ndarray, session: bytes = b""
     ) -> str | None:
         """None if every write [offsets[i], offsets[i] + nbytes[i]) may land; else why
-        the first that may not cannot."""
+        the first that may not cannot. Overflow-safe: sizes are compared with the room
+        left in their range (``end - offset``), never summed with the offset. A
+        ``session`` (an authenticated sender) binds the transfer to itself on first use."""
+        offsets, nbytes = _as_int64(offsets), _as_int64(nbytes)
+        if offsets is None or nbytes is None:
+            return "an offset or size does not fit in 63 bits"
         with self._allowed_lock:
             allowed = self._allowed.get(transfer_id)
+            if allowed is not None and session:
+                owner = self._sessions.setdefault(transfer_id, session)
+                if owner != session:
+                    return f"transfer {transfer_id.hex()[:8]} is being written by another sender"
         if allowed is None:
-            return f"transfer {transfer_id} is not open (never reserved, committed or aborted)"
+            name = transfer_id.hex()[:8]
+            return f"transfer {name} is not open (never reserved, committed or aborted)"
         starts, ends = allowed
         i = np.searchsorted(starts, offsets, side="right") - 1  # the range at or before
         end = ends[np.maximum(i, 0)] if len(ends) else np.zeros_like(offsets)
-        inside = (i >= 0) & (nbytes > 0) & (offsets + nbytes <= end)
+        inside = (i >= 0) & (offsets >= 0) & (nbytes > 0) & (nbytes <= end - offsets)
         if inside.all():
             return None
         k = int(np.argmin(inside))
-        start, end = int(offsets[k]), int(offsets[k] + nbytes[k])
-        return f"bytes [{start}, {end}) are outside transfer {transfer_id}'s blocks"
+        start, end = int(offsets[k]), int(offsets[k]) + int(nbytes[k])  # Python ints
+        return f"bytes [{start}, {end}) are outside transfer {transfer_id.hex()[:8]}'s blocks"
 
     # -- sending side ---------------------------------------------------------------
 
@@ -166,9 +181,26 @@ class TransferEngine(ABC):
         """Prepare to write into the pool behind ``endpoint`` (idempotent per peer)."""
 
     @abstractmethod
-    def write(self, peer_id: str, transfer_id: int, regions: Sequence[Region]) -> TransferHandle:
+    def write(self, peer_id: str, transfer_id: bytes, regions: Sequence[Region]) -> TransferHandle:
         """Copy ``regions`` of the local pool into the peer's pool, asynchronously."""
 
     @abstractmethod
     def close(self) -> None:
         """Release sockets, mappings and threads."""
+
+
+def _as_int64(values: np.ndarray) -> np.ndarray | None:
+    """``values`` as int64, or None when one is out of [-2**63, 2**63) (e.g. a uint64
+    from a frame header) or not an integer."""
+    values = np.asarray(values)
+    if values.dtype.kind == "i":
+        return values.astype(np.int64, copy=False)
+    if values.dtype.kind == "u":
+        if len(values) and int(values.max()) >= 2**63:
+            return None
+        return values.astype(np.int64)
+    if values.dtype == object:
+        if any(type(v) is not int or not -(2**63) <= v < 2**63 for v in values.tolist()):
+            return None
+        return values.astype(np.int64)
+    return None

@@ -28,10 +28,22 @@ _NEG_INF = float("-inf")
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A per-request generator; the caller keeps it for the request's whole life."""
+def make_generator(
+    seed: int, device: torch.device, num_drawn: int = 0, vocab_size: int = 0
+) -> torch.Generator:
+    """A per-request generator; the caller keeps it for the request's whole life.
+
+    ``num_drawn``: tokens this request sampled elsewhere already (a decode rank adopts a
+    request after the prefill rank sampled its first token). Each sampled token draws
+    one row of ``vocab_size`` exponential noise (``Sampler._exponential_noise``), so
+    drawing as many here puts the generator where the other rank's stopped: a seeded
+    request then samples the same tokens disaggregated as on one rank."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
+    if num_drawn > 0:
+        discard = torch.empty(vocab_size, dtype=torch.float32, device=device)
+        for _ in range(num_drawn):
+            discard.exponential_(generator=generator)
     return generator
 
 

@@ -51,7 +51,7 @@ class SamplingParams:
         _check_number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _check_int("top_k", self.top_k, low=0, hint="use 0 or -1 to disable")
+        _check_int("top_k", self.top_k, low=0, high=_INT32_MAX, hint="use 0 or -1 to disable")
         _check_number("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
@@ -66,8 +66,8 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, low=1)
-        _check_int("min_tokens", self.min_tokens, low=0)
+            _check_int("max_tokens", self.max_tokens, low=1, high=_UINT32_MAX)
+        _check_int("min_tokens", self.min_tokens, low=0, high=_UINT32_MAX)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
@@ -78,7 +78,7 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, low=0)
+            _check_int("stop_token_ids", t, low=0, high=_UINT32_MAX)
 
     def for_child(self, index: int) -> SamplingParams:
         """Params of the ``index``-th of ``n`` completions: one sample each, and a
@@ -122,6 +122,10 @@ def _check_number(name: str, value: object, low: float | None = None) -> None:
 
 
 _INT64_MAX = 2**63 - 1
+# What the cluster's records carry (proto/cluster.proto): a mixed instance holds the same
+# limits, so a request valid on one kind of instance is valid on every kind.
+_INT32_MAX = 2**31 - 1
+_UINT32_MAX = 2**32 - 1
 
 
 def _check_int(

@@ -50,7 +50,7 @@ class KVTarget:
 
     protocol: str
     peer_key: str  # the peer's pool, as the transfer engines name it
-    transfer_id: int
+    transfer_id: bytes
     peer_num_blocks: int  # the peer pool's size; the rest of its layout equals ours
     endpoints: list[dict]  # one per peer TP rank (msgpack-able descriptors)
 

@@ -185,8 +185,10 @@ class Worker:
             raise ValueError(f"request {new.request_id!r} is already on this worker")
         if new.request_id in self.suspended_generators:
             generator = self.suspended_generators.pop(new.request_id)
-        elif new.params.seed is not None:
-            generator = make_generator(new.params.seed, self.device)
+        elif new.params.seed is not None:  # outputs so far: sampled on another rank
+            num_drawn = len(new.token_ids) - new.num_prompt_tokens
+            vocab_size = self.config.model.vocab_size
+            generator = make_generator(new.params.seed, self.device, num_drawn, vocab_size)
         else:
             generator = None
         row = self.batch.add(new.token_ids, new.block_ids, new.num_computed_tokens)

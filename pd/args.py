@@ -84,6 +84,7 @@ class ServeArgs:
     engine_worker_queue_ports: list[int] = field(default_factory=lambda: [0])
     api_key: str | None = None
     max_waiting_requests: int = 1024
+    max_request_tokens: int = 32768
     log_level: str = "info"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -99,6 +100,7 @@ class ServeArgs:
     scheduler_port: int = 6379
     scheduler_db: int = 0
     scheduler_password: str | None = None
+    cluster_secret_file: str | None = None
     scheduler_topic: str = "default"
     scheduler_ttl: int = 900
     scheduler_expire_period: int = 3000
@@ -111,6 +113,21 @@ class ServeArgs:
             raise ValueError(f"{len(self.ports)} API servers (--ports) have no single api_port")
         return self.ports[0]
 
+    def cluster_secret(self) -> bytes | None:
+        """The cluster secret (``--cluster-secret-file`` or PD_CLUSTER_SECRET), or None."""
+        from pd.cluster_secret import load_cluster_secret
+
+        return load_cluster_secret(self.cluster_secret_file)
+
+    def _redis_password(self) -> str | None:
+        """--scheduler-password, else the one derived from the cluster secret."""
+        if self.scheduler_password is not None:
+            return self.scheduler_password
+        from pd.cluster_secret import redis_password
+
+        secret = self.cluster_secret()
+        return None if secret is None else redis_password(secret)
+
     def scheduler_config(self) -> SchedulerConfig:
         from scheduler.config import SchedulerConfig
 
@@ -119,7 +136,7 @@ class ServeArgs:
             host=self.scheduler_host,
             port=self.scheduler_port,
             db=self.scheduler_db,
-            password=self.scheduler_password,
+            password=self._redis_password(),
             topic=self.scheduler_topic,
             ttl_s=self.scheduler_ttl,
             expire_period_ms=self.scheduler_expire_period,
@@ -260,6 +277,13 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
         "above this many waiting requests, answer 503 with Retry-After (default: 1024)",
         default=1024,
     )
+    _add_size(
+        group,
+        "--max-request-tokens",
+        "most tokens one request may generate, all its choices (n) and prompts together; "
+        "without max_tokens each choice gets its share (default: 32768)",
+        default=32768,
+    )
     group.add_argument(
         "--log-level", default="info", type=str.lower, choices=LOG_LEVELS, help="(default: info)"
     )
@@ -332,7 +356,17 @@ def _add_scheduler_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--scheduler-db", type=parse_non_negative, metavar="N", help="Redis db (default: 0)"
     )
-    group.add_argument("--scheduler-password", metavar="PASSWORD", help="Redis password")
+    group.add_argument(
+        "--scheduler-password",
+        metavar="PASSWORD",
+        help="Redis password (default: derived from the cluster secret, when there is one)",
+    )
+    group.add_argument(
+        "--cluster-secret-file",
+        metavar="PATH",
+        help="the cluster secret (at least 16 bytes; or PD_CLUSTER_SECRET): authenticates "
+        "pd-comm, KV-transfer streams, the engine channel and Redis",
+    )
     group.add_argument(
         "--scheduler-topic",
         metavar="TOPIC",
@@ -360,6 +394,7 @@ def parse_args(argv: list[str] | None = None) -> ServeArgs:
     given = frozenset(dest for dest, value in vars(namespace).items() if value is not None)
     try:
         args = _resolve(namespace)
+        args.cluster_secret()  # unreadable or too short: refused now, by name
         check_combinations(args, given)
         check_supported(args, given)
     except ValueError as exc:

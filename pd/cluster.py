@@ -6,7 +6,9 @@ Starts an embedded Redis (unless ``--scheduler-host/--scheduler-port`` name one)
 when ``--model`` is left out, a generated tiny one with ``--model tiny`` — waits until
 every instance is ready, and prints the OpenAI base URL. ``--ask``
 sends one chat request and prints the answer (``--once``: then stop). Ctrl-C or SIGTERM
-stops the instances (each drains), then Redis. Flags it does not know go to every
+stops the instances (each drains), then Redis. An instance that dies is restarted on
+its port (at most ``--max-restarts`` times each, with a growing pause, every restart
+logged); past that the cluster stops with exit 1. Flags it does not know go to every
 instance (e.g. ``--max-num-seqs 64 --cache-transfer-protocol tcp``). The instances
 share the machine's cores: each engine gets ``--engine-threads`` of an even share,
 unless the flag or ``OMP_NUM_THREADS`` is given.
@@ -32,6 +34,7 @@ from pd.default_model import DEFAULT_MODEL_NAME, default_model_path
 
 _READY_TIMEOUT_S = 600.0
 _STOP_TIMEOUT_S = 40.0
+_RESTART_PAUSE_S = 1.0  # doubled after each restart of the same instance
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Instance:
     port: int
     process: subprocess.Popen
     log_path: Path
+    command: list[str] | None = None
+    num_restarts: int = 0
 
     @property
     def base_url(self) -> str:
@@ -72,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-dir", help="instance logs (default: a temp dir)")
     parser.add_argument("--ask", metavar="TEXT", help="send one chat request and print the answer")
     parser.add_argument("--once", action="store_true", help="stop after --ask")
+    parser.add_argument(
+        "--max-restarts", type=int, default=3, metavar="N",
+        help="restarts of one instance that dies before the cluster stops (default: 3)",
+    )  # fmt: skip
     return parser
 
 
@@ -82,24 +91,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.mixed == 0 and (args.prefill == 0 or args.decode == 0):
         sys.exit("pd-serve cluster: needs --prefill >= 1 and --decode >= 1 (or --mixed >= 1)")
     stop = _install_stop_handlers()
+    from cache_transfer.shm_pools import remove_stale_pools
+
+    for path in remove_stale_pools():  # left by instances killed before this start
+        print(f"removed a stale KV pool {path}", flush=True)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pd-cluster-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
         model_flags = _model_flags(args.model, passthrough)
     except ValueError as error:
         sys.exit(f"pd-serve cluster: {error}")
+    try:
+        secret_flags, secret = _cluster_secret(passthrough, log_dir)
+    except ValueError as error:
+        sys.exit(f"pd-serve cluster: {error}")
     redis_server = None
     if args.scheduler_host is None and args.scheduler_port is None:
+        from pd.cluster_secret import redis_password
         from scheduler.redis_server import EmbeddedRedis
 
-        redis_server = EmbeddedRedis().start()
+        redis_server = EmbeddedRedis(password=redis_password(secret)).start()
         print(f"embedded Redis on {redis_server.url}", flush=True)
     host = args.scheduler_host or "127.0.0.1"
     port = args.scheduler_port or (redis_server.port if redis_server else 6379)
     common = [
         *model_flags, "--host", "127.0.0.1", "--scheduler-name", "splitwise",
         "--scheduler-host", host, "--scheduler-port", str(port),
-        "--scheduler-topic", args.scheduler_topic, *passthrough,
+        "--scheduler-topic", args.scheduler_topic, *secret_flags, *passthrough,
     ]  # fmt: skip
     roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["mixed"] * args.mixed
     common += _engine_threads_args(len(roles), passthrough)
@@ -118,11 +136,28 @@ def main(argv: list[str] | None = None) -> int:
             print(_ask(instances[0].base_url, args.ask), flush=True)
             if args.once:
                 return 0
-        return _watch(instances, stop)
+        return _watch(instances, stop, args.max_restarts)
     finally:
         _stop_all(instances)
         if redis_server is not None:
             redis_server.close()
+
+
+def _cluster_secret(passthrough: list[str], log_dir: Path) -> tuple[list[str], bytes]:
+    """The instances' secret flags and the secret: the user's (--cluster-secret-file or
+    PD_CLUSTER_SECRET, which the instances inherit), else a fresh one in ``log_dir``."""
+    from pd.cluster_secret import create_secret_file, load_cluster_secret
+
+    for i, arg in enumerate(passthrough):
+        if arg.startswith("--cluster-secret-file"):
+            path = arg.split("=", 1)[1] if "=" in arg else passthrough[i + 1]
+            return [], load_cluster_secret(path)  # type: ignore[return-value]
+    secret = load_cluster_secret(None)
+    if secret is not None:
+        return [], secret
+    path = create_secret_file(log_dir)
+    print(f"cluster secret in {path}", flush=True)
+    return ["--cluster-secret-file", str(path)], load_cluster_secret(str(path))  # type: ignore[return-value]
 
 
 def _engine_threads_args(num_instances: int, passthrough: list[str]) -> list[str]:
@@ -171,14 +206,17 @@ def _tiny_model() -> Path:
 def _start(role: str, port: int, common: list[str], log_path: Path) -> Instance:
     command = [sys.executable, "-m", "pd.serve", *common, "--port", str(port)]
     command += ["--splitwise-role", role]
-    log = log_path.open("w")
+    return Instance(role, port, _spawn(command, log_path, "w"), log_path, command)
+
+
+def _spawn(command: list[str], log_path: Path, mode: str) -> subprocess.Popen:
+    log = log_path.open(mode)
     # NOTE: a session of its own, so that Ctrl-C reaches only us and we stop the
     # instances before Redis (else they would spend their drain without a scheduler).
-    process = subprocess.Popen(
+    return subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )  # fmt: skip
-    return Instance(role, port, process, log_path)
 
 
 def _wait_ready(instances: list[Instance], stop: list[int]) -> bool:
@@ -220,16 +258,46 @@ def _ask(base_url: str, text: str) -> str:
     )
 
 
-def _watch(instances: list[Instance], stop: list[int]) -> int:
-    """Serve until a signal (exit 0) or until an instance dies (exit 1)."""
+def _watch(instances: list[Instance], stop: list[int], max_restarts: int = 3) -> int:
+    """Serve until a signal (exit 0); restart an instance that dies, up to
+    ``max_restarts`` times each, then stop the cluster (exit 1)."""
     print("Ctrl-C stops the cluster", flush=True)
     while not stop:
         for instance in instances:
-            if instance.process.poll() is not None:
-                _report_exit(instance, "; stopping the cluster")
+            if instance.process.poll() is None:
+                continue
+            if instance.num_restarts >= max_restarts:
+                _report_exit(instance, f" after {max_restarts} restarts; stopping the cluster")
                 return 1
+            _report_exit(instance, "; restarting it")
+            _restart(instance, stop, max_restarts)
         time.sleep(0.2)
     return 0
+
+
+def _restart(instance: Instance, stop: list[int], max_restarts: int) -> None:
+    """Start a dead instance again on its port (its log goes on in the same file)."""
+    from cache_transfer.shm_pools import remove_stale_pools
+
+    pause_s = _RESTART_PAUSE_S * 2**instance.num_restarts
+    deadline = time.monotonic() + pause_s
+    while time.monotonic() < deadline and not stop:
+        time.sleep(0.1)
+    if stop:
+        return
+    for path in remove_stale_pools():
+        print(f"removed the dead instance's KV pool {path}", flush=True)
+    instance.num_restarts += 1
+    assert instance.command is not None
+    with instance.log_path.open("a") as log:
+        log.write(f"\n--- restart {instance.num_restarts} by pd-serve cluster ---\n")
+    instance.process = _spawn(instance.command, instance.log_path, "a")
+    print(
+        f"{instance.role} instance on port {instance.port} restarted "
+        f"({instance.num_restarts} of at most {max_restarts}) as pid "
+        f"{instance.process.pid}",
+        flush=True,
+    )
 
 
 def _report_exit(instance: Instance, consequence: str) -> None:

@@ -52,5 +52,6 @@ def cluster_instance(args: ServeArgs, api_port: int) -> ClusterInstance:
         api_port=api_port,
         pd_comm_port=args.pd_comm_ports[0],
         rdma_comm_ports=list(args.rdma_comm_ports),
+        secret=args.cluster_secret(),
     )
     return ClusterInstance(instance_id, f"api-{instance_id}", settings)

@@ -18,6 +18,7 @@ _PLAIN_FIELDS = (
     "include_stop_str_in_output",
 )  # fmt: skip
 _OPTIONAL_FIELDS = ("seed", "max_tokens", "logprobs")
+MAX_LOGPROBS = 20  # the API server's limit (top_logprobs)
 
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -45,6 +46,19 @@ def params_from_proto(message: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=list(message.stop_token_ids),
         eos_token_ids=tuple(message.eos_token_ids),
     )
+
+
+def check_dispatched(request: pb.DispatchedRequest, engine) -> SamplingParams:  # type: ignore[no-untyped-def]
+    """A request from another process, checked as the API server checks a client's: the
+    prompt (length, token ids below the vocabulary), its sampling values (ValueError
+    naming the field); returns the sampling parameters."""
+    engine.validate_prompt(list(request.prompt_token_ids))
+    params = params_from_proto(request.sampling)
+    if params.n != 1:
+        raise ValueError(f"sampling.n must be 1 on a rank (one child each), got {params.n}")
+    if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+        raise ValueError(f"sampling.logprobs must be in [0, {MAX_LOGPROBS}]")
+    return params
 
 
 def output_to_entry(output: EngineCoreOutput, index: int, rank_id: str) -> pb.ResultEntry:

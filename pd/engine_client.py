@@ -23,7 +23,16 @@ import zmq.asyncio
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineCoreOutput, OutputKind, RequestOutput
 from engine.sampling_params import SamplingParams
-from pd.engine_messages import AddRequest, EngineInfo, EngineStats, Kind, decode, encode
+from pd.engine_messages import (
+    AddRequest,
+    EngineInfo,
+    EngineStats,
+    Kind,
+    MalformedMessage,
+    decode,
+    encode,
+    hello_token,
+)  # fmt: skip
 
 logger = logging.getLogger("pd.api")
 
@@ -89,19 +98,31 @@ class EngineClient:
         self.info: EngineInfo | None = None
         self.stats: EngineStats | None = None
         self.dead_reason: str | None = None
+        self.channel_key: bytes | None = None  # proven in HELLO (pd/cluster_secret.py)
+        # A stream that gets nothing for this long ends with RequestFailed (its request
+        # vanished somewhere); None: a local engine, whose death fails every stream.
+        self.idle_timeout_s: float | None = None
+        self.last_stats_at: float | None = None  # monotonic time of the engine's last STATS
         self._reader: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
     async def wait_ready(self, is_alive: Callable[[], bool], timeout: float) -> EngineInfo:
         """Say HELLO until the engine answers READY (it does once its model is loaded)."""
-        await self.socket.send(encode(Kind.HELLO))
+        token = None
+        if self.channel_key is not None:
+            identity = self.socket.getsockopt(zmq.IDENTITY)
+            token = hello_token(self.channel_key, identity)
+        await self.socket.send(encode(Kind.HELLO, token))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not is_alive():
                 raise EngineDeadError("the engine process exited during start-up")
             if await self.socket.poll(200):
-                kind, payload = decode(await self.socket.recv())
+                try:
+                    kind, payload = decode(await self.socket.recv())
+                except MalformedMessage:
+                    continue
                 if kind is Kind.READY:
                     self.info = payload
                     self._reader = asyncio.create_task(self._read_loop())
@@ -123,6 +144,10 @@ class EngineClient:
             self._reader.cancel()
         self.socket.close()
         self.context.term()
+
+    async def wait_dispatchable(self) -> None:
+        """Return once a request could be placed (a cluster's ranks registered), or after
+        a bound; a local engine always can."""
 
     @property
     def num_not_started(self) -> int:
@@ -204,11 +229,16 @@ class EngineClient:
 
     async def _read_loop(self) -> None:
         while True:
-            kind, payload = decode(await self.socket.recv())
+            try:
+                kind, payload = decode(await self.socket.recv())
+            except MalformedMessage as error:
+                logger.warning("dropped a malformed message from the engine: %s", error)
+                continue
             if kind is Kind.OUTPUTS:
                 self._on_outputs(payload)
             elif kind is Kind.STATS:
                 self.stats = payload
+                self.last_stats_at = time.monotonic()
                 self.timings.on_kv_events(payload.kv_events)
                 self.timings.on_workers(payload.tp_workers_alive)
                 self.timings.on_stats(
@@ -283,7 +313,14 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._finished or self._released:
             raise StopAsyncIteration
-        item = await self._entry.queue.get()
+        idle_timeout_s = self._client.idle_timeout_s
+        if idle_timeout_s is None:
+            item = await self._entry.queue.get()
+        else:
+            try:
+                item = await asyncio.wait_for(self._entry.queue.get(), idle_timeout_s)
+            except asyncio.TimeoutError:
+                item = RequestFailed(f"no output for {idle_timeout_s:g} s: the request was lost")
         if isinstance(item, Exception):
             self.release()
             raise item

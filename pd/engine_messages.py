@@ -1,14 +1,19 @@
 """Messages between the API server and an engine-core process, and their one codec.
 
-Frames are msgpack arrays ``[kind, payload]``. The API server is a DEALER and
-the engine a ROUTER bound on ``--engine-worker-queue-port``; the engine replies
-to the identity a request came from. Outputs are per-step diffs.
+Frames are msgpack arrays ``[kind, payload]``. A client proves the channel key in its
+HELLO (``hello_token``); the engine ignores every other message from an identity that
+has not, and drops a frame that is not a message of this codec (``MalformedMessage``).
+The API server is a DEALER and the engine a ROUTER bound on
+``--engine-worker-queue-port``; the engine replies to the identity a request came from.
+Outputs are per-step diffs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +24,7 @@ from engine.sampling_params import SamplingParams
 
 
 class Kind(enum.IntEnum):
-    HELLO = 0  # api -> engine: who I am; answered with READY once the model is loaded
+    HELLO = 0  # api -> engine: channel token (hello_token); READY once the model is loaded
     READY = 1  # engine -> api: EngineInfo
     ADD = 2  # api -> engine: AddRequest
     ABORT = 3  # api -> engine: list of request ids
@@ -61,14 +66,52 @@ class AddRequest:
     params: SamplingParams
 
 
+class MalformedMessage(ValueError):
+    """A frame that is not a message of this codec (garbage, a wrong shape, bad values)."""
+
+
+MAX_FRAME_BYTES = 64 << 20  # an ADD of the longest prompt is far below this
+
+
+def hello_token(channel_key: bytes, identity: bytes) -> str:
+    """What a client's HELLO carries: proof that it holds the channel key, bound to its
+    ZMQ identity (a ROUTER refuses a second connection with a live identity)."""
+    return hmac.new(channel_key, identity, hashlib.sha256).hexdigest()
+
+
 def encode(kind: Kind, payload: Any = None) -> bytes:
     return msgpack.packb([int(kind), _to_wire(kind, payload)], use_bin_type=True)
 
 
 def decode(frame: bytes) -> tuple[Kind, Any]:
-    kind_value, payload = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    kind = Kind(kind_value)
-    return kind, _from_wire(kind, payload)
+    """The message in ``frame``; MalformedMessage (never another error) when it is not one."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise MalformedMessage(f"a frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+        if not isinstance(message, list) or len(message) != 2:
+            raise MalformedMessage("a frame must be [kind, payload]")
+        kind_value, payload = message
+        if type(kind_value) is not int or kind_value not in Kind._value2member_map_:
+            raise MalformedMessage(f"unknown message kind {kind_value!r:.40}")
+        kind = Kind(kind_value)
+        return kind, _from_wire(kind, payload)
+    except MalformedMessage:
+        raise
+    except Exception as e:  # msgpack's errors, wrong types, bad sampling values
+        raise MalformedMessage(f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _check_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 256:
+        raise MalformedMessage(f"{what} must be a string of 1-256 characters")
+    return value
+
+
+def _check_token_ids(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(type(t) is int for t in value):
+        raise MalformedMessage("prompt_token_ids must be a list of integers")
+    return value
 
 
 def _to_wire(kind: Kind, payload: Any) -> Any:
@@ -89,8 +132,21 @@ def _from_wire(kind: Kind, payload: Any) -> Any:
         return EngineStats(*payload)
     if kind is Kind.ADD:
         request_id, token_ids, params = payload
-        params["eos_token_ids"] = tuple(params["eos_token_ids"])
-        return AddRequest(request_id, token_ids, SamplingParams(**params))
+        if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+            raise MalformedMessage("params must be a map of sampling fields")
+        params["eos_token_ids"] = tuple(params.get("eos_token_ids") or ())
+        return AddRequest(
+            _check_id(request_id, "request_id"), _check_token_ids(token_ids),
+            SamplingParams(**params),
+        )  # fmt: skip
+    if kind is Kind.HELLO:
+        if payload is not None and not (isinstance(payload, str) and len(payload) <= 128):
+            raise MalformedMessage("a HELLO carries its channel token or nothing")
+        return payload
+    if kind is Kind.ABORT:
+        if not isinstance(payload, list):
+            raise MalformedMessage("an ABORT carries a list of request ids")
+        return [_check_id(request_id, "request id") for request_id in payload]
     if kind is Kind.OUTPUTS:
         return [_output_from_wire(o) for o in payload]
     return payload

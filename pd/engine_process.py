@@ -9,6 +9,7 @@ client the outputs of its requests, and report load.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import signal
@@ -19,7 +20,16 @@ import zmq
 
 from engine.outputs import EngineCoreOutput
 from pd.cpu_threads import ThreadChoice, apply_engine_threads
-from pd.engine_messages import AddRequest, EngineInfo, EngineStats, Kind, decode, encode
+from pd.engine_messages import (
+    AddRequest,
+    EngineInfo,
+    EngineStats,
+    Kind,
+    MalformedMessage,
+    decode,
+    encode,
+    hello_token,
+)  # fmt: skip
 from scheduler.local import LocalScheduler
 
 if TYPE_CHECKING:
@@ -38,6 +48,7 @@ def run_engine_process(
     log_level: str,
     threads: ThreadChoice,
     settings: RankSettings | None = None,
+    channel_key: bytes | None = None,
 ) -> None:
     """Entry point of the child process (spawned; everything heavy imports here, after
     ``threads`` set up OpenMP). With ``settings`` the rank joins a splitwise cluster;
@@ -59,7 +70,9 @@ def run_engine_process(
             engine = EngineCore(config)
             _exit_when_a_worker_dies(engine)
             logger.info("model loaded; serving on %s", address)
-            EngineLoop(engine, socket).run()
+            loop = EngineLoop(engine, socket)
+            loop.channel_key = channel_key
+            loop.run()
         else:
             from pd.rank.splitwise_loop import SplitwiseLoop
             from pd.rank.transfer_setup import KVPool
@@ -68,7 +81,9 @@ def run_engine_process(
             engine = EngineCore(config, allocate_kv=KVPool(settings.role, settings.protocols))
             _exit_when_a_worker_dies(engine)
             logger.info("model loaded; %s rank %s", settings.role, settings.rank_id)
-            SplitwiseLoop(engine, socket, settings).run()
+            loop = SplitwiseLoop(engine, socket, settings)
+            loop.channel_key = channel_key
+            loop.run()
     finally:
         if engine is not None:
             engine.close()  # TP workers and the transfer engines
@@ -92,6 +107,10 @@ class EngineLoop:
         self.clients: set[bytes] = set()
         self.scheduler: LocalScheduler[AddRequest, Any] = LocalScheduler(self._send_outputs)
         self.running = True
+        self.num_malformed = 0
+        # The channel key (pd/cluster_secret.py); None: any HELLO is accepted (tests).
+        self.channel_key: bytes | None = None
+        self.num_unauthenticated = 0
         self._parent_pid = os.getppid()
         self._last_stats = 0.0
         config = engine.config
@@ -137,13 +156,40 @@ class EngineLoop:
     def _drain_messages(self) -> None:
         while self.running:
             try:
-                identity, frame = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            kind, payload = decode(frame)
+            try:
+                if len(frames) != 2:
+                    raise MalformedMessage(f"{len(frames)} frames, not [identity, message]")
+                identity, frame = frames
+                kind, payload = decode(frame)
+            except MalformedMessage as error:
+                self._drop(error)
+                continue
             self._handle(identity, kind, payload)
 
+    def _proves_key(self, identity: bytes, token: Any) -> bool:
+        if self.channel_key is None:
+            return True
+        expected = hello_token(self.channel_key, identity)
+        return isinstance(token, str) and hmac.compare_digest(token, expected)
+
+    def _drop(self, error: MalformedMessage) -> None:
+        """A garbage frame costs its sender nothing but a log line (rate-limited)."""
+        self.num_malformed += 1
+        if self.num_malformed <= 10 or self.num_malformed % 1000 == 0:
+            logger.warning("dropped a malformed engine message (%d so far): %s",
+                           self.num_malformed, error)  # fmt: skip
+
     def _handle(self, identity: bytes, kind: Kind, payload: Any) -> None:
+        if kind is Kind.HELLO and not self._proves_key(identity, payload):
+            self._drop(MalformedMessage("a HELLO without the channel key"))
+            return
+        if kind is not Kind.HELLO and self.channel_key is not None and identity not in self.clients:
+            self.num_unauthenticated += 1
+            self._drop(MalformedMessage(f"a {kind.name} before an accepted HELLO"))
+            return
         if kind is Kind.HELLO:
             self.clients.add(identity)
             self._send(identity, Kind.READY, self.info)
@@ -154,8 +200,11 @@ class EngineLoop:
                 aborted = EngineCoreOutput(request_id, [], finish_reason="abort")
                 self._send(identity, Kind.OUTPUTS, [aborted])
         elif kind is Kind.SHUTDOWN:
-            logger.info("shutdown requested")
-            self.running = False
+            self._on_shutdown()
+
+    def _on_shutdown(self) -> None:
+        logger.info("shutdown requested")
+        self.running = False
 
     def _add_from_api(self, identity: bytes, request: AddRequest) -> None:
         """Reject what can never run at once; queue the rest in the local scheduler."""

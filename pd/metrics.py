@@ -185,15 +185,19 @@ class ServerMetrics:
         """The Prometheus text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def add_metrics_route(self, app: FastAPI, path: str = "/metrics") -> None:
+    def add_metrics_route(
+        self, app: FastAPI, path: str = "/metrics", dependencies: list | None = None
+    ) -> None:
         async def metrics() -> Response:
             payload, content_type = self.render()
             return Response(payload, media_type=content_type)
 
-        app.add_api_route(path, metrics, methods=["GET"], include_in_schema=False)
+        app.add_api_route(
+            path, metrics, methods=["GET"], include_in_schema=False, dependencies=dependencies
+        )
 
-    def make_metrics_app(self) -> FastAPI:
+    def make_metrics_app(self, dependencies: list | None = None) -> FastAPI:
         """A bare app serving ``GET /metrics``, for a separate ``--metrics-port``."""
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-        self.add_metrics_route(app)
+        self.add_metrics_route(app, dependencies=dependencies)
         return app

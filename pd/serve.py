@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from pd.args import ServeArgs, parse_args, pick_free_port
 from pd.cluster_instance import cluster_instance
+from pd.cluster_secret import engine_channel_key
 from pd.cpu_threads import apply_api_server_threads, engine_thread_choice
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def engine_kwargs(args: ServeArgs) -> dict:
 
 
 def start_engine(
-    args: ServeArgs, settings: RankSettings | None = None
+    args: ServeArgs, settings: RankSettings | None = None, channel_key: bytes | None = None
 ) -> tuple[multiprocessing.Process, str]:
     from pd.engine_process import run_engine_process
 
@@ -80,7 +81,7 @@ def start_engine(
     )
     process = multiprocessing.get_context("spawn").Process(
         target=run_engine_process,
-        args=(engine_kwargs(args), address, args.log_level, threads, settings),
+        args=(engine_kwargs(args), address, args.log_level, threads, settings, channel_key),
         name="pd-engine-0",
         # Not daemonic: it starts TP worker processes. It stops with us all the same:
         # _stop_engine on every exit path, and it watches our pid in case we are killed.
@@ -103,7 +104,8 @@ async def serve(args: ServeArgs) -> int:
     logger.info(apply_api_server_threads())
     api_port = args.api_port or pick_free_port(args.host)
     instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
-    process, address = start_engine(args, instance.rank_settings if instance else None)
+    channel_key = engine_channel_key(args.cluster_secret())
+    process, address = start_engine(args, instance.rank_settings if instance else None, channel_key)
     try:
         state = ServerState.create(args, load_tokenizer(args.model))
         if instance is None:
@@ -114,6 +116,7 @@ async def serve(args: ServeArgs) -> int:
             client = SplitwiseEngineClient(
                 address, state.tokenizer, state.timings(), args.scheduler_config(), instance.api_id
             )
+        client.channel_key = channel_key
         state.engine = client
         info = await client.wait_ready(process.is_alive, _READY_TIMEOUT_S)
     except (EngineDeadError, ValueError, OSError, SchedulerUnavailable) as error:
@@ -142,7 +145,11 @@ def _make_servers(args: ServeArgs, port: int, app, state, uvicorn) -> list:
     logger.info("OpenAI API on http://%s:%d/v1 (model %s)", args.host, port, state.model_names[0])
     if args.metrics_port is not None:
         metrics_port = args.metrics_port or pick_free_port(args.host)
-        metrics_app = state.metrics.make_metrics_app()
+        from pd.api.errors import install_error_handlers
+        from pd.api.server import api_key_dependencies
+
+        metrics_app = state.metrics.make_metrics_app(api_key_dependencies(args.api_key))
+        install_error_handlers(metrics_app)
         servers.append(_server(uvicorn, metrics_app, args.host, metrics_port, args.log_level))
         logger.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     return servers

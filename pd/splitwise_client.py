@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.sampling_params import SamplingParams
@@ -23,11 +25,13 @@ from pd.engine_client import (
 )
 from proto import cluster_pb2 as pb
 from scheduler.config import SchedulerConfig
-from scheduler.dispatch_policy import NoRankAvailable
+from scheduler.dispatch_policy import NoRankAvailable, dispatch
 from scheduler.redis_link import SchedulerUnavailable
 from scheduler.splitwise import SplitwiseFrontend
 
 logger = logging.getLogger("pd.api")
+
+_DISPATCH_POLL_S = 0.1
 
 
 class SplitwiseEngineClient(EngineClient):
@@ -45,6 +49,10 @@ class SplitwiseEngineClient(EngineClient):
         self.frontend: SplitwiseFrontend | None = None
         self._aborts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aborts")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._rng = random.Random()
+        # Past --scheduler-ttl a queued request is failed by its rank; a stream silent for
+        # longer than that (and a registry period) has lost its request.
+        self.idle_timeout_s = scheduler.ttl_s + 2 * scheduler.expire_period_s
 
     async def wait_ready(self, is_alive, timeout: float) -> EngineInfo:  # type: ignore[no-untyped-def]
         info = await super().wait_ready(is_alive, timeout)
@@ -53,6 +61,21 @@ class SplitwiseEngineClient(EngineClient):
             SplitwiseFrontend, self.scheduler, self.api_id, self._on_results
         )
         return info
+
+    async def wait_dispatchable(self) -> None:
+        """After a Redis restart the registry is empty until every rank re-registers (a
+        heartbeat or two): a request arriving then waits for them, at most two expire
+        periods, instead of failing at once; past that, submitting says what is missing."""
+        frontend = self.frontend
+        if frontend is None:
+            return
+        deadline = time.monotonic() + 2 * self.scheduler.expire_period_s
+        while time.monotonic() < deadline:
+            try:
+                dispatch(frontend.registry.snapshot(), 1, self._rng)
+                return
+            except (NoRankAvailable, SchedulerUnavailable):
+                await asyncio.sleep(_DISPATCH_POLL_S)
 
     def _submit(self, child_ids: list[str], prompt_token_ids: list[int], params: SamplingParams):
         """Queue each child on a prefill rank (one Redis round trip each)."""

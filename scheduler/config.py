@@ -6,12 +6,12 @@ import re
 from dataclasses import dataclass
 
 SCHEDULER_NAMES = ("local", "splitwise")
-_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def check_id(kind: str, value: str) -> str:
     """Topics and rank/API ids become parts of Redis keys and SCAN patterns: keep them plain."""
-    if not _ID.fullmatch(value):
+    if not ID_PATTERN.fullmatch(value):
         raise ValueError(f"{kind} {value!r} must be 1-128 characters of A-Z a-z 0-9 . _ -")
     return value
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError, Message
 
 from proto import cluster_pb2 as pb
+from scheduler.config import ID_PATTERN
 
 SCHEMA_VERSION = 1
 
@@ -39,6 +40,10 @@ def parse_request(raw: bytes) -> pb.DispatchedRequest:
     request = parse(pb.DispatchedRequest, raw)
     if not request.request_id or not request.owner or not request.prefill_rank_id:
         raise MalformedRecord("DispatchedRequest without request_id, owner or prefill_rank_id")
+    for name in ("request_id", "owner", "prefill_rank_id", "decode_rank_id"):
+        value = getattr(request, name)
+        if value and not ID_PATTERN.fullmatch(value):
+            raise MalformedRecord(f"DispatchedRequest.{name} is not a plain id")
     return request
 
 

@@ -165,6 +165,12 @@ class RankInbox:
         self._link.call(lambda r: r.lpush(self.proc_key, entry))
         self._entries[request.request_id] = entry
 
+    def unadopt(self, request_id: str) -> None:
+        """Take back an ``adopt`` whose request could not be run after all."""
+        entry = self._entries.pop(request_id, None)
+        if entry is not None:
+            self._link.call(lambda r: r.lrem(self.proc_key, 1, entry))
+
     def was_aborted(self, request_id: str) -> bool:
         """Whether an abort for ``request_id`` came before the request (consumes it)."""
         if request_id not in self._aborted:

@@ -18,7 +18,7 @@ import random
 import threading
 
 from proto import cluster_pb2 as pb
-from scheduler.config import SchedulerConfig, check_id
+from scheduler.config import ID_PATTERN, SchedulerConfig, check_id
 from scheduler.dispatch_policy import Dispatch, NoRankAvailable, dispatch
 from scheduler.keys import Keys
 from scheduler.reaper import Reaper
@@ -52,6 +52,9 @@ class SplitwiseFrontend:
         self._lock = threading.Lock()
         self._in_flight: dict[str, tuple[pb.DispatchedRequest, bytes]] = {}
         self._started: set[str] = set()  # in flight and has had results
+        # request id -> the rank whose results came last: a prefill rank may have retried
+        # the request on another decode rank than the one dispatch picked
+        self._last_rank: dict[str, str] = {}
         self._stop = threading.Event()
         self._server_id = self._link.server_id()  # before any request: a restart is noticed
         self._watcher = threading.Thread(
@@ -87,12 +90,14 @@ class SplitwiseFrontend:
         with self._lock:
             found = self._in_flight.pop(request_id, None)
             self._started.discard(request_id)
+            last_rank = self._last_rank.pop(request_id, "")
         if found is None:
             return
         request, entry = found
         if withdraw(self._link, self.keys, request.prefill_rank_id, entry):
             return  # never taken
-        for rank_id in {request.prefill_rank_id, request.decode_rank_id} - {""}:
+        ranks = {request.prefill_rank_id, request.decode_rank_id, last_rank} - {""}
+        for rank_id in sorted(ranks):
             send_abort(self._link, self.keys, rank_id, [request_id])
 
     @property
@@ -104,8 +109,11 @@ class SplitwiseFrontend:
             if entries[-1].finish_reason:
                 self._in_flight.pop(request_id, None)
                 self._started.discard(request_id)
+                self._last_rank.pop(request_id, None)
             else:
                 self._started.add(request_id)
+                if entries[-1].rank_id and ID_PATTERN.fullmatch(entries[-1].rank_id):
+                    self._last_rank[request_id] = entries[-1].rank_id
         self._sink(request_id, entries)
 
     def _watch_restarts(self) -> None:

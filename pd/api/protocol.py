@@ -72,7 +72,7 @@ class _SamplingRequest(OpenAIRequest):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Extras, as vLLM names them.
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, lt=2**31)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False

@@ -23,23 +23,33 @@ from pd.api.serving_completion import create_completion
 from pd.api.state import ServerState
 
 RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest)
+# The engine reports every 100 ms between steps; silent this long, it is not serving.
+# NOTE: above the longest step we expect on CPU (a full prefill chunk of a 135M model on
+# two busy cores takes about a second).
+HEALTH_STALE_S = 5.0
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="pd-serve", version=pd.__version__, docs_url=None, redoc_url=None)
+    # NOTE: with --api-key, /openapi.json, /version and /metrics need the key too; /health
+    # stays open, as in vLLM: load balancers and orchestrators probe it without secrets,
+    # and it tells only "ok" or why not.
+    app = FastAPI(
+        title="pd-serve", version=pd.__version__, docs_url=None, redoc_url=None,
+        openapi_url=None if state.args.api_key else "/openapi.json",
+    )  # fmt: skip
     app.state.pd = state
     install_error_handlers(app)
     started = int(time.time())
-    auth = [Depends(_check_api_key)] if state.args.api_key else []
+    auth = api_key_dependencies(state.args.api_key)
 
     @app.get("/health")
     async def health() -> Response:
-        if state.engine is None or state.engine.dead_reason is not None:
-            reason = "engine not running" if state.engine is None else state.engine.dead_reason
+        reason = _unhealthy(state)
+        if reason is not None:
             return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/version")
+    @app.get("/version", dependencies=auth)
     async def version() -> dict:
         return {"version": pd.__version__}
 
@@ -63,9 +73,30 @@ def build_app(state: ServerState) -> FastAPI:
         _admit(state, body.model)
         return await create_chat_completion(state, body, raw)
 
+    if state.args.api_key:
+
+        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+        async def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
     if state.args.metrics_port is None:
-        state.metrics.add_metrics_route(app)
+        state.metrics.add_metrics_route(app, dependencies=auth)
     return app
+
+
+def _unhealthy(state: ServerState) -> str | None:
+    """Why the instance cannot serve now, or None: no engine, a dead one, or one that has
+    not reported for HEALTH_STALE_S (frozen: stopped, stuck, or swapping)."""
+    engine = state.engine
+    if engine is None:
+        return "engine not running"
+    if engine.dead_reason is not None:
+        return engine.dead_reason
+    if engine.last_stats_at is not None:
+        silent_s = time.monotonic() - engine.last_stats_at
+        if silent_s > HEALTH_STALE_S:
+            return f"the engine has not reported for {silent_s:.1f} s"
+    return None
 
 
 async def _parse(raw: Request, model: type[RequestT], max_bytes: int | None) -> RequestT:
@@ -93,12 +124,20 @@ def _validate(model: type[RequestT], body: bytes) -> RequestT:
     return model.model_validate_json(text)
 
 
-async def _check_api_key(request: Request) -> None:
-    expected = request.app.state.pd.args.api_key
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise APIError(401, "invalid or missing API key", type="authentication_error")
+def api_key_dependencies(api_key: str | None) -> list:
+    """FastAPI dependencies that require ``Authorization: Bearer <api_key>`` (none
+    without a key)."""
+    if not api_key:
+        return []
+    expected = api_key.encode()
+
+    async def check_api_key(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected):
+            raise APIError(401, "invalid or missing API key", type="authentication_error")
+
+    return [Depends(check_api_key)]
 
 
 def _admit(state: ServerState, model: str) -> None:

@@ -24,6 +24,7 @@ from pd.api.protocol import (
 )
 from pd.api.serving_common import (
     check_lengths,
+    check_request_tokens,
     open_request,
     outputs,
     room_left,
@@ -46,8 +47,12 @@ async def create_chat_completion(
     except ValueError as error:
         raise APIError(400, str(error), param="messages") from error
     token_ids = await tokenize(state, text, "messages", add_special_tokens=False)
-    check_lengths(state, len(token_ids), body.max_completion_tokens or body.max_tokens, "messages")
-    params = sampling_params(body.to_sampling_params, room_left(state, len(token_ids)))
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    check_request_tokens(state, max_tokens, body.n or 1)
+    check_lengths(state, len(token_ids), max_tokens, "messages")
+    default = room_left(state, len(token_ids), body.n or 1)
+    params = sampling_params(body.to_sampling_params, default)
+    await state.engine.wait_dispatchable()  # type: ignore[union-attr]
     request = open_request(state, text, token_ids, params, body.stream)
     if body.stream:
         events = _stream(body, len(token_ids), outputs(request))

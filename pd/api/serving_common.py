@@ -68,8 +68,29 @@ async def tokenize(state: ServerState, text: str, prompt_param: str, **kwargs) -
     return await asyncio.to_thread(state.tokenizer.encode, text, **kwargs)
 
 
-def room_left(state: ServerState, num_prompt_tokens: int) -> int:
-    return max(1, state.max_model_len - num_prompt_tokens)
+def room_left(state: ServerState, num_prompt_tokens: int, num_sequences: int = 1) -> int:
+    """The default max_tokens: the room left in the context, capped by this sequence's
+    share of ``--max-request-tokens`` (``num_sequences``: choices x prompts)."""
+    share = state.args.max_request_tokens // max(num_sequences, 1)
+    return max(1, min(state.max_model_len - num_prompt_tokens, share))
+
+
+def check_request_tokens(state: ServerState, max_tokens: int | None, num_sequences: int) -> None:
+    """``n * max_tokens`` (times the prompts of a completions batch) within the limit."""
+    limit = state.args.max_request_tokens
+    if num_sequences > limit:
+        raise APIError(
+            400, f"a request may generate at most {limit} tokens; it asks for "
+            f"{num_sequences} sequences", param="n",
+        )  # fmt: skip
+    if max_tokens is not None and max_tokens * num_sequences > limit:
+        raise APIError(
+            400,
+            f"a request may generate at most {limit} tokens (--max-request-tokens); "
+            f"max_tokens {max_tokens} for {num_sequences} sequences asks for "
+            f"{max_tokens * num_sequences}",
+            param="max_tokens",
+        )
 
 
 def sampling_params(

@@ -21,6 +21,7 @@ from pd.api.protocol import (
 )
 from pd.api.serving_common import (
     check_lengths,
+    check_request_tokens,
     merge,
     open_request,
     outputs,
@@ -62,6 +63,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
             400, "echo with logprobs is not supported yet (needs prompt logprobs)", param="echo"
         )
     plan = await _plan(state, body)
+    await state.engine.wait_dispatchable()  # type: ignore[union-attr]
     requests = _open(state, plan, body.stream)
     if body.stream:
         events = _stream(state, plan, requests)
@@ -85,9 +87,11 @@ async def _plan(state: ServerState, body: CompletionRequest) -> _Plan:
             _check_vocab(state, prompt)
             prompts.append(_Prompt(None, list(prompt)))
     plan = _Plan(prompts, body)
+    num_sequences = len(prompts) * (body.n or 1)
+    check_request_tokens(state, body.max_tokens, num_sequences)
     for prompt in prompts:
         check_lengths(state, len(prompt.token_ids), body.max_tokens, "prompt")
-        default = room_left(state, len(prompt.token_ids))
+        default = room_left(state, len(prompt.token_ids), num_sequences)
         plan.params.append(sampling_params(body.to_sampling_params, default))
     return plan
 

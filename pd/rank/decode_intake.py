@@ -61,6 +61,14 @@ class LoopBlockAllocator:
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
 
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.block_manager.block_size
+
 
 # Runs on the loop: takes over a committed request, or raises CommitRefused.
 Adopt = Callable[[pb.CommitRequest, list[int]], None]
@@ -78,14 +86,17 @@ class DecodeIntake:
         host: str,
         port: int,
         lease_s: float,
+        secret: bytes | None = None,
+        max_num_tokens: int = 1 << 20,
     ):
         self.calls = calls
         self.adopt = adopt
         self.allocator = LoopBlockAllocator(block_manager, calls)
         self.service = PdCommService(
-            rank_id, fingerprint, self.allocator, engines, self._on_commit, lease_s=lease_s
-        )
-        self.server = PdCommServer(self.service, host=host, port=port)
+            rank_id, fingerprint, self.allocator, engines, self._on_commit, lease_s=lease_s,
+            max_num_tokens=max_num_tokens,
+        )  # fmt: skip
+        self.server = PdCommServer(self.service, host=host, port=port, secret=secret)
         self.port = self.server.port
         logger.info("pd-comm (decode %s) on %s:%d", rank_id, host, self.port)
 

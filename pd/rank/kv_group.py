@@ -57,11 +57,11 @@ class ShardedReceiver:
     def endpoints(self) -> list[dict]:
         return self._endpoints
 
-    def allow(self, transfer_id: int, byte_ranges: list[tuple[int, int]]) -> None:
+    def allow(self, transfer_id: bytes, byte_ranges: list[tuple[int, int]]) -> None:
         ranges = [[int(start), int(end)] for start, end in byte_ranges]
         self._calls("allow", self.protocol, transfer_id, ranges)
 
-    def revoke(self, transfer_id: int) -> None:
+    def revoke(self, transfer_id: bytes) -> None:
         """Returns once no rank accepts a write of ``transfer_id`` any more."""
         self._calls("revoke", self.protocol, transfer_id)
 
@@ -79,7 +79,7 @@ class WriteReports:
 
     def __init__(self, num_ranks: int):
         self.num_ranks = num_ranks
-        self._reports: dict[tuple[str, int], dict[int, list]] = {}
+        self._reports: dict[tuple[str, bytes], dict[int, list]] = {}
         self._changed = threading.Condition()
 
     def add(self, report: list) -> None:

@@ -95,7 +95,7 @@ class Handoff:
         return self.request.request_id
 
     @property
-    def transfer_id(self) -> int:
+    def transfer_id(self) -> bytes:
         return self.target.transfer_id
 
 
@@ -112,7 +112,9 @@ class PrefillHandoff:
         on_reserve_failed: Callable[[cluster_pb.DispatchedRequest, str], None],
         on_done: Callable[[Handoff, str | None], None],
         timeout_s: float,
+        secret: bytes | None = None,
     ):
+        self.secret = secret  # proves this rank to decode ranks' pd-comm
         self.rank_id = record.rank_id
         self.me = rank_view(record)
         self.writes = writes
@@ -205,7 +207,7 @@ class PrefillHandoff:
     def _client(self, address: str) -> PdCommClient:
         with self._lock:
             if address not in self._clients:
-                self._clients[address] = PdCommClient(address, timeout_s=5.0)
+                self._clients[address] = PdCommClient(address, timeout_s=5.0, secret=self.secret)
             return self._clients[address]
 
     def _reserve_on(

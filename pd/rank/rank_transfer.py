@@ -34,7 +34,7 @@ from pd.rank.transfer_setup import make_transfer_engines
 
 logger = logging.getLogger(__name__)
 
-WriteKey = tuple[str, int]  # (peer_key, transfer_id)
+WriteKey = tuple[str, bytes]  # (peer_key, transfer_id)
 
 
 @dataclass
@@ -57,6 +57,7 @@ class RankTransfer:
         host: str,
         rdma_comm_ports: list[int],
         timeout_s: float,
+        secret: bytes | None,
     ):
         self.tp_rank = worker.group.rank
         runner = worker.runner
@@ -66,7 +67,7 @@ class RankTransfer:
         shm_path = getattr(runner.allocate_kv, "shm_path", None)
         rdma_port = rdma_comm_ports[self.tp_rank] if rdma_comm_ports else 0
         self.engines = make_transfer_engines(
-            role, runner.kv_cache, self.layout, protocols, host, shm_path, rdma_port
+            role, runner.kv_cache, self.layout, protocols, host, shm_path, rdma_port, secret
         )
         self.notify = notify
         self.timeout_s = timeout_s
@@ -84,10 +85,10 @@ class RankTransfer:
     def endpoints(self) -> dict[str, dict]:
         return {protocol: engine.endpoint() for protocol, engine in self.engines.items()}
 
-    def allow(self, protocol: str, transfer_id: int, byte_ranges: list[list[int]]) -> None:
+    def allow(self, protocol: str, transfer_id: bytes, byte_ranges: list[list[int]]) -> None:
         self.engines[protocol].allow(transfer_id, [(start, end) for start, end in byte_ranges])
 
-    def revoke(self, protocol: str, transfer_id: int) -> None:
+    def revoke(self, protocol: str, transfer_id: bytes) -> None:
         self.engines[protocol].revoke(transfer_id)
 
     # -- prefill: sending ----------------------------------------------------------------
@@ -112,7 +113,7 @@ class RankTransfer:
                 for layer in range(self.layout.num_layers)
             ]))  # fmt: skip
 
-    def flush(self, peer_key: str, transfer_id: int) -> None:
+    def flush(self, peer_key: str, transfer_id: bytes) -> None:
         """Report this transfer's writes on this rank once they have all landed (or
         failed); later writes of it would open a new record."""
         with self._lock:
@@ -154,7 +155,7 @@ class RankTransfer:
             self._connected.add((target.protocol, target.peer_key))
         return engine
 
-    def _report(self, peer_key: str, transfer_id: int, writes: _Writes) -> None:
+    def _report(self, peer_key: str, transfer_id: bytes, writes: _Writes) -> None:
         error = writes.error
         if error is None:
             try:

@@ -21,3 +21,5 @@ class RankSettings:
     rdma_comm_ports: list[int] = field(default_factory=lambda: [0])
     handoff_timeout_s: float = 30.0  # a prefill rank's wait for its KV writes + Commit
     lease_s: float = 10.0  # a decode rank's reservation lease
+    # The cluster secret (pd/cluster_secret.py): pd-comm calls and KV streams prove it.
+    secret: bytes | None = field(default=None, repr=False)

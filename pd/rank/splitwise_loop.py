@@ -19,6 +19,7 @@ the Redis parts only; the engine keeps stepping what it holds.
 from __future__ import annotations
 
 import logging
+import time
 
 import zmq
 
@@ -28,7 +29,7 @@ from engine.outputs import EngineCoreOutput
 from engine.scheduler import ScheduledSequence
 from engine.sequence import SequenceStatus
 from engine.step_plan import KVSend
-from pd.cluster_wire import kv_fingerprint, layout_to_proto, output_to_entry, params_from_proto
+from pd.cluster_wire import check_dispatched, kv_fingerprint, layout_to_proto, output_to_entry
 from pd.engine_process import EngineLoop
 from pd.rank.decode_intake import DecodeIntake
 from pd.rank.kv_group import PrefillWrites, RankCalls, ShardedReceiver, WriteReports
@@ -44,6 +45,9 @@ from scheduler.splitwise import SplitwiseRank
 logger = logging.getLogger("pd.engine")
 
 _IDLE_S = 0.05
+# A stopping rank finishes what it holds for at most this long (pd-serve gives its engine
+# 10 s after SHUTDOWN); what is left then fails with an explained error.
+_DRAIN_S = 8.0
 _PENDING_POLL_MS = 5  # while hand-offs are in flight: their outcomes also wake us
 
 
@@ -69,6 +73,7 @@ class SplitwiseLoop(EngineLoop):
         self.aborted_reserving: set[str] = set()
         self.handoffs: dict[str, Handoff] = {}
         self.redis_down = False
+        self.drain_deadline: float | None = None  # set by SHUTDOWN: finish, take nothing new
         executor = engine.executor
         layout, tp_size = executor.kv_layout, executor.tp_size
         self.fingerprint = kv_fingerprint(settings.model, layout, tp_size=tp_size)
@@ -76,6 +81,7 @@ class SplitwiseLoop(EngineLoop):
             executor.load_extension(
                 "pd.rank.rank_transfer:RankTransfer", self.role, settings.protocols,
                 settings.host, settings.rdma_comm_ports, settings.handoff_timeout_s,
+                settings.secret,
             )  # fmt: skip
         rank_calls = RankCalls(executor, self.calls)
         self.intake: DecodeIntake | None = None
@@ -91,6 +97,7 @@ class SplitwiseLoop(EngineLoop):
             self.intake = DecodeIntake(
                 self.rank_id, self.fingerprint, engine.block_manager, receivers,
                 self.calls, self._adopt, settings.host, settings.pd_comm_port, settings.lease_s,
+                settings.secret, engine.config.scheduler.max_model_len,
             )  # fmt: skip
             pd_comm_port = self.intake.port
         record = pb.InstanceRecord(
@@ -108,7 +115,7 @@ class SplitwiseLoop(EngineLoop):
             self.handoff = PrefillHandoff(
                 record, PrefillWrites(rank_calls, reports), layout, self.fingerprint,
                 self.registry, self.calls, self._on_reserved, self._on_reserve_failed,
-                self._on_handoff_done, settings.handoff_timeout_s,
+                self._on_handoff_done, settings.handoff_timeout_s, settings.secret,
             )  # fmt: skip
         self.rank = SplitwiseRank(settings.scheduler, record).start()
         logger.info("rank %s (%s) registered in topic %r", self.rank_id, self.role,
@@ -128,6 +135,8 @@ class SplitwiseLoop(EngineLoop):
                         self._on_output(output)
                 self._end_step()
                 self._maybe_send_stats()
+                if self.drain_deadline is not None:
+                    self._check_drained()
                 if not (self.engine.has_unfinished() and not self.engine.stalled):
                     self._idle()
         finally:
@@ -158,6 +167,8 @@ class SplitwiseLoop(EngineLoop):
         self.poller.poll(timeout_ms)
 
     def _capacity(self) -> int:
+        if self.drain_deadline is not None:
+            return 0
         max_num_seqs = self.engine.config.scheduler.max_num_seqs
         return max_num_seqs - len(self.engine.sequences) - len(self.reserving)
 
@@ -179,6 +190,32 @@ class SplitwiseLoop(EngineLoop):
             num_free_blocks=self.engine.block_manager.num_free_blocks,
         )
 
+    # -- stopping --------------------------------------------------------------------
+
+    def _on_shutdown(self) -> None:
+        """Drain: take no new request (no queue takes, no new reservations), finish what
+        runs and what is in flight to us, then stop; bounded by _DRAIN_S."""
+        logger.info("shutdown requested: %s drains (at most %.0f s)", self.rank_id, _DRAIN_S)
+        self.drain_deadline = time.monotonic() + _DRAIN_S
+        if self.intake is not None:
+            self.intake.service.draining = True
+
+    def _check_drained(self) -> None:
+        reservations = 0 if self.intake is None else len(self.intake.service.reservations)
+        busy = self.engine.has_unfinished() or self.reserving or self.handoffs or reservations
+        if not busy:
+            self.running = False
+            return
+        if time.monotonic() < self.drain_deadline:  # type: ignore[operator]
+            return
+        left = [r for r in self.owners if r not in self.handoffs and r not in self.reserving]
+        logger.warning("%s: drain bound reached; failing %d requests", self.rank_id, len(left))
+        for request_id in left:
+            self.engine.abort_requests([request_id])
+            self._fail(request_id, f"{self.rank_id} stopped before the request finished")
+        self._end_step()
+        self.running = False
+
     # -- requests in -----------------------------------------------------------------
 
     def _take(self, requests: list[pb.DispatchedRequest]) -> None:
@@ -194,7 +231,7 @@ class SplitwiseLoop(EngineLoop):
 
     def _add_to_engine(self, request: pb.DispatchedRequest, prefill_only: bool = False) -> bool:
         try:
-            params = params_from_proto(request.sampling)
+            params = check_dispatched(request, self.engine)
             self.engine.add_request(
                 request.request_id, list(request.prompt_token_ids), params, prefill_only
             )
@@ -227,27 +264,44 @@ class SplitwiseLoop(EngineLoop):
             self._fail(request_id, message)
 
     def _adopt(self, commit: comm_pb.CommitRequest, block_ids: list[int]) -> None:
-        """A decode rank takes over a prefilled request (on the loop, from pd-comm)."""
+        """A decode rank takes over a prefilled request (on the loop, from pd-comm).
+        Every field is checked before anything is written; a failure after the T:proc
+        entry is written takes the entry back, so nothing outlives a refusal."""
         request = commit.request
         request_id = request.request_id
         if self.rank.inbox.was_aborted(request_id):
             raise CommitRefused(f"request {request_id} was aborted", aborted=True)
         try:
-            params = params_from_proto(request.sampling)
-            self.engine.validate_prompt(list(request.prompt_token_ids))
+            params = check_dispatched(request, self.engine)
+            vocab_size = self.engine.config.model.vocab_size
+            if commit.first_token_id >= vocab_size:
+                raise ValueError(f"first_token_id must be below the vocabulary size {vocab_size}")
         except ValueError as e:
             raise CommitRefused(f"{self.rank_id} cannot run {request_id}: {e}") from None
         try:
             self.rank.inbox.adopt(request)  # from here the reaper answers for it if we die
         except SchedulerUnavailable as e:
             raise CommitRefused(f"{self.rank_id} cannot reach the scheduler: {e}") from None
-        self.engine.adopt_request(
-            request_id, list(request.prompt_token_ids), [commit.first_token_id], params, block_ids
-        )
+        try:
+            self.engine.adopt_request(
+                request_id, list(request.prompt_token_ids), [commit.first_token_id], params,
+                block_ids,
+            )  # fmt: skip
+        except Exception as e:
+            self.rank.inbox.unadopt(request_id)
+            raise CommitRefused(f"{self.rank_id} cannot run {request_id}: {e}") from None
         self.owners[request_id] = request.owner
         self.emitted[request_id] = 1
 
     def _abort(self, request_id: str) -> None:
+        """An abort from Redis: the request's stream ends with an error event, whoever
+        sent it (an owner that aborted its own request has stopped reading already)."""
+        owner = self.owners.get(request_id)
+        if owner is not None:
+            self.rank.add_result(owner, pb.ResultEntry(
+                request_id=request_id, finish_reason="error", rank_id=self.rank_id,
+                error=f"request {request_id} was aborted on {self.rank_id}",
+            ))  # fmt: skip
         if request_id in self.reserving:
             self.aborted_reserving.add(request_id)  # settled when the Reserve returns
             return

@@ -39,20 +39,26 @@ def make_transfer_engines(
     host: str,
     shm_path: str | None,
     rdma_comm_port: int = 0,
+    secret: bytes | None = None,
 ) -> dict[str, TransferEngine]:
     receiving = role == "decode"
     engines: dict[str, TransferEngine] = {}
     for protocol in protocols:
         if protocol == "ipc":
-            engines[protocol] = IpcTransferEngine(pool, layout, shm_path if receiving else None)
+            engines[protocol] = IpcTransferEngine(
+                pool, layout, shm_path if receiving else None, secret
+            )
         elif protocol == "tcp":
-            engines[protocol] = TcpTransferEngine(pool, layout, host=host, listen=receiving)
+            engines[protocol] = TcpTransferEngine(
+                pool, layout, host=host, listen=receiving, secret=secret
+            )
         elif protocol == "rdma":
             from cache_transfer.rdma import RdmaTransferEngine
 
             gpu = pool.device.index or 0
             engines[protocol] = RdmaTransferEngine(
-                pool, layout, pick_nic(gpu), comm_port=rdma_comm_port, listen=receiving
-            )
+                pool, layout, pick_nic(gpu), comm_port=rdma_comm_port, listen=receiving,
+                secret=secret,
+            )  # fmt: skip
     logger.info("KV transfer engines (%s): %s", role, ", ".join(engines))
     return engines

@@ -35,6 +35,14 @@ class EngineBlockAllocator:
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
 
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.block_manager.block_size
+
     def check(self) -> None:
         with self.lock:
             self.block_manager.check_invariants(live=list(self.sequences.values()))

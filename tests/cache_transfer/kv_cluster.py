@@ -42,7 +42,13 @@ def prefill_pool(seed: int) -> torch.Tensor:
 class DecodeSide:
     """pd-comm + one receiving backend + the real block manager, in this process."""
 
-    def __init__(self, protocol: str, lease_s: float = 10.0, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        protocol: str,
+        lease_s: float = 10.0,
+        host: str = "127.0.0.1",
+        max_peer_fraction: float = 1.0,  # one sender fills the pool in the transfer tests
+    ):
         self.layout = layout(DECODE_BLOCKS)
         self.allocator = EngineBlockAllocator(DECODE_BLOCKS, BLOCK_SIZE)
         if protocol == "ipc":
@@ -55,7 +61,7 @@ class DecodeSide:
         self.lock = threading.Lock()
         self.service = PdCommService(
             "d0", fingerprint(self.layout), self.allocator, {protocol: self.engine},
-            self.on_commit, lease_s=lease_s,
+            self.on_commit, lease_s=lease_s, max_peer_fraction=max_peer_fraction,
         )  # fmt: skip
         self.server = PdCommServer(self.service, host=host)
         self.address = f"{host}:{self.server.port}"

@@ -23,6 +23,7 @@ from cache_transfer.pd_comm import PdCommClient
 from cache_transfer.regions import block_runs, layer_regions
 from cache_transfer.tcp import TcpTransferEngine
 from cache_transfer.transfer_engine import TransferError, wait_all
+from proto import cluster_pb2 as cluster_pb
 from proto import pd_comm_pb2 as pb
 from tests.cache_transfer.kv_cluster import (
     BLOCK_SIZE,
@@ -93,6 +94,9 @@ def main() -> None:
         commit = client.commit(pb.CommitRequest(
             request_id=request_id, transfer_id=reply.transfer_id, first_token_id=7,
             num_computed_tokens=num_tokens,
+            request=cluster_pb.DispatchedRequest(
+                request_id=request_id, prompt_token_ids=[1] * num_tokens
+            ),
         ))  # fmt: skip
         result |= {"committed": commit.ok, "commit_message": commit.message}
         return result

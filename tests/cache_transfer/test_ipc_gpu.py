@@ -22,7 +22,7 @@ from tests.cache_transfer.kv_cluster import layout
 pytestmark = pytest.mark.gpu
 SRC_BLOCKS = [5, 6, 7, 30, 2, 9, 10, 11, 12, 40]
 DST_BLOCKS = [100, 101, 102, 103, 7, 8, 50, 51, 52, 0]
-TRANSFER = 1
+TRANSFER = bytes(range(16))
 
 
 def source(device: str) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_cuda_ipc_write_lands_bit_exact_in_another_process(decode_sees: str) -> 
         with pytest.raises(TransferError, match="outside transfer 1's blocks"):
             engine.write("d0", TRANSFER, [outside]).wait(30)
         with pytest.raises(TransferError, match="transfer 2 is not open"):
-            engine.write("d0", 2, [Region(0, 0, dst_layout.block_bytes)]).wait(30)
+            engine.write("d0", b"2" * 16, [Region(0, 0, dst_layout.block_bytes)]).wait(30)
         parent.send("done")
         landed, leaked = parent.recv()
         assert landed, "blocks differ after the CUDA ipc write"

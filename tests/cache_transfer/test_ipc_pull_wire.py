@@ -29,12 +29,12 @@ def test_regions_survive_the_wire() -> None:
 def test_frames_round_trip_and_foreign_streams_are_refused() -> None:
     a, b = socket.socketpair()
     with a, b:
-        send_frame(a, PULL, seq=7, transfer_id=1 << 50, payload=b"abc", slot=63)
-        assert read_frame(b) == (PULL, 63, 7, 1 << 50, b"abc")
+        send_frame(a, PULL, seq=7, transfer_id=b"T" * 16, payload=b"abc", slot=63)
+        assert read_frame(b) == (PULL, 63, 7, b"T" * 16, b"abc")
         a.sendall(b"XXXX" + b"\0" * (HEADER.size - 4))
         with pytest.raises(ConnectionError, match="not a pd-serve ipc stream"):
             read_frame(b)
-        a.sendall(HEADER.pack(b"PDIP", PULL, 0, 1, 1, 100) + b"short")
+        a.sendall(HEADER.pack(b"PDIP", PULL, 0, 1, b"\1" * 16, 100) + b"short")
         a.close()
         with pytest.raises(ConnectionError, match="peer closed"):
             read_frame(b)
@@ -44,9 +44,9 @@ def test_range_check_accepts_exactly_the_open_ranges() -> None:
     lay = layout(8)
     engine = TcpTransferEngine(torch.zeros(lay.shape, dtype=lay.dtype), lay, listen=False)
     try:
-        engine.allow(5, [(1000, 2000), (0, 100), (4096, 8192)])
+        engine.allow(b"5" * 16, [(1000, 2000), (0, 100), (4096, 8192)])
 
-        def check(offsets: list[int], sizes: list[int], transfer_id: int = 5) -> str | None:
+        def check(offsets: list[int], sizes: list[int], transfer_id: bytes = b"5" * 16):  # type: ignore[no-untyped-def]
             return engine.check_allowed_regions(transfer_id, np.array(offsets), np.array(sizes))
 
         assert check([0, 1000, 1500, 4096, 8191], [100, 1000, 500, 4096, 1]) is None
@@ -54,10 +54,10 @@ def test_range_check_accepts_exactly_the_open_ranges() -> None:
         assert "[100, 101)" in check([100], [1])  # between ranges
         assert "[-8, 0)" in check([-8], [8])  # before the first
         assert "[1000, 1000)" in check([1000], [0])  # empty writes are not writes
-        assert "not open" in check([0], [1], transfer_id=6)
-        engine.revoke(5)
+        assert "not open" in check([0], [1], transfer_id=b"6" * 16)
+        engine.revoke(b"5" * 16)
         assert "not open" in check([0], [1])
-        engine.allow(7, [])  # a transfer with no blocks takes no bytes
-        assert "[0, 1)" in check([0], [1], transfer_id=7)
+        engine.allow(b"7" * 16, [])  # a transfer with no blocks takes no bytes
+        assert "[0, 1)" in check([0], [1], transfer_id=b"7" * 16)
     finally:
         engine.close()

@@ -101,7 +101,8 @@ def test_loopback_write_lands_bit_exact() -> None:
         endpoint = receiver.endpoint() | {"host": "127.0.0.1"}
         sender.connect("d0", endpoint)
         src_blocks, dst_blocks = [3, 4, 5, 9], [10, 11, 30, 31]
-        sender.write("d0", 1, all_regions(src_layout, dst_layout, src_blocks, dst_blocks)).wait(10)
+        regions = all_regions(src_layout, dst_layout, src_blocks, dst_blocks)
+        sender.write("d0", b"1" * 16, regions).wait(10)
         assert torch.equal(dst[:, :, dst_blocks], src[:, :, src_blocks])
     finally:
         sender.close()

@@ -47,7 +47,7 @@ class Cluster:
         return f"{self.roles[server.port]}-127.0.0.1-{server.port}.dp0"
 
     def redis_client(self) -> redis.Redis:
-        return redis.Redis(port=self.redis.port)
+        return redis.Redis(port=self.redis.port, password=self.redis.password)
 
     def kill(self, server: ServerProcess) -> None:
         """kill -9 the whole instance: its engine first, then its API server."""

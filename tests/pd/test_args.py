@@ -32,7 +32,7 @@ ALL_FLAGS = argv(
 --cache-queue-port --cache-transfer-protocol --rdma-comm-ports --pd-comm-port
 --scheduler-name --scheduler-host --scheduler-port --scheduler-db --scheduler-password
 --scheduler-topic --scheduler-ttl --scheduler-expire-period --router --ports
---metrics-ports --api-key --log-level --engine-threads
+--metrics-ports --api-key --log-level --engine-threads --cluster-secret-file
 """
 )
 

@@ -46,3 +46,66 @@ def test_cluster_answers_then_stops_cleanly_on_ctrl_c(tiny_model, tmp_path):
     assert launcher.wait(60) == 0, launcher.stdout.read()
     for pid in children:  # the instances and Redis are gone too
         assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the launcher"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_killed_instance_is_restarted_and_leaves_no_shared_memory_pool(tiny_model, tmp_path):
+    """Issue 17: kill -9 of one engine under ``pd-serve cluster`` tore the whole cluster
+    down and left the dead engine's KV pool in /dev/shm."""
+    command = [
+        sys.executable, "-m", "pd.serve", "cluster", "--model", str(tiny_model("qwen2")),
+        "--port", "0", "--log-dir", str(tmp_path), "--device", "cpu",
+        "--max-model-len", "256", "--cache-transfer-protocol", "ipc",
+    ]  # fmt: skip
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    lines: list[str] = []
+
+    def read_until(prefix: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)
+            lines.append(launcher.stdout.readline())
+            if prefix in lines[-1]:
+                return lines[-1]
+
+    try:
+        read_until("Ctrl-C stops", 120)
+        decode_url = next(line.split()[-1] for line in lines if line.strip().startswith("decode"))
+        base_url = next(line.split()[-1] for line in lines if line.startswith("OpenAI base URL"))
+        decode_port = int(decode_url.rsplit(":", 1)[1].split("/")[0])
+        decode_pid = next(
+            pid for pid in _children(launcher.pid)
+            if f"--port {decode_port} ".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+            .replace(b"\0", b" ")
+        )  # fmt: skip
+        engine_pid = next(
+            pid for pid in _children(decode_pid)
+            if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )  # fmt: skip
+        pools = list(Path("/dev/shm").glob(f"pd-kv-{engine_pid}-*"))
+        assert pools, "the decode engine keeps its KV pool in shared memory"
+        os.kill(engine_pid, signal.SIGKILL)
+        read_until("restarted (1 of at most 3)", 60)
+        client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=30)
+        model = client.models.list().data[0].id
+        deadline = time.monotonic() + 90
+        while True:  # the restarted decode rank registers again
+            try:
+                reply = client.completions.create(model=model, prompt="Hi", max_tokens=4)
+                break
+            except openai.APIError:
+                assert time.monotonic() < deadline, "".join(lines)
+                time.sleep(0.5)
+        assert reply.usage.completion_tokens == 4
+        assert not any(p.exists() for p in pools), "the dead engine's pool was removed"
+        assert launcher.poll() is None, "the cluster kept running"
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        code = launcher.wait(60)
+    assert code == 0, launcher.stdout.read()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import time
@@ -512,8 +513,9 @@ def test_models_version_and_health(server, client, model):
 def keyed_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     log_path = tmp_path_factory.mktemp("serve-keyed") / "server.log"
     server = start_server(
-        model_dir, log_path, "--api-key", "secret", "--served-model-name", "my-model"
-    )
+        model_dir, log_path, "--api-key", "secret", "--served-model-name", "my-model",
+        "--max-request-tokens", "64",
+    )  # fmt: skip
     yield server
     assert server.stop() == 0, server.log()[-4000:]
 
@@ -537,6 +539,67 @@ def test_api_key_is_enforced(keyed_server, model):
     assert response.model == "my-model" and response.usage.completion_tokens <= 3
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model=model, prompt="Hello", max_tokens=3)
+
+
+def test_api_key_guards_metrics_version_and_openapi_but_not_health(keyed_server):
+    """Issue 17: with --api-key these answered anyone. /health stays open (probes)."""
+    url = keyed_server.root_url
+    for path in ("/metrics", "/version", "/openapi.json"):
+        assert_openai_error(httpx.get(f"{url}{path}", timeout=10), 401, "api key")
+        keyed = httpx.get(f"{url}{path}", headers={"Authorization": "Bearer secret"}, timeout=10)
+        assert keyed.status_code == 200, (path, keyed.text)
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_generated_tokens_per_request_are_bounded(keyed_server):
+    """Issue 17: n=127 without max_tokens generated 108,486 tokens; the mixed server took
+    top_k >= 2**31, which the cluster's records cannot carry."""
+    client = openai.OpenAI(base_url=keyed_server.base_url, api_key="secret", max_retries=0)
+    chat = client.chat.completions.create(
+        model="my-model", messages=[{"role": "user", "content": "Hi"}], n=16,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert chat.usage.completion_tokens == 64  # --max-request-tokens: 4 tokens a choice
+    reply = client.completions.create(
+        model="my-model", prompt="Hello", n=8, max_tokens=None, extra_body={"ignore_eos": True}
+    )
+    assert reply.usage.completion_tokens == 64
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="my-model", prompt="Hello", n=4, max_tokens=17)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(
+            model="my-model", messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=33
+        )
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        client.completions.create(
+            model="my-model", prompt="Hello", max_tokens=2, extra_body={"top_k": 2**31}
+        )
+    ok = client.completions.create(
+        model="my-model", prompt="Hello", max_tokens=2, extra_body={"top_k": 2**31 - 1}
+    )
+    assert ok.usage.completion_tokens <= 2
+
+
+def test_health_answers_503_while_the_engine_is_frozen(keyed_server):
+    """Issue 17: SIGSTOP of the engine for 20 s, /health said 200 throughout."""
+    from pd.api.server import HEALTH_STALE_S
+
+    url = f"{keyed_server.root_url}/health"
+    pid = keyed_server.engine_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        while httpx.get(url, timeout=5).status_code == 200:
+            assert time.monotonic() - stopped < HEALTH_STALE_S + 3, "still 200"
+            time.sleep(0.2)
+        frozen = httpx.get(url, timeout=5)
+        assert frozen.status_code == 503 and "has not reported" in frozen.json()["reason"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while httpx.get(url, timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "healthy again after SIGCONT"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
