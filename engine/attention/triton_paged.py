@@ -15,7 +15,7 @@ import torch
 
 from engine.attention.backend import AttentionBackend
 from engine.forward_context import AttentionMetadata
-from engine.kernels.kv_store import store_kv
+from engine.kernels.kv_store import rotary_store_kv
 from engine.kernels.paged_attention import (
     decode_num_splits,
     decode_split_counters,
@@ -61,8 +61,13 @@ class TritonBackend(AttentionBackend):
                 counters = decode_split_counters(meta.num_seqs, self.num_kv_heads, device)
             meta.backend_data = DecodeSplits(num_splits, counters)
 
-    def store_kv(self, k, v, k_cache, v_cache, meta) -> None:  # type: ignore[no-untyped-def]
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def rotate_and_store(  # type: ignore[no-untyped-def]
+        self, rotary_emb, positions, q, k, v, k_cache, v_cache, meta
+    ) -> torch.Tensor:
+        # One launch: q rotates in place, k rotates on its way into the cache.
+        rotary_store_kv(positions, q, k, v, k_cache, v_cache, meta.slot_mapping,
+                        rotary_emb.cos_cache, rotary_emb.sin_cache)  # fmt: skip
+        return q
 
     def forward(
         self,
