@@ -151,12 +151,7 @@ def _decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + b)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    num_splits = 1
-    if IS_SPLIT:
-        num_splits = tl.minimum(tl.maximum(seq_len // MIN_SPLIT_LEN, 1), tl.num_programs(2))
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
-    num_splits = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)  # drops empty splits
+    num_splits, tiles_per_split = _num_splits(seq_len, BLOCK_N, MIN_SPLIT_LEN, IS_SPLIT)
     if split >= num_splits:
         return
     start = split * tiles_per_split * BLOCK_N
@@ -202,6 +197,20 @@ def _decode_kernel(
             tl.store(counter, 0)  # zero again for the next launch (the next layer)
             _merge_splits(part_out, part_lse, out, b, kv_head, num_splits, stride_o_b,
                           stride_o_h, GROUP, HEAD_DIM, MERGE_GROUP, MERGE_SPLITS)  # fmt: skip
+
+
+@triton.jit
+def _num_splits(seq_len, BLOCK_N: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
+                IS_SPLIT: tl.constexpr):  # fmt: skip
+    """(splits, tiles per split) of one sequence: at most the grid's splits, none shorter
+    than MIN_SPLIT_LEN (but the only one), none empty. seq_len 0: one split of no keys."""
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    num_splits = 1
+    if IS_SPLIT:
+        num_splits = tl.minimum(tl.maximum(seq_len // MIN_SPLIT_LEN, 1), tl.num_programs(2))
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+    num_splits = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)  # drops empty splits
+    return num_splits, tiles_per_split
 
 
 @triton.jit
