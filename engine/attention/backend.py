@@ -1,8 +1,9 @@
 """The attention backend interface and the choice of backend per device.
 
 A backend turns the step's common paged metadata into what its kernels need
-(``prepare``, once per step, or once per captured CUDA graph), stores the new
-K/V into the cache, and attends. Models never see which one runs.
+(``prepare``, once per step, or once per captured CUDA graph), rotates the new
+q/k and stores the new K/V into the cache, and attends. Models never see which
+one runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from engine.kernels import has_triton
 
 if TYPE_CHECKING:
     from engine.layers.attention import Attention
+    from engine.layers.rotary import RotaryEmbedding
 
 BACKEND_NAMES = ("auto", "sdpa", "triton")
 
@@ -24,11 +26,35 @@ BACKEND_NAMES = ("auto", "sdpa", "triton")
 class AttentionBackend:
     name: ClassVar[str]
     # Decode steps may be captured in a CUDA graph: ``prepare`` then runs once at
-    # capture, with ``max_seq_len`` the longest context the graph will ever see.
+    # capture, with ``max_seq_len`` the longest context the graph will ever see, and
+    # what it derives lives as long as the graph.
     supports_cuda_graphs: ClassVar[bool] = False
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Derive per-step data into ``meta.backend_data`` (shared by all layers)."""
+
+    def rotate_and_store(
+        self,
+        rotary_emb: RotaryEmbedding,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Rotates q and k by their positions, stores k and v into the cache at
+        ``meta.slot_mapping`` and returns the rotated q. q: [T, Hq, D]; k, v: [T, Hk, D],
+        all three perhaps rotated or overwritten in place (the caller reads none of them
+        again).
+
+        Invariant: the q returned and the k stored are exactly ``rotary_emb(positions, q,
+        k)``; a backend may fuse the steps (triton does, in one kernel), never change the
+        math. This default is the unfused composition, over ``store_kv``."""
+        q, k = rotary_emb(positions, q, k)
+        self.store_kv(k, v, k_cache, v_cache, meta)
+        return q
 
     def store_kv(
         self,
@@ -38,7 +64,8 @@ class AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        """k, v: [T, Hk, D] into caches of [num_blocks, block_size, Hk, D]."""
+        """k, v: [T, Hk, D] into caches of [num_blocks, block_size, Hk, D]. Needed only by
+        the default ``rotate_and_store``."""
         raise NotImplementedError
 
     def forward(

@@ -114,14 +114,18 @@ def _rotary_kernel(
     sin_row = sin_ptr + position * cache_stride
     q_row = q_ptr + t * q_stride_t
     k_row = k_ptr + t * k_stride_t
-    _rotate_heads(q_row, q_stride_h, num_q_heads, cos_row, sin_row, HALF, BLOCK_HALF, BLOCK_HQ)
-    _rotate_heads(k_row, k_stride_h, num_k_heads, cos_row, sin_row, HALF, BLOCK_HALF, BLOCK_HK)
+    rotate_heads(q_row, q_stride_h, q_row, q_stride_h, num_q_heads, cos_row, sin_row, HALF,
+                 BLOCK_HALF, BLOCK_HQ)  # fmt: skip
+    rotate_heads(k_row, k_stride_h, k_row, k_stride_h, num_k_heads, cos_row, sin_row, HALF,
+                 BLOCK_HALF, BLOCK_HK)  # fmt: skip
 
 
 @triton.jit
-def _rotate_heads(
+def rotate_heads(
     x_row,
     stride_h,
+    out_row,
+    out_stride_h,
     num_heads,
     cos_row,
     sin_row,
@@ -129,8 +133,9 @@ def _rotate_heads(
     BLOCK_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """x * cos + rotate_half(x) * sin for one token's heads, in place:
-    [x1 | x2] -> [x1 * cos1 - x2 * sin1 | x2 * cos2 + x1 * sin2]."""
+    """x * cos + rotate_half(x) * sin for one token's heads, into ``out_row`` (which may be
+    ``x_row``: in place): [x1 | x2] -> [x1 * cos1 - x2 * sin1 | x2 * cos2 + x1 * sin2].
+    Also used by kv_store.py's fused rotary + KV store."""
     d = tl.arange(0, BLOCK_HALF)
     d_mask = d < HALF
     cos1 = tl.load(cos_row + d, mask=d_mask, other=0.0)[None, :]
@@ -143,12 +148,13 @@ def _rotate_heads(
         ptrs = x_row + heads[:, None] * stride_h + d[None, :]  # [BLOCK_H, BLOCK_HALF]
         x1 = tl.load(ptrs, mask=mask, other=0.0)
         x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
-        dtype = x1.dtype
         x1 = x1.to(tl.float32)
         x2 = x2.to(tl.float32)
+        out_ptrs = out_row + heads[:, None] * out_stride_h + d[None, :]
+        dtype = out_row.dtype.element_ty
         # NOTE: x1 * cos1 - x2 * sin1 is torch's x1 * cos1 + (-x2) * sin1 exactly.
-        tl.store(ptrs, (x1 * cos1 - x2 * sin1).to(dtype), mask=mask)
-        tl.store(ptrs + HALF, (x2 * cos2 + x1 * sin2).to(dtype), mask=mask)
+        tl.store(out_ptrs, (x1 * cos1 - x2 * sin1).to(dtype), mask=mask)
+        tl.store(out_ptrs + HALF, (x2 * cos2 + x1 * sin2).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -178,7 +184,7 @@ def _silu_and_mul_kernel(
 # NOTE: Triton's interpreter (CPU tests) has no libdevice; there the kernel uses tl.exp.
 _USE_LIBDEVICE = isinstance(_silu_and_mul_kernel, triton.runtime.JITFunction)
 _SILU_BLOCK = 1024
-_ROTARY_TILE = 2048  # elements of one [heads, D / 2] tile
+ROTARY_TILE = 2048  # elements of one [heads, D / 2] tile
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -274,7 +280,7 @@ def rotary_embedding_(
         return
     half = head_dim // 2
     block_half = triton.next_power_of_2(half)
-    max_heads = max(1, _ROTARY_TILE // block_half)
+    max_heads = max(1, ROTARY_TILE // block_half)
     _rotary_kernel[(num_tokens,)](
         positions,
         q,

@@ -1,7 +1,9 @@
-"""Paged attention layer: store the step's new K/V into cache blocks, then attend.
+"""Paged attention layer: rotate the step's new q/k, store its new K/V into cache blocks,
+then attend.
 
 The step's attention backend (sdpa or triton, carried by the forward context's
-metadata) does both; the layer only owns its slice of the KV pool.
+metadata) does all three (rotary and the store may be one kernel); the layer only owns
+its slice of the KV pool.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from engine.forward_context import get_attention_metadata
+from engine.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -24,13 +27,21 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.layer_index = 0  # position among the model's attention layers; set with kv_cache
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq * D]."""
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary_emb: RotaryEmbedding,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hk, D], not yet rotated (``rotary_emb`` at
+        ``positions`` [T] does that; q, k, v may be overwritten) -> [T, Hq * D]."""
         if self.kv_cache is None:
             raise RuntimeError("KV cache not bound to attention layer")
         meta = get_attention_metadata()
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        meta.backend.store_kv(k, v, k_cache, v_cache, meta)
+        q = meta.backend.rotate_and_store(rotary_emb, positions, q, k, v, k_cache, v_cache, meta)
         if meta.on_layer_kv is not None:
             meta.on_layer_kv(self.layer_index)
         return meta.backend.forward(self, q, k_cache, v_cache, meta)

@@ -58,8 +58,8 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        # RoPE happens in the attention layer: its backend may fuse it with the KV store.
+        return self.o_proj(self.attn(positions, q, k, v, self.rotary_emb))
 
 
 class LlamaMLP(nn.Module):

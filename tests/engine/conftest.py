@@ -1,4 +1,5 @@
-"""Shared fixtures for engine tests: a tiny byte-level BPE tokenizer built offline."""
+"""Shared fixtures for engine tests: a tiny byte-level BPE tokenizer built offline, and
+the device Triton kernels run on."""
 
 from __future__ import annotations
 
@@ -51,3 +52,33 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFa
 @pytest.fixture(scope="session")
 def sample_texts() -> list[str]:
     return list(SAMPLE_TEXTS)
+
+
+@pytest.fixture
+def device(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the Triton kernel tests run: CUDA where there is a GPU, else the CPU (Triton's
+    interpreter, with GPU rounding of bfloat16)."""
+    import torch  # NOTE: lazily, as in tests/conftest.py
+
+    if torch.cuda.is_available():
+        return "cuda"
+    _round_bfloat16_to_nearest_even(monkeypatch)
+    return "cpu"
+
+
+def _round_bfloat16_to_nearest_even(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOTE: Triton's interpreter truncates float32 -> bfloat16 casts where GPUs (and
+    torch) round to nearest even; rounding as they do lets bf16 results compare exactly."""
+    import numpy as np
+    import torch
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+
+    def convert_rounding(data, src_type, dst_type, rounding_mode):
+        if src_type == interpreter.tl.float32 and dst_type == interpreter.tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(data, np.float32)).bfloat16()
+            return rounded.view(torch.int16).numpy().view(np.uint16)
+        return convert(data, src_type, dst_type, rounding_mode)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert_rounding)

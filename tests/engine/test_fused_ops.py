@@ -8,7 +8,6 @@ CUDA both are expf and test_fused_ops_gpu.py checks the bits).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,30 +20,6 @@ fused_ops = pytest.importorskip("engine.kernels.fused_ops")
 pytestmark = pytest.mark.triton
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture
-def device(monkeypatch: pytest.MonkeyPatch) -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    _round_bfloat16_to_nearest_even(monkeypatch)
-    return "cpu"
-
-
-def _round_bfloat16_to_nearest_even(monkeypatch: pytest.MonkeyPatch) -> None:
-    """NOTE: Triton's interpreter truncates float32 -> bfloat16 casts where GPUs (and
-    torch) round to nearest even; rounding as they do lets bf16 results compare exactly."""
-    from triton.runtime import interpreter
-
-    convert = interpreter._convert_float
-
-    def convert_rounding(data, src_type, dst_type, rounding_mode):
-        if src_type == interpreter.tl.float32 and dst_type == interpreter.tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(data, np.float32)).bfloat16()
-            return rounded.view(torch.int16).numpy().view(np.uint16)
-        return convert(data, src_type, dst_type, rounding_mode)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert_rounding)
 
 
 def assert_nearly_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
