@@ -9,12 +9,7 @@ Calls are replayed from a CUDA graph (as the engine runs decode), each call on i
 block table over its own blocks, so that at least 256 MiB of KV rotate through L2 (as
 between layers of a model, where no layer's KV is still cached). "KV GB/s" is the K and V
 bytes read per second, next to the HBM rate of a >= 1 GiB device-to-device copy
-((read + written) / time). A second table runs decode as the engine's graphs do: the
-split count fixed for the longest context a graph may see (GRAPH_MAX_SEQ_LEN), the actual
-contexts shorter.
-
-Rotary + KV store: the fused kernel (kv_store.rotary_store_kv) next to the rotary kernel
-alone (fused_ops.rotary_embedding_), per layer, at decode and prefill token counts.
+((read + written) / time).
 
 Prefill: one 4096-token prompt and 4 x 1024, causal (FLOPs counted for the lower triangle
 only), next to torch SDPA's flash backend on contiguous q/k/v of the same shapes (K/V
@@ -27,7 +22,6 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from itertools import product
 from pathlib import Path
 
@@ -39,30 +33,21 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.roofline import copy_rate
-from engine.config import RopeConfig
-from engine.kernels.fused_ops import rotary_embedding_
-from engine.kernels.kv_store import rotary_store_kv
 from engine.kernels.paged_attention import (
     DecodeConfig,
     PrefillConfig,
     decode_config,
     decode_num_splits,
-    decode_split_counters,
     paged_decode_attention,
     paged_prefill_attention,
     prefill_config,
 )
-from engine.layers.rotary import RotaryEmbedding
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 DECODE_BATCHES = (1, 32, 256)
 DECODE_CONTEXTS = (1024, 4096)
 PREFILL_SHAPES = ((1, 4096), (4, 1024))  # (prompts, tokens each)
-GRAPH_MAX_SEQ_LEN = 4608  # benchmarks/gpu_roofline.py's --max-model-len
-GRAPH_BATCHES = (1, 8, 32)
-GRAPH_CONTEXTS = (128, 384, 1024, 4096)
-ROTARY_TOKENS = (1, 32, 256, 4096)
 L2_ROTATION_BYTES = 256 << 20
 GB = 1e9
 DEVICE = "cuda"
@@ -115,18 +100,16 @@ def decode_calls(
     seq_lens = torch.full((batch_size,), context_len, dtype=torch.int32, device=DEVICE)
     q = torch.randn((batch_size, NUM_HEADS, HEAD_DIM), dtype=DTYPE, device=DEVICE)
     out = torch.empty_like(q)
-    counters = decode_split_counters(batch_size, NUM_KV_HEADS, q.device)  # as the backend's
     calls = []
     for i in range(max(num_tables, 8)):
         table_index = i % num_tables
         blocks = order[table_index * blocks_per_call : (table_index + 1) * blocks_per_call]
         block_table = blocks.view(batch_size, -1)
-
-        def call(table: torch.Tensor = block_table) -> None:
-            paged_decode_attention(q, k_cache, v_cache, out, seq_lens, table, HEAD_DIM**-0.5,
-                                   num_splits, config, counters)  # fmt: skip
-
-        calls.append(call)
+        calls.append(
+            lambda table=block_table: paged_decode_attention(
+                q, k_cache, v_cache, out, seq_lens, table, HEAD_DIM**-0.5, num_splits, config
+            )
+        )
     return calls
 
 
@@ -145,49 +128,6 @@ def decode_table(k_cache: torch.Tensor, v_cache: torch.Tensor, hbm: float, num_s
             rate = decode_kv_bytes(batch_size, context_len) / seconds
             print(f"{batch_size:>6} {context_len:>8} {splits:>6} {seconds * 1e6:>9.1f} "
                   f"{rate / GB:>9.0f} {rate / hbm:>7.0%}")  # fmt: skip
-
-
-def graph_decode_table(k_cache: torch.Tensor, v_cache: torch.Tensor, num_sms: int) -> None:
-    """Decode as a graph captured for GRAPH_MAX_SEQ_LEN replays it at shorter contexts."""
-    print(f"\ndecode in graphs captured for {GRAPH_MAX_SEQ_LEN}-token contexts")
-    print(f"{'batch':>6} {'context':>8} {'grid splits':>11} {'us/call':>9}")
-    for batch_size in GRAPH_BATCHES:
-        splits = decode_num_splits(batch_size, GRAPH_MAX_SEQ_LEN, num_sms, NUM_KV_HEADS)
-        for context_len in GRAPH_CONTEXTS:
-            calls = decode_calls(k_cache, v_cache, batch_size, context_len, splits, None)
-            seconds = graph_time_per_call(calls)
-            print(f"{batch_size:>6} {context_len:>8} {splits:>11} {seconds * 1e6:>9.1f}")
-
-
-def rotary_table() -> None:
-    """Per layer: rotate q and k, store k and v (slots scattered through a pool)."""
-    rope_config = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0,
-                             low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_position_embeddings=8192)  # fmt: skip
-    rope = RotaryEmbedding(HEAD_DIM, GRAPH_MAX_SEQ_LEN, rope_config).to(DEVICE)
-    print("\nrotary + KV store per layer (us/call, replayed from a CUDA graph)")
-    print(f"{'tokens':>7} {'fused':>9} {'rotary alone':>13}")
-    for num_tokens in ROTARY_TOKENS:
-        fused, alone = rotary_seconds(rope, num_tokens)
-        print(f"{num_tokens:>7} {fused * 1e6:>9.1f} {alone * 1e6:>13.1f}")
-
-
-def rotary_seconds(rope: RotaryEmbedding, num_tokens: int) -> tuple[float, float]:
-    """(rotary_store_kv, rotary_embedding_) seconds per call on one layer's new tokens."""
-    qkv_size = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
-    qkv = torch.randn((num_tokens, qkv_size), dtype=DTYPE, device=DEVICE)
-    q, k, v = qkv.split([NUM_HEADS * HEAD_DIM, *[NUM_KV_HEADS * HEAD_DIM] * 2], dim=-1)
-    q, k, v = (x.view(num_tokens, -1, HEAD_DIM) for x in (q, k, v))
-    positions = torch.randint(0, GRAPH_MAX_SEQ_LEN, (num_tokens,), device=DEVICE)
-    num_blocks = num_tokens // BLOCK_SIZE + 1
-    k_cache, v_cache = make_pool(num_blocks)
-    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEVICE)[:num_tokens]
-    cos, sin = rope.cos_cache, rope.sin_cache
-    fused = graph_time_per_call(
-        [lambda: rotary_store_kv(positions, q, k, v, k_cache, v_cache, slots, cos, sin)] * 8
-    )
-    alone = graph_time_per_call([lambda: rotary_embedding_(positions, q, k, cos, sin)] * 8)
-    return fused, alone
 
 
 def prefill_inputs(
@@ -265,21 +205,6 @@ def sweep(k_cache: torch.Tensor, v_cache: torch.Tensor, num_sms: int) -> None:
             cells.append(_sweep_cell(lambda calls=calls: graph_time_per_call(calls) * 1e6))
         print(f"{f'{block_n},{num_warps},{num_stages}':>14} " + " ".join(cells))
 
-    min_split_lens = (64, 128, 256, 512, 1024)
-    batch_size = 1
-    splits = decode_num_splits(batch_size, GRAPH_MAX_SEQ_LEN, num_sms, NUM_KV_HEADS)
-    print(f"\nsweep: decode us/call by min_split_len, batch 1, {splits} grid splits (a graph "
-          f"for {GRAPH_MAX_SEQ_LEN} tokens), default tiles")  # fmt: skip
-    print(f"{'context':>14} " + " ".join(f"{n:>11}" for n in min_split_lens))
-    default = decode_config(DTYPE, HEAD_DIM, k_cache.device)
-    for context_len in GRAPH_CONTEXTS:
-        cells = []
-        for min_split_len in min_split_lens:
-            config = replace(default, min_split_len=min_split_len)
-            calls = decode_calls(k_cache, v_cache, batch_size, context_len, splits, config)
-            cells.append(_sweep_cell(lambda calls=calls: graph_time_per_call(calls) * 1e6))
-        print(f"{context_len:>14} " + " ".join(cells))
-
     split_counts = (1, 2, 4, 8, 16, 32)
     print("\nsweep: decode us/call by split count, default config")
     print(f"{'B,context':>14} " + " ".join(f"{n:>11}" for n in split_counts))
@@ -324,8 +249,6 @@ def main() -> None:
     num_blocks = max(DECODE_BATCHES) * max(DECODE_CONTEXTS) // BLOCK_SIZE
     k_cache, v_cache = make_pool(num_blocks)
     decode_table(k_cache, v_cache, hbm, props.multi_processor_count)
-    graph_decode_table(k_cache, v_cache, props.multi_processor_count)
-    rotary_table()
     prefill_table(k_cache, v_cache)
     if args.sweep:
         sweep(k_cache, v_cache, props.multi_processor_count)

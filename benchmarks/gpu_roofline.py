@@ -39,6 +39,7 @@ from benchmarks.roofline import (
     shape_from_config,
     shape_from_model,
 )
+from engine.cublas_settings import prefer_single_kernel_gemms
 from pd import LLM, SamplingParams
 from scripts.make_tiny_model import make_tiny_model
 
@@ -391,6 +392,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     names = ["llama-8b", "llama-1b"] if args.preset == "all" else [args.preset]
+    # The engine's cuBLAS settings hold for the whole process from its first GEMM, which
+    # the reference matmul below is; HF transformers runs under them too.
+    prefer_single_kernel_gemms()
     refs = measure_references(args.device)
     print_references(args, refs)
     rows: list[tuple[str, Measure]] = []

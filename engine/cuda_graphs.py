@@ -58,10 +58,7 @@ class CudaGraphRunner:
         self.slot_mapping = torch.full((max_size,), -1, dtype=torch.int64, device=device)
         self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)
         self.logits_index = torch.arange(max_size, dtype=torch.int64, device=device)
-        # size -> (graph, its logits, the metadata it was captured with). NOTE: the
-        # metadata lives as long as its graph: what the backend derived into it at capture
-        # (``prepare``) may hold buffers that every replay reads.
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _metadata(self, size: int) -> AttentionMetadata:
         meta = AttentionMetadata(
@@ -95,7 +92,7 @@ class CudaGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(size, meta)
-            self.graphs[size] = (graph, logits, meta)
+            self.graphs[size] = (graph, logits)
 
     def can_run(self, inputs: StepInputs) -> bool:
         return inputs.max_query_len == 1 and inputs.num_seqs <= self.sizes[-1]
@@ -113,7 +110,7 @@ class CudaGraphRunner:
             self.slot_mapping[num_seqs:size].fill_(-1)
         width = inputs.block_table.shape[1]
         self.block_table[:num_seqs, :width].copy_(inputs.block_table)
-        graph, logits, _ = self.graphs[size]
+        graph, logits = self.graphs[size]
         graph.replay()
         if inputs.logits_index.numel() == num_seqs:  # every row samples: index = row
             return logits[:num_seqs]

@@ -16,6 +16,7 @@ import torch
 
 from engine.attention.backend import select_backend
 from engine.config import EngineConfig, rank_device
+from engine.cublas_settings import prefer_single_kernel_gemms
 from engine.cuda_graphs import CudaGraphRunner, capture_sizes
 from engine.distributed import ParallelGroup
 from engine.forward_context import AttentionMetadata, forward_context
@@ -50,6 +51,8 @@ class ModelRunner:
         self.group = group
         self.allocate_kv = allocate_kv  # what placed the pool (a transfer may need to know)
         self.device = rank_device(config.device, group.rank)
+        if self.device.type == "cuda":
+            prefer_single_kernel_gemms()
         self.block_size = config.cache.block_size
         num_kv_heads = num_local_kv_heads(config.model.num_key_value_heads, group.size)
         self.backend = select_backend(config.attention_backend, self.device, num_kv_heads)

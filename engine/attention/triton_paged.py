@@ -8,7 +8,6 @@ into padded copies, so memory does not grow with batch x context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,24 +17,12 @@ from engine.forward_context import AttentionMetadata
 from engine.kernels.kv_store import rotary_store_kv
 from engine.kernels.paged_attention import (
     decode_num_splits,
-    decode_split_counters,
     paged_decode_attention,
     paged_prefill_attention,
 )
 
 if TYPE_CHECKING:
     from engine.layers.attention import Attention
-
-
-@dataclass(frozen=True)
-class DecodeSplits:
-    """A decode step's split-K plan, shared by its layers: the grid's split count (fixed
-    per step, or per captured graph, where max_seq_len is the longest context the graph
-    will see; each sequence uses as many as its own length needs) and the kernel's
-    counters, which every launch leaves zero."""
-
-    num_splits: int
-    counters: torch.Tensor | None  # [B * Hk] int32 when num_splits > 1
 
 
 class TritonBackend(AttentionBackend):
@@ -51,15 +38,12 @@ class TritonBackend(AttentionBackend):
         )
 
     def prepare(self, meta: AttentionMetadata) -> None:
+        # Decode: the split count is fixed per step (per graph when captured, where
+        # max_seq_len is the longest context the graph will see).
         if meta.is_decode_only:
-            num_splits = decode_num_splits(
+            meta.backend_data = decode_num_splits(
                 meta.num_seqs, meta.max_seq_len, self.num_sms, self.num_kv_heads
             )
-            counters = None
-            if num_splits > 1:
-                device = meta.seq_lens.device
-                counters = decode_split_counters(meta.num_seqs, self.num_kv_heads, device)
-            meta.backend_data = DecodeSplits(num_splits, counters)
 
     def rotate_and_store(  # type: ignore[no-untyped-def]
         self, rotary_emb, positions, q, k, v, k_cache, v_cache, meta
@@ -79,10 +63,9 @@ class TritonBackend(AttentionBackend):
     ) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.is_decode_only:
-            splits: DecodeSplits = meta.backend_data
             paged_decode_attention(
                 q, k_cache, v_cache, out, meta.seq_lens, meta.block_table, layer.scale,
-                splits.num_splits, split_counters=splits.counters,
+                meta.backend_data,
             )  # fmt: skip
         else:
             paged_prefill_attention(

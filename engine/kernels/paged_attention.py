@@ -17,15 +17,6 @@ the rows of its query tile (row r = query token r // G, head r % G), so each K/V
 loaded once for all of them. Scores are kept in base 2 (``qk_scale = scale * log2(e)``,
 ``exp2``); log-sum-exps of split-K partials too.
 
-Decode is one launch whatever the split: a sequence's split count follows its own length
-(read on the device), and where it splits, the last of its programs to finish merges::
-
-    grid (B, Hk, S)   S = decode_num_splits(...), fixed per captured graph
-    sequence b uses   n_b = clamp(seq_len_b // min_split_len, 1, S) splits; splits >= n_b exit
-    n_b == 1          the program writes out[b] itself: no partials, no counter
-    n_b > 1           each writes its partial, then counter[b, h] += 1 (acq_rel); the one
-                      that sees n_b - 1 merges the n_b partials and sets the counter to 0
-
 Both entry points write into ``out``, allocate nothing whose shape depends on data, never
 read back to the host, and can be captured in a CUDA graph.
 """
@@ -42,7 +33,6 @@ LOG2_E = 1.4426950408889634
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 MIN_SPLIT_LEN = 256  # tokens: below this a split's partial costs more than it saves
 MAX_SPLITS = 32
-MERGE_TILE = 4096  # fp32 partial elements the merging program loads at a time
 
 
 @dataclass(frozen=True)
@@ -50,8 +40,6 @@ class DecodeConfig:
     block_n: int  # context tokens per tile (may span several cache blocks)
     num_warps: int
     num_stages: int
-    # a context splits only into pieces at least this long (rounded to whole tiles)
-    min_split_len: int = MIN_SPLIT_LEN
 
 
 @dataclass(frozen=True)
@@ -65,11 +53,11 @@ class PrefillConfig:
 def decode_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> DecodeConfig:
     """Tiles chosen for H200-class GPUs (benchmarks/attention_bench.py --sweep compares
     others)."""
-    if device.type != "cuda":  # Triton's interpreter: small tiles so tests cross tiles, splits
-        return DecodeConfig(block_n=32, num_warps=1, num_stages=1, min_split_len=32)
+    if device.type != "cuda":  # Triton's interpreter: small tiles so tests cross tiles
+        return DecodeConfig(block_n=32, num_warps=1, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
-        return DecodeConfig(block_n=32, num_warps=4, num_stages=2, min_split_len=MIN_SPLIT_LEN)
-    return DecodeConfig(block_n=64, num_warps=4, num_stages=3, min_split_len=MIN_SPLIT_LEN)
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
+    return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 
 
 def prefill_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> PrefillConfig:
@@ -85,10 +73,8 @@ def prefill_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> P
 def decode_num_splits(
     batch_size: int, max_seq_len: int, num_sms: int, num_kv_heads: int = 8
 ) -> int:
-    """The decode grid's splits per context: enough programs to fill about two waves of the
-    GPU's SMs, but no split shorter than MIN_SPLIT_LEN tokens of ``max_seq_len``. An upper
-    bound: each sequence uses as many as its own length allows, so a graph captured with
-    ``max_seq_len`` the longest context still does a single pass over a short one."""
+    """Splits of each context for decode: enough programs to fill about two waves of the
+    GPU's SMs, but no split shorter than MIN_SPLIT_LEN tokens of ``max_seq_len``."""
     num_programs = max(1, batch_size * num_kv_heads)
     wanted = triton.cdiv(2 * num_sms, num_programs)
     longest = max(1, max_seq_len // MIN_SPLIT_LEN)
@@ -131,29 +117,26 @@ def _attend_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, MASKED: tl.constexpr
 
 
 @triton.jit
-def _decode_kernel(
-    q, k_cache, v_cache, out, part_out, part_lse, split_counters, seq_lens, block_table,
-    qk_scale, stride_q_b, stride_q_h, stride_o_b, stride_o_h,
+def _decode_split_kernel(
+    q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_table, qk_scale,
+    stride_q_b, stride_q_h, stride_o_b, stride_o_h,
     stride_k_block, stride_k_token, stride_k_head,
     stride_v_block, stride_v_token, stride_v_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-    IS_SPLIT: tl.constexpr, MERGE_GROUP: tl.constexpr, MERGE_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program (sequence, KV head, split): the split's share of the context for all G query
-    heads. The grid's split count is an upper bound; a sequence uses
-    ``clamp(seq_len // MIN_SPLIT_LEN, 1, grid splits)`` of them, each whole tiles, none
-    empty, and the programs past that return at once. One split writes ``out`` directly;
-    with more, each writes a normalised partial and its log2-sum-exp, and the last of
-    them to finish merges all into ``out`` (see _merge_splits). seq_len 0 gives zeros."""
+    heads. With one split it writes ``out``; else a normalised partial and its log2-sum-exp,
+    merged by _decode_merge_kernel. Empty splits (and seq_len 0) write zeros and -inf."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     seq_len = tl.load(seq_lens + b)
-    num_splits, tiles_per_split = _num_splits(seq_len, BLOCK_N, MIN_SPLIT_LEN, IS_SPLIT)
-    if split >= num_splits:
-        return
+    # Splits are whole tiles: tiles_per_split adapts to this sequence's length, so one
+    # captured graph (a fixed split count) serves every length.
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
@@ -178,75 +161,41 @@ def _decode_kernel(
         acc, m_i, l_i = _attend_tile(q_tile, k, v, acc, m_i, l_i, in_range[None, :], qk_scale,
                                      True, DOT_PRECISION)  # fmt: skip
 
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 stays all zeros
-    if num_splits == 1:
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split stays all zeros
+    if not IS_SPLIT:
         o_ptrs = out + b * stride_o_b + heads[:, None] * stride_o_h + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=is_head[:, None])
-    elif IS_SPLIT:
-        # part_out: [B, Hq, grid splits, D], part_lse: [B, Hq, grid splits], contiguous
-        row = (b * tl.num_programs(1) * GROUP + heads) * tl.num_programs(2) + split
+    else:
+        # part_out: [B, Hq, num_splits, D], part_lse: [B, Hq, num_splits], both contiguous
+        row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split
         tl.store(part_out + row[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=is_head[:, None])  # fmt: skip
-        tl.store(part_lse + row, m_i + tl.log2(l_i), mask=is_head)  # no split is empty
-        # NOTE: the barrier orders every warp's stores before the release of the counter
-        # (one thread runs a scalar atomic); acquire on the merging side makes them visible.
-        tl.debug_barrier()
-        counter = split_counters + b * tl.num_programs(1) + kv_head
-        num_done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if num_done == num_splits - 1:
-            tl.store(counter, 0)  # zero again for the next launch (the next layer)
-            _merge_splits(part_out, part_lse, out, b, kv_head, num_splits, stride_o_b,
-                          stride_o_h, GROUP, HEAD_DIM, MERGE_GROUP, MERGE_SPLITS)  # fmt: skip
+        is_empty = l_i == 0
+        lse = tl.where(is_empty, float("-inf"), m_i + tl.log2(tl.where(is_empty, 1.0, l_i)))
+        tl.store(part_lse + row, lse, mask=is_head)
 
 
 @triton.jit
-def _num_splits(seq_len, BLOCK_N: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-                IS_SPLIT: tl.constexpr):  # fmt: skip
-    """(splits, tiles per split) of one sequence: at most the grid's splits, none shorter
-    than MIN_SPLIT_LEN (but the only one), none empty. seq_len 0: one split of no keys."""
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    num_splits = 1
-    if IS_SPLIT:
-        num_splits = tl.minimum(tl.maximum(seq_len // MIN_SPLIT_LEN, 1), tl.num_programs(2))
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
-    num_splits = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)  # drops empty splits
-    return num_splits, tiles_per_split
-
-
-@triton.jit
-def _merge_splits(part_out, part_lse, out, b, kv_head, num_splits, stride_o_b, stride_o_h,
-                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_GROUP: tl.constexpr,
-                  MERGE_SPLITS: tl.constexpr):  # fmt: skip
-    """out[b, heads of kv_head] = the splits' partials weighted by their share of the
-    softmax mass, MERGE_SPLITS splits at a time ([MERGE_GROUP, MERGE_SPLITS, D] tiles), as
-    an online softmax over splits."""
-    offs_g = tl.arange(0, MERGE_GROUP)
-    offs_s = tl.arange(0, MERGE_SPLITS)
+def _decode_merge_kernel(part_out, part_lse, out, stride_o_b, stride_o_h, num_splits,
+                         SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Program (sequence, query head): weight each split's partial by its share of the
+    softmax mass. All splits empty (seq_len 0) gives zeros."""
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    heads = kv_head * GROUP + offs_g
-    is_head = offs_g < GROUP
-    first_row = (b * tl.num_programs(1) * GROUP + heads) * tl.num_programs(2)  # split 0
-    m = tl.full([MERGE_GROUP], float("-inf"), tl.float32)
-    total = tl.zeros([MERGE_GROUP], tl.float32)
-    acc = tl.zeros([MERGE_GROUP, HEAD_DIM], tl.float32)
-    for first_split in range(0, num_splits, MERGE_SPLITS):
-        splits = first_split + offs_s
-        valid = is_head[:, None] & (splits < num_splits)[None, :]  # [G, S]
-        rows = first_row[:, None] + splits[None, :]
-        # .cg: read from L2, where the other programs' stores are
-        lse = tl.load(part_lse + rows, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        parts = tl.load(part_out + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                        mask=valid[:, :, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-        m_new = tl.maximum(m, tl.max(lse, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding heads see no split
-        alpha = tl.exp2(m - m_safe)
-        weight = tl.exp2(lse - m_safe[:, None])  # [G, S]
-        total = total * alpha + tl.sum(weight, 1)
-        acc = acc * alpha[:, None] + tl.sum(parts * weight[:, :, None], 1)
-        m = m_new
-    merged = acc / tl.where(total > 0, total, 1.0)[:, None]
-    o_ptrs = out + b * stride_o_b + heads[:, None] * stride_o_h + offs_d[None, :]
-    tl.store(o_ptrs, merged.to(out.dtype.element_ty), mask=is_head[:, None])
+    is_split = offs_s < num_splits
+    row = (b * tl.num_programs(1) + head) * num_splits + offs_s
+    lse = tl.load(part_lse + row, mask=is_split, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight = tl.exp2(lse - lse_max)
+    parts = tl.load(part_out + row[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=is_split[:, None], other=0.0)  # fmt: skip
+    total = tl.sum(weight, 0)
+    merged = tl.sum(parts * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    o_ptrs = out + b * stride_o_b + head * stride_o_h + offs_d
+    tl.store(o_ptrs, merged.to(out.dtype.element_ty))
 
 
 @triton.jit
@@ -327,51 +276,36 @@ def paged_decode_attention(
     scale: float,
     num_splits: int,
     config: DecodeConfig | None = None,
-    split_counters: torch.Tensor | None = None,
 ) -> None:
-    """One query token per sequence, in one launch. q, out: [B, Hq, D]; seq_lens: [B] int32,
-    the context length including the new token (0: a padding row, which gets zeros);
-    block_table: [B, max_blocks] int32. ``num_splits`` (host int, see decode_num_splits)
-    is the most programs one context is split over; each sequence takes as many as its
-    own length needs (``config.min_split_len`` tokens or more each), so a CUDA graph
-    captured for long contexts does a single pass at short ones. ``split_counters``:
-    int32, at least B * Hk, all zero, left zero (see decode_split_counters); allocated
-    here when not given."""
+    """One query token per sequence. q, out: [B, Hq, D]; seq_lens: [B] int32, the context
+    length including the new token (0: a padding row, which gets zeros); block_table:
+    [B, max_blocks] int32. ``num_splits`` (host int, see decode_num_splits) splits each
+    context over that many programs, merged by log-sum-exp."""
     batch_size, num_heads, head_dim = q.shape
     group = _check_shapes(q, k_cache, v_cache, out, block_table)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     config = config or decode_config(q.dtype, head_dim, q.device)
     num_kv_heads = k_cache.shape[2]
-    part_out = part_lse = counters = out  # unused with one split
+    part_out = part_lse = out  # unused with one split
     if num_splits > 1:
         part_out = q.new_empty((batch_size, num_heads, num_splits, head_dim), dtype=torch.float32)
         part_lse = q.new_empty((batch_size, num_heads, num_splits), dtype=torch.float32)
-        if split_counters is None:
-            split_counters = decode_split_counters(batch_size, num_kv_heads, q.device)
-        _check_split_counters(split_counters, batch_size * num_kv_heads)
-        counters = split_counters
-    merge_group = triton.next_power_of_2(group)
-    merge_splits = min(triton.next_power_of_2(num_splits),
-                       max(1, MERGE_TILE // (merge_group * head_dim)))  # fmt: skip
-    _decode_kernel[(batch_size, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, counters, seq_lens, block_table,
-        scale * LOG2_E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+    _decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_table, scale * LOG2_E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
         GROUP=group, GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n,
-        MIN_SPLIT_LEN=config.min_split_len, IS_SPLIT=num_splits > 1,
-        MERGE_GROUP=merge_group, MERGE_SPLITS=merge_splits,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        IS_SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-
-
-def decode_split_counters(batch_size: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
-    """The decode kernel's arrival counters, one per (sequence, KV head): zero between
-    launches (the last program of a split context resets its own), so one buffer serves
-    every layer of a step, and every replay of a graph that keeps it alive."""
-    return torch.zeros(batch_size * num_kv_heads, dtype=torch.int32, device=device)
+    if num_splits > 1:
+        _decode_merge_kernel[(batch_size, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, num_warps=4 if q.is_cuda else 1,
+        )  # fmt: skip
 
 
 def paged_prefill_attention(
@@ -432,12 +366,6 @@ def _check_shapes(
     if block_table.dtype != torch.int32:
         raise ValueError(f"block_table must be int32, got {block_table.dtype}")
     return num_heads // num_kv_heads
-
-
-def _check_split_counters(counters: torch.Tensor, needed: int) -> None:
-    if counters.dtype != torch.int32 or not counters.is_contiguous() or counters.numel() < needed:
-        raise ValueError(f"split_counters must be {needed} or more contiguous int32 zeros, "
-                         f"got {counters.dtype} {tuple(counters.shape)}")  # fmt: skip
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:

@@ -51,40 +51,6 @@ def test_decode_matches_reference(kernels, num_heads, num_kv_heads, num_splits, 
     assert torch.equal(out[0], torch.zeros_like(out[0]))
 
 
-def test_decode_splits_each_sequence_by_its_own_length(kernels) -> None:
-    """A grid of 8 splits (as a graph captured for long contexts): each sequence splits
-    into seq_len // 32 pieces (the interpreter's min_split_len), at most 8, merged by the
-    last of its programs; 8 query heads per KV head merge 4 splits at a time. The counters
-    are left zero, so the next call (the next layer) may reuse them."""
-    seq_lens = [0, 31, 32, 64, 100, 250, 333, 1]
-    batch = make_batch([1] * len(seq_lens), seq_lens, 16, 2, 128, torch.float32)
-    counters = kernels.decode_split_counters(len(seq_lens), 2, batch.q.device)
-    single = torch.empty_like(batch.q)
-    kernels.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, single,
-                                   batch.seq_lens, batch.block_table, batch.scale, 1)  # fmt: skip
-    for _ in range(2):
-        out = torch.full_like(batch.q, float("nan"))
-        kernels.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out,
-                                       batch.seq_lens, batch.block_table, batch.scale, 8,
-                                       split_counters=counters)  # fmt: skip
-        assert_close(out, reference_attention(batch))
-        assert not counters.any()
-    torch.testing.assert_close(out, single, atol=1e-6, rtol=1e-6)
-
-
-def test_decode_merges_splits_of_unequal_lengths(kernels) -> None:
-    """min_split_len 40 over 32-token tiles: splits of two tiles and a shorter last one;
-    3 query heads per KV head (padded rows in the merge)."""
-    config = kernels.DecodeConfig(block_n=32, num_warps=1, num_stages=1, min_split_len=40)
-    seq_lens = [161, 79, 80, 0]
-    batch = make_batch([1] * len(seq_lens), seq_lens, 6, 2, 32, torch.float16)
-    out = torch.full_like(batch.q, float("nan"))
-    kernels.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache, out, batch.seq_lens,
-                                   batch.block_table, batch.scale, 4, config)  # fmt: skip
-    assert_close(out, reference_attention(batch))
-    assert torch.equal(out[3], torch.zeros_like(out[3]))
-
-
 @pytest.mark.parametrize(("head_dim", "block_size"), [(128, 16), (64, 32), (16, 8)])
 def test_decode_head_dims_and_block_sizes(kernels, head_dim, block_size) -> None:
     seq_lens = [70, 3]
@@ -155,10 +121,3 @@ def test_rejects_layouts_the_kernels_do_not_handle(kernels) -> None:
         kernels.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache,
                                        torch.empty_like(batch.q), batch.seq_lens,
                                        batch.block_table, batch.scale, 1)  # fmt: skip
-    batch = make_batch([1, 1], [4, 4], 4, 2, 32, torch.float32)
-    too_few = torch.zeros(3, dtype=torch.int32)  # one per (sequence, KV head): 4
-    with pytest.raises(ValueError, match="split_counters"):
-        kernels.paged_decode_attention(batch.q, batch.k_cache, batch.v_cache,
-                                       torch.empty_like(batch.q), batch.seq_lens,
-                                       batch.block_table, batch.scale, 2,
-                                       split_counters=too_few)  # fmt: skip

@@ -10,11 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.kernels.paged_attention import (
-    decode_split_counters,
-    paged_decode_attention,
-    paged_prefill_attention,
-)
+from engine.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from tests.engine.paged_attention_cases import PagedBatch, make_batch, reference_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.triton]
@@ -80,41 +76,6 @@ def test_decode_replays_in_a_cuda_graph(num_splits: int) -> None:
     out.fill_(float("nan"))
     graph.replay()
     assert_close(out, reference_attention(replayed))
-
-
-@pytest.mark.parametrize("seq_lens", [[300, 0, 0, 0], [4096, 4000, 511, 0], [5, 1, 257, 4096]])
-def test_decode_graph_for_long_contexts_replays_short_ones(seq_lens: list[int]) -> None:
-    """As the engine's graphs: 32 splits and the counters fixed at capture (for 4608-token
-    contexts), replayed on other lengths, several times (as layers and steps reuse the
-    counters); short sequences take one pass, long ones split and merge."""
-    captured = make_batch([1] * 4, [4096, 4096, 4096, 4096], dtype=torch.bfloat16,
-                          device="cuda", **HEADS)  # fmt: skip
-    counters = decode_split_counters(4, HEADS["num_kv_heads"], torch.device("cuda"))
-    out = torch.empty_like(captured.q)
-
-    def run() -> None:
-        paged_decode_attention(captured.q, captured.k_cache, captured.v_cache, out,
-                               captured.seq_lens, captured.block_table, captured.scale, 32,
-                               split_counters=counters)  # fmt: skip
-
-    run()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    replayed = make_batch([1] * 4, seq_lens, dtype=torch.bfloat16, device="cuda", seed=1,
-                          **HEADS)  # fmt: skip
-    captured.seq_lens.copy_(replayed.seq_lens)
-    captured.q.copy_(replayed.q)
-    width = replayed.block_table.shape[1]
-    captured.block_table[:, :width].copy_(replayed.block_table)
-    captured.k_cache[: replayed.k_cache.shape[0]].copy_(replayed.k_cache)
-    captured.v_cache[: replayed.v_cache.shape[0]].copy_(replayed.v_cache)
-    expected = reference_attention(replayed)
-    for _ in range(3):
-        out.fill_(float("nan"))
-        graph.replay()
-        assert_close(out, expected)
-        assert not counters.any()
 
 
 def test_prefill_replays_in_a_cuda_graph() -> None:
