@@ -76,7 +76,7 @@ def test_cuda_ipc_write_lands_bit_exact_in_another_process(decode_sees: str) -> 
         ]
         wait_all(handles, timeout_s=30)
         outside = Region(0, 1 * dst_layout.block_bytes, dst_layout.block_bytes)  # dst block 1
-        with pytest.raises(TransferError, match="outside transfer 1's blocks"):
+        with pytest.raises(TransferError, match=f"outside transfer {TRANSFER.hex()[:8]}'s blocks"):
             engine.write("d0", TRANSFER, [outside]).wait(30)
         with pytest.raises(TransferError, match="transfer 2 is not open"):
             engine.write("d0", b"2" * 16, [Region(0, 0, dst_layout.block_bytes)]).wait(30)
