@@ -78,7 +78,7 @@ def test_cuda_ipc_write_lands_bit_exact_in_another_process(decode_sees: str) -> 
         outside = Region(0, 1 * dst_layout.block_bytes, dst_layout.block_bytes)  # dst block 1
         with pytest.raises(TransferError, match=f"outside transfer {TRANSFER.hex()[:8]}'s blocks"):
             engine.write("d0", TRANSFER, [outside]).wait(30)
-        with pytest.raises(TransferError, match="transfer 2 is not open"):
+        with pytest.raises(TransferError, match="transfer 32323232 is not open"):  # b"2" * 16
             engine.write("d0", b"2" * 16, [Region(0, 0, dst_layout.block_bytes)]).wait(30)
         parent.send("done")
         landed, leaked = parent.recv()
