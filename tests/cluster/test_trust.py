@@ -76,8 +76,9 @@ class Peer:
         self, request_id: str, reply: pb.ReserveReply, prompt: list[int],
         first_token_id: int = 5, **sampling,
     ) -> pb.CommitReply:  # fmt: skip
+        owner = sampling.pop("owner", "api-forger")
         request = cluster_pb.DispatchedRequest(
-            request_id=request_id, owner="api-forger", prompt_token_ids=prompt,
+            request_id=request_id, owner=owner, prompt_token_ids=prompt,
             sampling=cluster_pb.SamplingParams(**(SAMPLING | sampling)),
             prefill_rank_id="forger", decode_rank_id=self.decode_rank,
         )  # fmt: skip
@@ -270,7 +271,8 @@ def test_commit_that_does_not_match_its_reservation_releases_every_block(peer: P
 
 
 @pytest.mark.parametrize(
-    "field, value", [("logprobs", 21), ("n", 3), ("min_p", 1.5), ("top_p", 0.0)]
+    "field, value",
+    [("logprobs", 21), ("n", 3), ("min_p", 1.5), ("top_p", 0.0), ("owner", "a b:c")],
 )
 def test_commit_with_bad_sampling_values_is_refused_by_name(peer: Peer, field, value) -> None:  # type: ignore[no-untyped-def]
     request_id, reply = peer.reserve(4)
