@@ -218,12 +218,20 @@ _METHODS = {
 }
 
 
+class _Unparsable:
+    """What the parser hands a handler for bytes that are not its message. NOTE: not
+    None: grpc answers INTERNAL itself for a deserializer that returns None."""
+
+
+_UNPARSABLE = _Unparsable()
+
+
 def _lenient_parser(kind):  # type: ignore[no-untyped-def]
     def parse(raw: bytes):  # type: ignore[no-untyped-def]
         try:
             return kind.FromString(raw)
         except DecodeError:
-            return None
+            return _UNPARSABLE
 
     return parse
 
@@ -269,7 +277,7 @@ class PdCommServer:
                 if not check_token(self.secret, "pd-comm", presented):
                     self.num_unauthenticated += 1
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, "cluster secret required")
-            if request is None:
+            if request is _UNPARSABLE:
                 self.service.num_refused += 1
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"not a {request_type.DESCRIPTOR.name}"

@@ -11,6 +11,7 @@ from engine.outputs import EngineCoreOutput, Logprob
 from engine.sampling_params import SamplingParams
 from proto import cluster_pb2 as pb
 from proto import pd_comm_pb2 as comm_pb
+from scheduler.config import ID_PATTERN
 
 _PLAIN_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -52,6 +53,8 @@ def check_dispatched(request: pb.DispatchedRequest, engine) -> SamplingParams:  
     """A request from another process, checked as the API server checks a client's: the
     prompt (length, token ids below the vocabulary), its sampling values (ValueError
     naming the field); returns the sampling parameters."""
+    if not ID_PATTERN.fullmatch(request.owner):
+        raise ValueError("owner must be an API server id (1-128 of A-Z a-z 0-9 . _ -)")
     engine.validate_prompt(list(request.prompt_token_ids))
     params = params_from_proto(request.sampling)
     if params.n != 1:

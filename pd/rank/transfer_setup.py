@@ -57,8 +57,8 @@ def make_transfer_engines(
 
             gpu = pool.device.index or 0
             engines[protocol] = RdmaTransferEngine(
-                pool, layout, pick_nic(gpu), comm_port=rdma_comm_port, listen=receiving,
-                secret=secret,
+                pool, layout, pick_nic(gpu), comm_port=rdma_comm_port, host=host,
+                listen=receiving, secret=secret,
             )  # fmt: skip
     logger.info("KV transfer engines (%s): %s", role, ", ".join(engines))
     return engines

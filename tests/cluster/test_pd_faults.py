@@ -229,3 +229,39 @@ def test_a_stopping_decode_rank_finishes_what_it_runs(make_cluster):
     for outcome, _ in ended:
         assert outcome == "ok" or "stopped before the request finished" in outcome, outcome
     assert any(o == "ok" and at > drain_started for o, at in ended), (drain_line, ended)
+
+
+def test_a_stream_whose_request_vanished_ends_with_an_error(make_cluster):
+    """Issue 17: a stream whose request vanished from the cluster (here: its Redis entry
+    deleted while its prefill rank was frozen) waited for the client's own timeout; the
+    API server now ends it once nothing came for --scheduler-ttl plus two periods."""
+    import os
+    import signal
+
+    cluster: Cluster = make_cluster()
+    # The frozen prefill rank stays registered for a 5 s period: the request goes to it.
+    flags = ("--scheduler-ttl", "2", "--scheduler-expire-period", "5000")
+    prefill, decode = cluster.start("prefill", *flags), cluster.start("decode", *flags)
+    complete(decode)  # the API server of the decode instance dispatches to the prefill rank
+    engine_pid = prefill.engine_pid()
+    os.kill(engine_pid, signal.SIGSTOP)
+    try:
+        outcome_of: list[tuple[str, float]] = []
+        started = time.monotonic()
+        asking = threading.Thread(target=lambda: outcome_of.append(outcome(decode, PROMPT, 4)))
+        asking.start()
+        redis_client = cluster.redis_client()
+        rank_id = cluster.rank_id(prefill)
+        # Queued, or taken: a BLMOVE the rank sent before it froze still moves it.
+        lists = [cluster.keys.queue(rank_id), cluster.keys.processing(rank_id)]
+        is_in_redis = lambda: any(redis_client.llen(k) for k in lists) or outcome_of  # noqa: E731
+        wait_until(is_in_redis, 5, "the request is in Redis")
+        assert not outcome_of, outcome_of
+        redis_client.delete(*lists)  # the request vanishes
+        asking.join(timeout=30)
+        assert not asking.is_alive(), "the stream ended"
+        (message, ended) = outcome_of[0]
+        assert "no output for" in message and ended - started < 2 + 2 * 5 + 5, message
+    finally:
+        os.kill(engine_pid, signal.SIGCONT)
+    wait_until(lambda: outcome(decode, PROMPT, 4)[0] == "ok", 20, "served again")

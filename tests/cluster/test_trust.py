@@ -76,8 +76,9 @@ class Peer:
         self, request_id: str, reply: pb.ReserveReply, prompt: list[int],
         first_token_id: int = 5, **sampling,
     ) -> pb.CommitReply:  # fmt: skip
+        owner = sampling.pop("owner", "api-forger")
         request = cluster_pb.DispatchedRequest(
-            request_id=request_id, owner="api-forger", prompt_token_ids=prompt,
+            request_id=request_id, owner=owner, prompt_token_ids=prompt,
             sampling=cluster_pb.SamplingParams(**(SAMPLING | sampling)),
             prefill_rank_id="forger", decode_rank_id=self.decode_rank,
         )  # fmt: skip
@@ -270,7 +271,8 @@ def test_commit_that_does_not_match_its_reservation_releases_every_block(peer: P
 
 
 @pytest.mark.parametrize(
-    "field, value", [("logprobs", 21), ("n", 3), ("min_p", 1.5), ("top_p", 0.0)]
+    "field, value",
+    [("logprobs", 21), ("n", 3), ("min_p", 1.5), ("top_p", 0.0), ("owner", "a b:c")],
 )
 def test_commit_with_bad_sampling_values_is_refused_by_name(peer: Peer, field, value) -> None:  # type: ignore[no-untyped-def]
     request_id, reply = peer.reserve(4)
@@ -304,6 +306,11 @@ def test_one_peer_cannot_book_every_block(peer: Peer) -> None:
 
 
 def test_garbage_frames_to_the_engine_port_do_not_kill_it(peer: Peer) -> None:
+    """Issue 17: one garbage frame to the engine's ZMQ port killed the engine. Fuzzed
+    frames before and after a HELLO that proves the channel key: dropped or refused."""
+    from pd.cluster_secret import engine_channel_key
+    from pd.engine_messages import AddRequest, decode, hello_token
+
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
@@ -318,10 +325,25 @@ def test_garbage_frames_to_the_engine_port_do_not_kill_it(peer: Peer) -> None:
     for frame in frames:
         socket.send(frame)
     socket.send_multipart([b"a", b"b", b"c"])
+    identity = b"fuzzer-0001"
+    socket.close()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.IDENTITY, identity)
+    socket.connect(peer.zmq_address)
+    socket.send(encode(Kind.HELLO, hello_token(engine_channel_key(SECRET), identity)))
+    assert socket.poll(10_000), "READY for a HELLO with the key"
+    assert decode(socket.recv())[0] is Kind.READY
+    from engine.sampling_params import SamplingParams
+
+    add = encode(Kind.ADD, AddRequest("fz-1", [1, 2, 3], SamplingParams(max_tokens=2)))
+    for frame in [_mutate(add, rng) for _ in range(200)] + [_mutate(good, rng) for _ in range(50)]:
+        socket.send(frame)
     time.sleep(1.0)
     socket.close()
     context.term()
     assert "dropped a malformed engine message" in peer.decode.log()
+    peer.assert_released()
     peer.assert_alive()
 
 
@@ -336,7 +358,10 @@ def test_pd_comm_fuzz_leaves_the_cluster_alive_and_leak_free(peer: Peer) -> None
     """Random and mutated Reserve/Commit/Abort messages, a bounded count."""
     import grpc
 
+    from cache_transfer.auth import PD_AUTH_HEADER, bearer_token
+
     rng = random.Random(1717)
+    metadata = ((PD_AUTH_HEADER, bearer_token(SECRET, "pd-comm")),)
     channel = grpc.insecure_channel(f"127.0.0.1:{peer.record.pd_comm_port}")
     calls = {
         name: channel.unary_unary(f"/pd.comm.PdComm/{name}", lambda b: b, lambda b: b)
@@ -346,8 +371,13 @@ def test_pd_comm_fuzz_leaves_the_cluster_alive_and_leak_free(peer: Peer) -> None
     valid = {
         "Reserve": pb.ReserveRequest(request_id="fz", num_tokens=8, protocol="tcp",
                                      fingerprint=peer.fingerprint()).SerializeToString(),
-        "Commit": pb.CommitRequest(request_id=request_id, transfer_id=reply.transfer_id,
-                                   num_computed_tokens=8).SerializeToString(),
+        "Commit": pb.CommitRequest(
+            request_id=request_id, transfer_id=reply.transfer_id, num_computed_tokens=8,
+            first_token_id=3, request=cluster_pb.DispatchedRequest(
+                request_id=request_id, owner="api-fz", prompt_token_ids=list(range(1, 9)),
+                sampling=cluster_pb.SamplingParams(**SAMPLING), prefill_rank_id="fz",
+            ),
+        ).SerializeToString(),
         "Abort": pb.AbortRequest(request_id="fz").SerializeToString(),
     }  # fmt: skip
     statuses: set[str] = set()
@@ -358,12 +388,13 @@ def test_pd_comm_fuzz_leaves_the_cluster_alive_and_leak_free(peer: Peer) -> None
         else:
             body = _mutate(valid[name], rng)
         try:
-            calls[name](body, timeout=5)
+            calls[name](body, timeout=5, metadata=metadata)
             statuses.add("OK")
         except grpc.RpcError as e:
             statuses.add(e.code().name)
             assert e.code() != grpc.StatusCode.UNKNOWN or "Exception" not in (e.details() or "")
     channel.close()
+    assert {"OK", "INVALID_ARGUMENT"} <= statuses, statuses  # handlers ran; garbage refused
     peer.pd_comm.abort(request_id)
     peer.pd_comm.abort("fz")
     for _ in range(30):  # anything a mutated Reserve booked ends with its lease at worst
