@@ -130,6 +130,44 @@ def layer_regions(src: KVCacheLayout, dst: KVCacheLayout, runs: BlockRuns, layer
     return Regions.concat(parts)
 
 
+def head_slice_regions(
+    src: KVCacheLayout,
+    dst: KVCacheLayout,
+    runs: BlockRuns,
+    layer: int,
+    src_head: int,
+    dst_head: int,
+    num_heads: int,
+) -> Regions:
+    """One layer's K and V of ``num_heads`` heads (from local head ``src_head`` here into
+    local head ``dst_head`` on the peer) for ``runs``: pools of different TP sizes hold
+    different heads per token, so each token's heads are one range (block_size ranges
+    per block; blocks whose whole rows match go through ``layer_regions``)."""
+    _check_runs(runs, runs.src_first, src.num_blocks, "source")
+    _check_runs(runs, runs.dst_first, dst.num_blocks, "destination")
+    if src_head < 0 or src_head + num_heads > src.num_kv_heads:
+        raise ValueError(f"heads [{src_head}, +{num_heads}) outside {src.num_kv_heads} here")
+    if dst_head < 0 or dst_head + num_heads > dst.num_kv_heads:
+        raise ValueError(f"heads [{dst_head}, +{num_heads}) outside {dst.num_kv_heads} there")
+    # Every block of every run, then every token of each block.
+    within = np.arange(int(runs.num_blocks.sum())) - np.repeat(
+        np.cumsum(runs.num_blocks) - runs.num_blocks, runs.num_blocks
+    )
+    src_blocks = np.repeat(runs.src_first, runs.num_blocks) + within
+    dst_blocks = np.repeat(runs.dst_first, runs.num_blocks) + within
+    tokens = np.arange(src.block_size)
+    head_bytes = src.head_dim * src.element_size
+    parts = []
+    for kv in (0, 1):
+        src_rows = ((layer * 2 + kv) * src.num_blocks + src_blocks)[:, None] * src.block_size
+        dst_rows = ((layer * 2 + kv) * dst.num_blocks + dst_blocks)[:, None] * dst.block_size
+        src_offset = (src_rows + tokens) * (src.num_kv_heads * head_bytes) + src_head * head_bytes
+        dst_offset = (dst_rows + tokens) * (dst.num_kv_heads * head_bytes) + dst_head * head_bytes
+        nbytes = np.full(src_offset.size, num_heads * head_bytes, dtype=np.int64)
+        parts.append(Regions(src_offset.ravel(), dst_offset.ravel(), nbytes))
+    return Regions.concat(parts)
+
+
 def all_regions(
     src: KVCacheLayout, dst: KVCacheLayout, src_blocks: Sequence[int], dst_blocks: Sequence[int]
 ) -> Regions:
