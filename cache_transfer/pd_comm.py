@@ -25,6 +25,7 @@ from cache_transfer.auth import PD_AUTH_HEADER, bearer_token, check_token
 from cache_transfer.endpoints import endpoint_to_proto
 from cache_transfer.regions import dst_block_ranges
 from cache_transfer.reservations import BlockAllocator, PeerLimit, Reservation, Reservations
+from cache_transfer.tp_heads import rank_heads
 from cache_transfer.transfer_engine import TransferEngine
 from proto import pd_comm_pb2 as pb
 from proto import pd_comm_pb2_grpc as pb_grpc
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 Status = pb.ReserveReply.Status
 FINGERPRINT_FIELDS = tuple(f.name for f in pb.KvFingerprint.DESCRIPTOR.fields)
+# Per TP rank: they may differ between instances of different TP sizes (tp_heads maps
+# the heads); total_kv_heads and the rest must match.
+_PER_RANK_FIELDS = ("num_kv_heads", "tp_size", "tp_rank")
 # The engine's side of Commit: adopt the request and its blocks into the running batch,
 # or raise CommitRefused (the reservation is then released).
 OnCommit = Callable[[pb.CommitRequest, list[int]], None]
@@ -53,11 +57,21 @@ def fingerprint_mismatch(mine: pb.KvFingerprint, theirs: pb.KvFingerprint) -> st
     value the prefill rank sent. NOTE: never our own values: a refusal tells a peer what
     it got wrong, not this rank's configuration."""
     for name in FINGERPRINT_FIELDS:
+        if name in _PER_RANK_FIELDS:
+            continue
         here, there = getattr(mine, name), getattr(theirs, name)
         if here != there:
-            note = " (unequal TP sizes are not supported yet)" if name == "tp_size" else ""
             shown = repr(there) if len(repr(there)) <= 64 else f"{repr(there)[:64]}..."
-            return f"KV layouts differ in {name}: {shown} on prefill does not match{note}"
+            return f"KV layouts differ in {name}: {shown} on prefill does not match"
+    try:  # the prefill's TP layout must be one its model can have
+        heads = rank_heads(theirs.total_kv_heads, theirs.tp_size, theirs.tp_rank)
+    except ValueError as e:
+        return f"tp_size {theirs.tp_size} cannot hold the prefill's KV heads: {e}"
+    if theirs.num_kv_heads != len(heads):
+        return (
+            f"num_kv_heads {theirs.num_kv_heads} is not what TP {theirs.tp_size} gives a rank "
+            f"of {theirs.total_kv_heads} KV heads"
+        )
     return None
 
 

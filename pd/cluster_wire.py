@@ -140,9 +140,10 @@ def layout_from_proto(message: pb.KvLayout) -> KVCacheLayout:
 
 
 def kv_fingerprint(
-    model: str, layout: KVCacheLayout, tp_size: int = 1, tp_rank: int = 0
+    model: str, layout: KVCacheLayout, tp_size: int = 1, total_kv_heads: int | None = None
 ) -> comm_pb.KvFingerprint:
-    """What must match between a prefill rank and a decode rank for KV to move."""
+    """What must match between a prefill rank and a decode rank for KV to move (the
+    per-rank fields describe TP rank 0; the TP layouts may differ)."""
     return comm_pb.KvFingerprint(
         model=model,
         dtype=dtype_name(layout.dtype),
@@ -151,5 +152,7 @@ def kv_fingerprint(
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
         tp_size=tp_size,
-        tp_rank=tp_rank,
+        tp_rank=0,
+        # Unless given, as when the heads are split, not replicated, over the ranks.
+        total_kv_heads=total_kv_heads or layout.num_kv_heads * tp_size,
     )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import cluster_pb2 as proto_dot_cluster__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/pd_comm.proto\x12\x07pd.comm\x1a\x13proto/cluster.proto\"\x9f\x01\n\rKvFingerprint\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\x12\x0f\n\x07tp_rank\x18\x08 \x01(\r\")\n\x0bTcpEndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"9\n\x0bShmEndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"U\n\x0f\x43udaIpcEndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\r\x12\x0e\n\x06nbytes\x18\n \x01(\x04\x12\x0e\n\x06socket\x18\x0b \x01(\tJ\x04\x08\x03\x10\n\"[\n\x0cRdmaEndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x11\n\tcomm_port\x18\x02 \x01(\r\x12\x0c\n\x04\x61\x64\x64r\x18\x03 \x01(\x04\x12\x0c\n\x04rkey\x18\x04 \x01(\r\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"c\n\nRdmaQpInfo\x12\x0e\n\x06qp_num\x18\x01 \x01(\r\x12\x0b\n\x03lid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\t\x12\x0b\n\x03psn\x18\x04 \x01(\r\x12\x0b\n\x03mtu\x18\x05 \x01(\r\x12\x11\n\tgid_index\x18\x06 \x01(\r\"\xb1\x01\n\x08\x45ndpoint\x12#\n\x03tcp\x18\x01 \x01(\x0b\x32\x14.pd.comm.TcpEndpointH\x00\x12#\n\x03shm\x18\x02 \x01(\x0b\x32\x14.pd.comm.ShmEndpointH\x00\x12,\n\x08\x63uda_ipc\x18\x03 \x01(\x0b\x32\x18.pd.comm.CudaIpcEndpointH\x00\x12%\n\x04rdma\x18\x04 \x01(\x0b\x32\x15.pd.comm.RdmaEndpointH\x00\x42\x06\n\x04kind\"\x90\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12+\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x16.pd.comm.KvFingerprint\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12\x17\n\x0fprefill_rank_id\x18\x05 \x01(\t\"\xac\x02\n\x0cReserveReply\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.pd.comm.ReserveReply.Status\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\x0c\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12#\n\x08\x65ndpoint\x18\x05 \x01(\x0b\x32\x11.pd.comm.Endpoint\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\x12$\n\tendpoints\x18\x07 \x03(\x0b\x32\x11.pd.comm.Endpoint\"X\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0b\n\x07NO_ROOM\x10\x01\x12\x10\n\x0cINCOMPATIBLE\x10\x02\x12\x18\n\x14UNSUPPORTED_PROTOCOL\x10\x03\x12\r\n\tDUPLICATE\x10\x04\"\x9d\x01\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x0c\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12.\n\x07request\x18\x05 \x01(\x0b\x32\x1d.pd.cluster.DispatchedRequest\";\n\x0b\x43ommitReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x62orted\x18\x03 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\nAbortReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"Q\n\x0bHealthReply\x12\x0f\n\x07rank_id\x18\x01 \x01(\t\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x18\n\x10num_reservations\x18\x03 \x01(\r2\xe8\x01\n\x06PdComm\x12\x39\n\x07Reserve\x12\x17.pd.comm.ReserveRequest\x1a\x15.pd.comm.ReserveReply\x12\x36\n\x06\x43ommit\x12\x16.pd.comm.CommitRequest\x1a\x14.pd.comm.CommitReply\x12\x33\n\x05\x41\x62ort\x12\x15.pd.comm.AbortRequest\x1a\x13.pd.comm.AbortReply\x12\x36\n\x06Health\x12\x16.pd.comm.HealthRequest\x1a\x14.pd.comm.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/pd_comm.proto\x12\x07pd.comm\x1a\x13proto/cluster.proto\"\xb7\x01\n\rKvFingerprint\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\x12\x0f\n\x07tp_rank\x18\x08 \x01(\r\x12\x16\n\x0etotal_kv_heads\x18\t \x01(\r\")\n\x0bTcpEndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"9\n\x0bShmEndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"U\n\x0f\x43udaIpcEndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\r\x12\x0e\n\x06nbytes\x18\n \x01(\x04\x12\x0e\n\x06socket\x18\x0b \x01(\tJ\x04\x08\x03\x10\n\"[\n\x0cRdmaEndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x11\n\tcomm_port\x18\x02 \x01(\r\x12\x0c\n\x04\x61\x64\x64r\x18\x03 \x01(\x04\x12\x0c\n\x04rkey\x18\x04 \x01(\r\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"c\n\nRdmaQpInfo\x12\x0e\n\x06qp_num\x18\x01 \x01(\r\x12\x0b\n\x03lid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\t\x12\x0b\n\x03psn\x18\x04 \x01(\r\x12\x0b\n\x03mtu\x18\x05 \x01(\r\x12\x11\n\tgid_index\x18\x06 \x01(\r\"\xb1\x01\n\x08\x45ndpoint\x12#\n\x03tcp\x18\x01 \x01(\x0b\x32\x14.pd.comm.TcpEndpointH\x00\x12#\n\x03shm\x18\x02 \x01(\x0b\x32\x14.pd.comm.ShmEndpointH\x00\x12,\n\x08\x63uda_ipc\x18\x03 \x01(\x0b\x32\x18.pd.comm.CudaIpcEndpointH\x00\x12%\n\x04rdma\x18\x04 \x01(\x0b\x32\x15.pd.comm.RdmaEndpointH\x00\x42\x06\n\x04kind\"\x90\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12+\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x16.pd.comm.KvFingerprint\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12\x17\n\x0fprefill_rank_id\x18\x05 \x01(\t\"\xac\x02\n\x0cReserveReply\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.pd.comm.ReserveReply.Status\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\x0c\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12#\n\x08\x65ndpoint\x18\x05 \x01(\x0b\x32\x11.pd.comm.Endpoint\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\x12$\n\tendpoints\x18\x07 \x03(\x0b\x32\x11.pd.comm.Endpoint\"X\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0b\n\x07NO_ROOM\x10\x01\x12\x10\n\x0cINCOMPATIBLE\x10\x02\x12\x18\n\x14UNSUPPORTED_PROTOCOL\x10\x03\x12\r\n\tDUPLICATE\x10\x04\"\x9d\x01\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x0c\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12.\n\x07request\x18\x05 \x01(\x0b\x32\x1d.pd.cluster.DispatchedRequest\";\n\x0b\x43ommitReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x62orted\x18\x03 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\nAbortReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"Q\n\x0bHealthReply\x12\x0f\n\x07rank_id\x18\x01 \x01(\t\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x18\n\x10num_reservations\x18\x03 \x01(\r2\xe8\x01\n\x06PdComm\x12\x39\n\x07Reserve\x12\x17.pd.comm.ReserveRequest\x1a\x15.pd.comm.ReserveReply\x12\x36\n\x06\x43ommit\x12\x16.pd.comm.CommitRequest\x1a\x14.pd.comm.CommitReply\x12\x33\n\x05\x41\x62ort\x12\x15.pd.comm.AbortRequest\x1a\x13.pd.comm.AbortReply\x12\x36\n\x06Health\x12\x16.pd.comm.HealthRequest\x1a\x14.pd.comm.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,37 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.pd_comm_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVFINGERPRINT']._serialized_start=54
-  _globals['_KVFINGERPRINT']._serialized_end=213
-  _globals['_TCPENDPOINT']._serialized_start=215
-  _globals['_TCPENDPOINT']._serialized_end=256
-  _globals['_SHMENDPOINT']._serialized_start=258
-  _globals['_SHMENDPOINT']._serialized_end=315
-  _globals['_CUDAIPCENDPOINT']._serialized_start=317
-  _globals['_CUDAIPCENDPOINT']._serialized_end=402
-  _globals['_RDMAENDPOINT']._serialized_start=404
-  _globals['_RDMAENDPOINT']._serialized_end=495
-  _globals['_RDMAQPINFO']._serialized_start=497
-  _globals['_RDMAQPINFO']._serialized_end=596
-  _globals['_ENDPOINT']._serialized_start=599
-  _globals['_ENDPOINT']._serialized_end=776
-  _globals['_RESERVEREQUEST']._serialized_start=779
-  _globals['_RESERVEREQUEST']._serialized_end=923
-  _globals['_RESERVEREPLY']._serialized_start=926
-  _globals['_RESERVEREPLY']._serialized_end=1226
-  _globals['_RESERVEREPLY_STATUS']._serialized_start=1138
-  _globals['_RESERVEREPLY_STATUS']._serialized_end=1226
-  _globals['_COMMITREQUEST']._serialized_start=1229
-  _globals['_COMMITREQUEST']._serialized_end=1386
-  _globals['_COMMITREPLY']._serialized_start=1388
-  _globals['_COMMITREPLY']._serialized_end=1447
-  _globals['_ABORTREQUEST']._serialized_start=1449
-  _globals['_ABORTREQUEST']._serialized_end=1483
-  _globals['_ABORTREPLY']._serialized_start=1485
-  _globals['_ABORTREPLY']._serialized_end=1515
-  _globals['_HEALTHREQUEST']._serialized_start=1517
-  _globals['_HEALTHREQUEST']._serialized_end=1532
-  _globals['_HEALTHREPLY']._serialized_start=1534
-  _globals['_HEALTHREPLY']._serialized_end=1615
-  _globals['_PDCOMM']._serialized_start=1618
-  _globals['_PDCOMM']._serialized_end=1850
+  _globals['_KVFINGERPRINT']._serialized_end=237
+  _globals['_TCPENDPOINT']._serialized_start=239
+  _globals['_TCPENDPOINT']._serialized_end=280
+  _globals['_SHMENDPOINT']._serialized_start=282
+  _globals['_SHMENDPOINT']._serialized_end=339
+  _globals['_CUDAIPCENDPOINT']._serialized_start=341
+  _globals['_CUDAIPCENDPOINT']._serialized_end=426
+  _globals['_RDMAENDPOINT']._serialized_start=428
+  _globals['_RDMAENDPOINT']._serialized_end=519
+  _globals['_RDMAQPINFO']._serialized_start=521
+  _globals['_RDMAQPINFO']._serialized_end=620
+  _globals['_ENDPOINT']._serialized_start=623
+  _globals['_ENDPOINT']._serialized_end=800
+  _globals['_RESERVEREQUEST']._serialized_start=803
+  _globals['_RESERVEREQUEST']._serialized_end=947
+  _globals['_RESERVEREPLY']._serialized_start=950
+  _globals['_RESERVEREPLY']._serialized_end=1250
+  _globals['_RESERVEREPLY_STATUS']._serialized_start=1162
+  _globals['_RESERVEREPLY_STATUS']._serialized_end=1250
+  _globals['_COMMITREQUEST']._serialized_start=1253
+  _globals['_COMMITREQUEST']._serialized_end=1410
+  _globals['_COMMITREPLY']._serialized_start=1412
+  _globals['_COMMITREPLY']._serialized_end=1471
+  _globals['_ABORTREQUEST']._serialized_start=1473
+  _globals['_ABORTREQUEST']._serialized_end=1507
+  _globals['_ABORTREPLY']._serialized_start=1509
+  _globals['_ABORTREPLY']._serialized_end=1539
+  _globals['_HEALTHREQUEST']._serialized_start=1541
+  _globals['_HEALTHREQUEST']._serialized_end=1556
+  _globals['_HEALTHREPLY']._serialized_start=1558
+  _globals['_HEALTHREPLY']._serialized_end=1639
+  _globals['_PDCOMM']._serialized_start=1642
+  _globals['_PDCOMM']._serialized_end=1874
 # @@protoc_insertion_point(module_scope)

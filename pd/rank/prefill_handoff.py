@@ -244,8 +244,8 @@ class PrefillHandoff:
         return Handoff(request, peer, target, list(reply.block_ids), tried, reasons)
 
     def _target(self, peer: DecodePeer, reply: pb.ReserveReply) -> KVTarget:
-        """Where each TP rank writes: the decode rank's same TP rank (equal TP sizes,
-        which Reserve's fingerprint check ensured)."""
+        """Where the KV goes: the decode rank's TP ranks, one endpoint each (each of our
+        TP ranks writes the heads each of them needs, pd.rank.rank_transfer)."""
         endpoints = list(reply.endpoints) or [reply.endpoint]
         digest = hashlib.blake2b(digest_size=6)
         for endpoint in endpoints:

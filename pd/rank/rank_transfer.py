@@ -6,7 +6,9 @@ shard (its heads) with its own transfer engines and endpoints.
                   carries one per rank), ``allow``/``revoke`` open and close a transfer
                   on every rank's receiver
     prefill rank  each TP rank writes: the step plan's ``KVSend``s, layer by layer as
-                  the worker computes them (TP rank i into the peer's TP rank i), and
+                  the worker computes them (with equal TP sizes TP rank i into the
+                  peer's TP rank i; else each peer rank's heads from the first rank
+                  that holds them, ``cache_transfer.tp_heads``), and
                   ``send_all`` for a retry from parked blocks; ``flush`` then waits for
                   a transfer's writes on this rank and reports the outcome through
                   ``notify``: ``[peer_key, transfer_id, tp_rank, error, bytes, seconds]``
@@ -21,11 +23,13 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cache_transfer.regions import BlockRuns, Regions, block_runs, layer_regions
+from cache_transfer.regions import BlockRuns, Regions, block_runs, head_slice_regions, layer_regions
+from cache_transfer.tp_heads import HeadWrite, head_writes, rank_heads
 from cache_transfer.transfer_engine import TransferError, TransferHandle, wait_all
 from engine.kv_cache import KVCacheLayout
 from engine.plan_codec import send_from_wire
@@ -59,7 +63,8 @@ class RankTransfer:
         timeout_s: float,
         secret: bytes | None,
     ):
-        self.tp_rank = worker.group.rank
+        self.tp_rank, self.tp_size = worker.group.rank, worker.group.size
+        self.total_kv_heads = worker.config.model.num_key_value_heads
         runner = worker.runner
         self.layout: KVCacheLayout = runner.layout
         # A decode rank on CPU that offers ipc keeps its pool in shared memory: the
@@ -72,7 +77,8 @@ class RankTransfer:
         self.notify = notify
         self.timeout_s = timeout_s
         self._writes: dict[WriteKey, _Writes] = {}
-        self._connected: set[tuple[str, str]] = set()  # (protocol, peer_key)
+        self._connected: set[tuple[str, str]] = set()  # (protocol, peer id)
+        self._head_plans: dict[int, list[HeadWrite]] = {}  # peer TP size -> our writes
         self._step_runs: tuple[list[KVSend], list[tuple[KVSend, BlockRuns]]] | None = None
         self._flushes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-flush")
         # The engine loop writes; with TP 1 a hand-off thread may too (a retry).
@@ -99,19 +105,13 @@ class RankTransfer:
             runs = [(send, block_runs(send.src_block_ids, send.dst_block_ids)) for send in sends]
             self._step_runs = (sends, runs)  # once per step, at its first layer
         for send, runs in self._step_runs[1]:
-            peer = self._peer_layout(send.target)
-            self._write(send.target, lambda runs=runs, peer=peer: layer_regions(
-                self.layout, peer, runs, layer))  # fmt: skip
+            self._send(send.target, runs, [layer])
 
     def send_all(self, wire_sends: list[list]) -> None:
         """Every layer of ``sends`` at once (a retry from a request's parked blocks)."""
         for send in map(send_from_wire, wire_sends):
             runs = block_runs(send.src_block_ids, send.dst_block_ids)
-            peer = self._peer_layout(send.target)
-            self._write(send.target, lambda runs=runs, peer=peer: Regions.concat([
-                layer_regions(self.layout, peer, runs, layer)
-                for layer in range(self.layout.num_layers)
-            ]))  # fmt: skip
+            self._send(send.target, runs, range(self.layout.num_layers))
 
     def flush(self, peer_key: str, transfer_id: bytes) -> None:
         """Report this transfer's writes on this rank once they have all landed (or
@@ -120,40 +120,54 @@ class RankTransfer:
             writes = self._writes.pop((peer_key, transfer_id), None) or _Writes()
         self._flushes.submit(self._report, peer_key, transfer_id, writes)
 
-    def _peer_layout(self, target: KVTarget) -> KVCacheLayout:
-        return dataclasses.replace(self.layout, num_blocks=target.peer_num_blocks)
-
-    def _write(self, target: KVTarget, regions_of: Any) -> None:
+    def _send(self, target: KVTarget, runs: BlockRuns, layers: Iterable[int]) -> None:
+        """This rank's heads of ``layers`` into every peer TP rank that needs them: the
+        same rank with equal TP sizes, whole blocks; else head slices (tp_heads)."""
         with self._lock:
-            self._write_locked(target, regions_of)
+            writes = self._writes.setdefault((target.peer_key, target.transfer_id), _Writes())
+            if writes.error is not None:
+                return
+            try:
+                for write in self._head_writes(len(target.endpoints)):
+                    peer = self._peer_layout(target, write.dst_rank)
+                    whole = write.count == self.layout.num_kv_heads == peer.num_kv_heads
+                    regions = Regions.concat([
+                        layer_regions(self.layout, peer, runs, layer) if whole else
+                        head_slice_regions(self.layout, peer, runs, layer, write.src_first,
+                                           write.dst_first, write.count)
+                        for layer in layers
+                    ])  # fmt: skip
+                    engine, peer_id = self._connect(target, write.dst_rank)
+                    if writes.started_at is None:
+                        writes.started_at = time.monotonic()
+                    writes.handles.append(engine.write(peer_id, target.transfer_id, regions))
+                    writes.num_bytes += regions.total_bytes
+            except (TransferError, ValueError, OSError) as e:
+                writes.error = str(e)
 
-    def _write_locked(self, target: KVTarget, regions_of: Any) -> None:
-        writes = self._writes.setdefault((target.peer_key, target.transfer_id), _Writes())
-        if writes.error is not None:
-            return
-        try:
-            engine = self._connect(target)
-            regions = regions_of()
-            if writes.started_at is None:
-                writes.started_at = time.monotonic()
-            writes.handles.append(engine.write(target.peer_key, target.transfer_id, regions))
-            writes.num_bytes += regions.total_bytes
-        except (TransferError, ValueError, OSError) as e:
-            writes.error = str(e)
+    def _head_writes(self, peer_tp: int) -> list[HeadWrite]:
+        if peer_tp not in self._head_plans:
+            self._head_plans[peer_tp] = head_writes(
+                self.total_kv_heads, self.tp_size, self.tp_rank, peer_tp
+            )
+        return self._head_plans[peer_tp]
 
-    def _connect(self, target: KVTarget):  # type: ignore[no-untyped-def]
+    def _peer_layout(self, target: KVTarget, peer_rank: int) -> KVCacheLayout:
+        heads = rank_heads(self.total_kv_heads, len(target.endpoints), peer_rank)
+        return dataclasses.replace(
+            self.layout, num_blocks=target.peer_num_blocks, num_kv_heads=len(heads)
+        )
+
+    def _connect(self, target: KVTarget, peer_rank: int):  # type: ignore[no-untyped-def]
+        """The engine and its name for the peer's TP rank ``peer_rank``, connected."""
         engine = self.engines.get(target.protocol)
         if engine is None:
             raise TransferError(f"TP rank {self.tp_rank} has no {target.protocol} engine")
-        if (target.protocol, target.peer_key) not in self._connected:
-            if len(target.endpoints) <= self.tp_rank:
-                raise TransferError(
-                    f"the peer has {len(target.endpoints)} TP ranks; TP rank {self.tp_rank} "
-                    "has no counterpart"
-                )
-            engine.connect(target.peer_key, target.endpoints[self.tp_rank])
-            self._connected.add((target.protocol, target.peer_key))
-        return engine
+        peer_id = f"{target.peer_key}#{peer_rank}"
+        if (target.protocol, peer_id) not in self._connected:
+            engine.connect(peer_id, target.endpoints[peer_rank])
+            self._connected.add((target.protocol, peer_id))
+        return engine, peer_id
 
     def _report(self, peer_key: str, transfer_id: bytes, writes: _Writes) -> None:
         error = writes.error

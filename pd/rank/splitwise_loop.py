@@ -76,7 +76,9 @@ class SplitwiseLoop(EngineLoop):
         self.drain_deadline: float | None = None  # set by SHUTDOWN: finish, take nothing new
         executor = engine.executor
         layout, tp_size = executor.kv_layout, executor.tp_size
-        self.fingerprint = kv_fingerprint(settings.model, layout, tp_size=tp_size)
+        self.fingerprint = kv_fingerprint(
+            settings.model, layout, tp_size, engine.config.model.num_key_value_heads
+        )
         if self.role != "mixed":  # each TP rank moves its own KV shard
             executor.load_extension(
                 "pd.rank.rank_transfer:RankTransfer", self.role, settings.protocols,

@@ -29,7 +29,7 @@ def fingerprint(lay: KVCacheLayout, **changes) -> pb.KvFingerprint:
     fields = dict(
         model="tiny", dtype=str(lay.dtype).removeprefix("torch."), block_size=lay.block_size,
         num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
-        tp_size=1, tp_rank=0,
+        tp_size=1, tp_rank=0, total_kv_heads=lay.num_kv_heads,
     )  # fmt: skip
     return pb.KvFingerprint(**(fields | changes))
 

@@ -72,10 +72,16 @@ def test_calls_to_an_unreachable_rank_fail_within_their_deadline() -> None:
     client.close()
 
 
-def test_fingerprint_mismatch_names_tp_size() -> None:
+def test_fingerprints_of_other_tp_sizes_match_when_the_heads_do() -> None:
     from tests.cache_transfer.kv_cluster import layout
 
-    mine = fingerprint(layout(8))
+    mine = fingerprint(layout(8))  # TP 1, 2 KV heads
     assert fingerprint_mismatch(mine, fingerprint(layout(8))) is None
-    message = fingerprint_mismatch(mine, fingerprint(layout(8), tp_size=2))
-    assert "tp_size" in message and "not supported yet" in message
+    assert fingerprint_mismatch(mine, fingerprint(layout(8), tp_size=2, num_kv_heads=1)) is None
+    assert fingerprint_mismatch(mine, fingerprint(layout(8), tp_size=4, num_kv_heads=1)) is None
+    message = fingerprint_mismatch(mine, fingerprint(layout(8), total_kv_heads=4))
+    assert message.startswith("KV layouts differ in total_kv_heads: 4 on prefill")
+    message = fingerprint_mismatch(mine, fingerprint(layout(8), tp_size=3))
+    assert message.startswith("tp_size 3 cannot hold the prefill's KV heads")
+    message = fingerprint_mismatch(mine, fingerprint(layout(8), tp_size=2))  # 2 heads each?
+    assert message.startswith("num_kv_heads 2 is not what TP 2 gives")

@@ -1,6 +1,6 @@
 """Disaggregated serving gives the same greedy tokens as the offline engine: 1P1D over
-ipc (shared memory) and tcp, 2P2D, 1P1D with TP 2 on both sides over ipc and tcp, and a
-mixed rank behind the splitwise scheduler;
+ipc (shared memory) and tcp, 2P2D, 1P1D with TP 2 -> 2, 2 -> 1 and 1 -> 2 over ipc and
+tcp, and a mixed rank behind the splitwise scheduler;
 32 concurrent requests of mixed lengths through the official openai client, sent to
 prefill and decode instances alike; streaming keeps token order; every KV block is
 free again afterwards on every rank."""
@@ -58,26 +58,30 @@ async def complete_all(base_urls: list[str], texts: list[str]) -> list[str]:
             await client.close()
 
 
+TP2 = ("--tensor-parallel-size", "2")
+# layout -> the instances' roles, each with its own flags, and the flags they share
 LAYOUTS = {
-    "1P1D-ipc": (["prefill", "decode"], []),
-    "1P1D-tcp": (["prefill", "decode"], ["--cache-transfer-protocol", "tcp"]),
-    "2P2D-ipc": (["prefill", "prefill", "decode", "decode"], []),
-    "mixed": (["mixed"], []),
-    # Each TP rank writes its heads into the decode instance's same TP rank.
-    "1P1D-tp2-ipc": (["prefill", "decode"], ["--tensor-parallel-size", "2"]),
-    "1P1D-tp2-tcp": (
-        ["prefill", "decode"],
-        ["--tensor-parallel-size", "2", "--cache-transfer-protocol", "tcp"],
-    ),
+    "1P1D-ipc": ([("prefill",), ("decode",)], []),
+    "1P1D-tcp": ([("prefill",), ("decode",)], ["--cache-transfer-protocol", "tcp"]),
+    "2P2D-ipc": ([("prefill",), ("prefill",), ("decode",), ("decode",)], []),
+    "mixed": ([("mixed",)], []),
+    # Each TP rank writes its heads into the decode TP rank(s) that need them.
+    "1P1D-tp2-ipc": ([("prefill", *TP2), ("decode", *TP2)], []),
+    "1P1D-tp2-tcp": ([("prefill", *TP2), ("decode", *TP2)], ["--cache-transfer-protocol", "tcp"]),
+    "1P1D-tp2to1-ipc": ([("prefill", *TP2), ("decode",)], []),
+    "1P1D-tp2to1-tcp": ([("prefill", *TP2), ("decode",)], ["--cache-transfer-protocol", "tcp"]),
+    "1P1D-tp1to2-ipc": ([("prefill",), ("decode", *TP2)], []),
+    "1P1D-tp1to2-tcp": ([("prefill",), ("decode", *TP2)], ["--cache-transfer-protocol", "tcp"]),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_greedy_outputs_equal_offline(make_cluster, reference: dict[str, str], layout: str):
-    roles, extra = LAYOUTS[layout]
+    instances, extra = LAYOUTS[layout]
     cluster: Cluster = make_cluster()
-    servers = [cluster.start(role, *extra) for role in roles]
+    servers = [cluster.start(role, *flags, *extra) for role, *flags in instances]
+    roles = [role for role, *_ in instances]
     texts = prompts()
     got = asyncio.run(complete_all([s.base_url for s in servers], texts))
     assert got == [reference[p] for p in texts]
