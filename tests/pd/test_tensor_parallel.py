@@ -17,7 +17,7 @@ import pytest
 from engine.tokenizer import load_tokenizer
 from pd import LLM, SamplingParams
 from tests.pd.hf_reference import hf_greedy
-from tests.pd.server_process import start_server
+from tests.pd.server_process import ServerProcess, start_server
 
 MAX_NEW = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -102,30 +102,46 @@ def test_tp4_replicates_kv_heads_and_matches_hf(tiny_model):
         check_stress_batch(llm, model_dir)
 
 
+def serve_tp2(model_dir: Path, log: Path) -> ServerProcess:
+    return start_server(model_dir, log, "--tensor-parallel-size", "2", "--max-model-len", "512")
+
+
+def check_answers_match_hf(server: ServerProcess, model_dir: Path) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+    model = client.models.list().data[0].id
+    completions = [
+        client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=MAX_NEW,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        for prompt in PROMPTS
+    ]
+    tokenizer = load_tokenizer(str(model_dir))
+    reference = hf_greedy(model_dir, [tokenizer.encode(p) for p in PROMPTS], MAX_NEW)
+    expected = [tokenizer.decode(ids, skip_special_tokens=True) for ids in reference]
+    assert [c.choices[0].text for c in completions] == expected
+    return client
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_serve_tp2_matches_hf(tiny_model, tmp_path, arch):
+    model_dir = tiny_model(arch)
+    server = serve_tp2(model_dir, tmp_path / "server.log")
+    try:
+        check_answers_match_hf(server, model_dir)
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_serve_tp2_matches_hf_then_a_killed_worker_ends_the_instance(tiny_model, tmp_path):
     model_dir = tiny_model("qwen3")
-    server = start_server(
-        model_dir, tmp_path / "server.log", "--tensor-parallel-size", "2",
-        "--max-model-len", "512",
-    )  # fmt: skip
+    server = serve_tp2(model_dir, tmp_path / "server.log")
     try:
-        client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+        client = check_answers_match_hf(server, model_dir)
         model = client.models.list().data[0].id
-        completions = [
-            client.completions.create(
-                model=model,
-                prompt=prompt,
-                max_tokens=MAX_NEW,
-                temperature=0,
-                extra_body={"ignore_eos": True},
-            )
-            for prompt in PROMPTS[:3]
-        ]
-        tokenizer = load_tokenizer(str(model_dir))
-        reference = hf_greedy(model_dir, [tokenizer.encode(p) for p in PROMPTS[:3]], MAX_NEW)
-        assert [c.choices[0].text for c in completions] == [
-            tokenizer.decode(ids, skip_special_tokens=True) for ids in reference
-        ]
 
         for rank in ("0", "1"):  # stats arrive every 0.1 s
             assert server.metric("pd:tp_worker_up", f'tp_rank="{rank}"') == 1.0
