@@ -347,11 +347,14 @@ class TcpTransferEngine(TransferEngine):
         num_streams: int = 4,
         listen: bool = True,
         secret: bytes | None = None,
+        session: bytes | None = None,
     ):
         super().__init__(pool, layout)
         self.host = host_view(pool)
         self.secret = secret  # the cluster secret: both ends prove it at connect
-        self.session = secrets.token_bytes(SESSION_BYTES)  # names our streams to peers
+        # Names our streams to peers. The TP ranks of one instance share it: a decode
+        # rank may take a transfer's heads from several of them.
+        self.session = session or secrets.token_bytes(SESSION_BYTES)
         self.num_streams = num_streams
         self._streams: dict[str, list[_Stream]] = {}
         self._rotation = itertools.count()

@@ -62,6 +62,7 @@ class RankTransfer:
         rdma_comm_ports: list[int],
         timeout_s: float,
         secret: bytes | None,
+        session: bytes,
     ):
         self.tp_rank, self.tp_size = worker.group.rank, worker.group.size
         self.total_kv_heads = worker.config.model.num_key_value_heads
@@ -72,8 +73,9 @@ class RankTransfer:
         shm_path = getattr(runner.allocate_kv, "shm_path", None)
         rdma_port = rdma_comm_ports[self.tp_rank] if rdma_comm_ports else 0
         self.engines = make_transfer_engines(
-            role, runner.kv_cache, self.layout, protocols, host, shm_path, rdma_port, secret
-        )
+            role, runner.kv_cache, self.layout, protocols, host, shm_path, rdma_port, secret,
+            session,
+        )  # fmt: skip
         self.notify = notify
         self.timeout_s = timeout_s
         self._writes: dict[WriteKey, _Writes] = {}

@@ -19,10 +19,12 @@ the Redis parts only; the engine keeps stepping what it holds.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 
 import zmq
 
+from cache_transfer.auth import SESSION_BYTES
 from cache_transfer.pd_comm import CommitRefused
 from engine.engine_core import EngineCore
 from engine.outputs import EngineCoreOutput
@@ -83,7 +85,7 @@ class SplitwiseLoop(EngineLoop):
             executor.load_extension(
                 "pd.rank.rank_transfer:RankTransfer", self.role, settings.protocols,
                 settings.host, settings.rdma_comm_ports, settings.handoff_timeout_s,
-                settings.secret,
+                settings.secret, secrets.token_bytes(SESSION_BYTES),
             )  # fmt: skip
         rank_calls = RankCalls(executor, self.calls)
         self.intake: DecodeIntake | None = None

@@ -40,7 +40,10 @@ def make_transfer_engines(
     shm_path: str | None,
     rdma_comm_port: int = 0,
     secret: bytes | None = None,
+    session: bytes | None = None,
 ) -> dict[str, TransferEngine]:
+    """``session``: the sending instance's name on tcp streams, the same on all its TP
+    ranks (random per engine when None)."""
     receiving = role == "decode"
     engines: dict[str, TransferEngine] = {}
     for protocol in protocols:
@@ -50,7 +53,7 @@ def make_transfer_engines(
             )
         elif protocol == "tcp":
             engines[protocol] = TcpTransferEngine(
-                pool, layout, host=host, listen=receiving, secret=secret
+                pool, layout, host=host, listen=receiving, secret=secret, session=session
             )
         elif protocol == "rdma":
             from cache_transfer.rdma import RdmaTransferEngine

@@ -165,3 +165,28 @@ def test_seeded_sampling_is_the_same_disaggregated_and_on_one_rank(make_cluster,
     mixed = make_cluster().start("mixed")
     assert served(mixed.base_url) == expected
     wait_blocks_free([prefill, decode, mixed])
+
+
+@pytest.mark.slow
+def test_unequal_tp_over_tcp_with_the_cluster_secret(model_dir, reference, tmp_path):
+    """With a secret a tcp transfer takes bytes from one sender only: the prefill
+    instance, whose two TP ranks both write heads of each request to the decode rank."""
+    from pd.cluster_secret import redis_password
+    from scheduler.redis_server import EmbeddedRedis
+
+    secret = b"unequal-tp-cluster-secret-0123456"
+    secret_file = tmp_path / "cluster.secret"
+    secret_file.write_bytes(secret)
+    common = ("--cache-transfer-protocol", "tcp", "--cluster-secret-file", str(secret_file))
+    with EmbeddedRedis(password=redis_password(secret)) as redis_server:
+        cluster = Cluster(redis_server, model_dir, tmp_path, "tsecret")
+        try:
+            prefill = cluster.start("prefill", *TP2, *common)
+            decode = cluster.start("decode", *common)
+            texts = prompts()[:8]
+            got = asyncio.run(complete_all([prefill.base_url, decode.base_url], texts))
+            assert got == [reference[p] for p in texts]
+            wait_blocks_free([prefill, decode])
+        finally:
+            for server, code in cluster.stop():
+                assert code == 0, server.log()[-4000:]
