@@ -4,8 +4,9 @@ decode TP rank when the two instances have different TP sizes.
 A model's ``K`` KV heads over ``tp`` ranks: with ``tp <= K`` rank r holds heads
 [r*K/tp, (r+1)*K/tp); with ``tp > K`` each head is replicated on tp/K consecutive ranks,
 rank r holding head r // (tp/K) (engine.layers.linear.num_local_kv_heads). Each decode
-rank needs its heads from a prefill rank that holds them; a head that several prefill
-ranks hold is written by the first of them, so no byte is written twice.
+rank needs its heads from a prefill rank that holds them; where several prefill ranks
+hold a head, decode rank j takes it from the (j mod copies)-th of them, so no byte is
+written twice, the copies share the work, and equal TP sizes pair rank i with rank i.
 
     K = 2, prefill TP 2 -> decode TP 1:  P0 head 0 -> D0 local 0;  P1 head 1 -> D0 local 1
     K = 2, prefill TP 1 -> decode TP 2:  P0 head 0 -> D0 local 0;  P0 head 1 -> D1 local 0
@@ -44,22 +45,25 @@ def rank_heads(total_kv_heads: int, tp_size: int, rank: int) -> range:
 def head_writes(total_kv_heads: int, src_tp: int, src_rank: int, dst_tp: int) -> list[HeadWrite]:
     """What prefill TP rank ``src_rank`` of ``src_tp`` writes into a decode instance of
     ``dst_tp`` ranks: for each decode rank, the heads it needs that this rank is the
-    first holder of (possibly none)."""
+    writer of (possibly none)."""
     mine = rank_heads(total_kv_heads, src_tp, src_rank)
-    # Of the heads this rank holds, those no lower rank holds too.
-    written = [h for h in mine if src_rank == _first_holder(total_kv_heads, src_tp, h)]
     writes = []
     for dst_rank in range(dst_tp):
         needed = rank_heads(total_kv_heads, dst_tp, dst_rank)
-        heads = [h for h in written if h in needed]
-        if heads:  # contiguous: both ranges are
+        heads = [
+            h for h in mine
+            if h in needed and _writer(total_kv_heads, src_tp, h, dst_rank) == src_rank
+        ]  # fmt: skip
+        if heads:  # contiguous: one holder per head, or one head per rank
             writes.append(
                 HeadWrite(dst_rank, heads[0] - mine.start, heads[0] - needed.start, len(heads))
             )
     return writes
 
 
-def _first_holder(total_kv_heads: int, tp_size: int, head: int) -> int:
-    if tp_size <= total_kv_heads:
-        return head // (total_kv_heads // tp_size)
-    return head * (tp_size // total_kv_heads)
+def _writer(total_kv_heads: int, src_tp: int, head: int, dst_rank: int) -> int:
+    """The prefill rank that writes ``head`` to decode rank ``dst_rank``."""
+    if src_tp <= total_kv_heads:  # one holder
+        return head // (total_kv_heads // src_tp)
+    copies = src_tp // total_kv_heads  # ranks head*copies .. head*copies + copies - 1
+    return head * copies + dst_rank % copies

@@ -21,6 +21,8 @@ import torch.distributed as dist
 # noticed sooner: gloo fails when its socket closes, and the executor watches its
 # worker processes.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# How long ranks wait for each other to join (a worker that died while starting).
+JOIN_TIMEOUT = datetime.timedelta(minutes=2)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class ParallelGroup:
 def host_group_store(host: str, world_size: int) -> tuple[dist.TCPStore, GroupAddress]:
     """Rank 0's side: a TCP store on a free port, kept alive while the group lives."""
     store = dist.TCPStore(
-        host, 0, world_size, is_master=True, timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False
+        host, 0, world_size, is_master=True, timeout=JOIN_TIMEOUT, wait_for_workers=False
     )
     return store, GroupAddress(host, store.port, world_size)
 
@@ -106,7 +108,7 @@ def join_group(
         return ParallelGroup.single()
     if store is None:
         store = dist.TCPStore(
-            address.host, address.port, size, is_master=False, timeout=COLLECTIVE_TIMEOUT
+            address.host, address.port, size, is_master=False, timeout=JOIN_TIMEOUT
         )
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -8,7 +8,8 @@ A worker extension adds a job to every rank without the engine knowing it (the
 serving layer's KV transfer: each TP rank sends or receives its own KV shard).
 ``load_extension("package.module:Factory", *args)`` builds ``Factory(worker, notify,
 *args)`` on every rank; ``call_extension(method, *args)`` calls a method on every
-rank, in order with the steps, and returns each rank's answer (rank 0 first);
+rank, in order with the steps, and returns each rank's answer (rank 0 first), or at
+once from any thread with ``ordered=False`` (for thread-safe methods);
 ``notify(payload)`` lets an extension tell rank 0 something at any time (handled by
 ``on_notify``, on some thread). Arguments, answers and payloads are msgpack-able.
 """
@@ -60,7 +61,7 @@ class InProcessExecutor:
     def load_extension(self, name: str, *args: Any) -> None:
         self.extension = build_extension(name, self.worker, self._notify, list(args))
 
-    def call_extension(self, method: str, *args: Any) -> list:
+    def call_extension(self, method: str, *args: Any, ordered: bool = True) -> list:
         return [getattr(self.extension, method)(*args)]
 
     def _notify(self, payload: Any) -> None:

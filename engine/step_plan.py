@@ -46,12 +46,13 @@ class RunningRequest:
 @dataclass
 class KVTarget:
     """Where a request's KV goes: a peer's blocks, opened for one transfer. Every TP rank
-    writes its own KV shard: rank i to ``endpoints[i]`` (the peer's TP rank i)."""
+    writes its own heads to the peer TP ranks that hold them (``endpoints[j]`` is the
+    peer's TP rank j; with equal TP sizes rank i writes rank i)."""
 
     protocol: str
     peer_key: str  # the peer's pool, as the transfer engines name it
     transfer_id: bytes
-    peer_num_blocks: int  # the peer pool's size; the rest of its layout equals ours
+    peer_num_blocks: int  # the peer pool's size (its heads per rank follow its TP size)
     endpoints: list[dict]  # one per peer TP rank (msgpack-able descriptors)
 
 

@@ -71,16 +71,23 @@ class TPExecutor:
         self._channel.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker raises, not drops
         self._channel.bind("tcp://127.0.0.1:*")
         channel = self._channel.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._control = self._context.socket(zmq.ROUTER)
+        self._control.setsockopt(zmq.LINGER, 0)
+        self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._control.bind("tcp://127.0.0.1:*")
+        self._control_lock = threading.Lock()  # one control call at a time, any thread
+        control = self._control.getsockopt_string(zmq.LAST_ENDPOINT)
         self._notices = self._context.socket(zmq.PULL)
         self._notices.setsockopt(zmq.LINGER, 0)
         self._notices.bind("tcp://127.0.0.1:*")
         notices = self._notices.getsockopt_string(zmq.LAST_ENDPOINT)
         spawn = multiprocessing.get_context("spawn")
         num_threads = torch.get_num_threads()
+        sockets = (channel, control, notices)
         self.processes = [
             spawn.Process(
                 target=run_tp_worker,
-                args=(config, rank, address, channel, notices, allocate_kv, num_threads),
+                args=(config, rank, address, sockets, allocate_kv, num_threads),
                 name=f"pd-tp-worker-{rank}",
                 daemon=True,
             )
@@ -117,7 +124,7 @@ class TPExecutor:
                 self._channel.send_multipart([identity, STEP, payload], copy=False)
             return self.worker.submit(plan)
         except Exception as error:
-            self._raise_if_a_worker_died(error)
+            self._step_failed(error)
             raise
 
     def result(self, step: PendingStep) -> StepResult:
@@ -125,41 +132,59 @@ class TPExecutor:
         try:
             return self.worker.result(step)
         except Exception as error:
-            self._raise_if_a_worker_died(error)
+            self._step_failed(error)
             raise
 
     # -- extensions --------------------------------------------------------------------
 
     def load_extension(self, name: str, *args: Any) -> None:
         self._check_alive()
-        self._broadcast(LOAD, [name, list(args)])
-        self.extension = build_extension(name, self.worker, self._notify, list(args))
-        self._replies()
+        self._broadcast(self._channel, LOAD, [name, list(args)])
+        try:
+            self.extension = build_extension(name, self.worker, self._notify, list(args))
+        finally:  # every worker's answer is read, whatever happened here
+            self._replies(self._channel)
 
-    def call_extension(self, method: str, *args: Any) -> list:
-        """Every rank's answer, rank 0 first (raises if a rank's call raised)."""
+    def call_extension(self, method: str, *args: Any, ordered: bool = True) -> list:
+        """Every rank's answer, rank 0 first (raises if a rank's call raised).
+
+        ``ordered``: between the same steps on every rank, from the engine loop only.
+        Otherwise at once, from any thread, on the workers' control threads: for
+        thread-safe methods that must not wait for a step (a decode rank's allow and
+        revoke, called by pd-comm's handlers)."""
         self._check_alive()
-        self._broadcast(CALL, [method, list(args)])
-        local = getattr(self.extension, method)(*args)
-        return [local, *self._replies()]
+        if ordered:
+            self._broadcast(self._channel, CALL, [method, list(args)])
+            try:
+                local = getattr(self.extension, method)(*args)
+            finally:
+                remote = self._replies(self._channel)
+            return [local, *remote]
+        with self._control_lock:
+            self._broadcast(self._control, CALL, [method, list(args)])
+            try:
+                local = getattr(self.extension, method)(*args)
+            finally:
+                remote = self._replies(self._control)
+        return [local, *remote]
 
     def _notify(self, payload: Any) -> None:
         self.on_notify(payload)
 
-    def _broadcast(self, kind: bytes, message: list) -> None:
+    def _broadcast(self, socket: zmq.Socket, kind: bytes, message: list) -> None:
         payload = msgpack.packb(message, use_bin_type=True)
         for identity in self._workers:
-            self._channel.send_multipart([identity, kind, payload])
+            socket.send_multipart([identity, kind, payload])
 
-    def _replies(self) -> list:
-        """Each worker's answer to the last LOAD or CALL, in rank order."""
+    def _replies(self, socket: zmq.Socket) -> list:
+        """Each worker's answer to the last LOAD or CALL on ``socket``, in rank order."""
         answers: dict[bytes, Any] = {}
         errors = []
         while len(answers) < len(self._workers):
             self._check_alive()
-            if not self._channel.poll(100):
+            if not socket.poll(100):
                 continue
-            identity, kind, payload = self._channel.recv_multipart()
+            identity, kind, payload = socket.recv_multipart()
             if kind != REPLY:
                 raise RuntimeError(f"unexpected {kind!r} from a TP worker awaiting replies")
             ok, value = msgpack.unpackb(payload, raw=False)
@@ -211,13 +236,15 @@ class TPExecutor:
                 process.join()
         self._receiver.join(1.0)
         self._channel.close()
+        self._control.close()
         self._notices.close()
         self._context.term()
 
     # -- start-up and failures ----------------------------------------------------------
 
     def _wait_ready(self, count: int) -> list[bytes]:
-        """Identities of the workers, once each has loaded its shard."""
+        """Identities of the workers, once each has loaded its shard and its control
+        thread is connected."""
         ready: list[bytes] = []
         while len(ready) < count:
             self._check_alive()
@@ -228,6 +255,11 @@ class TPExecutor:
                 raise RuntimeError(f"a TP worker failed to start: {rest[0].decode()}")
             if kind == READY:
                 ready.append(identity)
+        connected: set[bytes] = set()
+        while len(connected) < count:  # each control thread says READY once
+            self._check_alive()
+            if self._control.poll(100):
+                connected.add(self._control.recv_multipart()[0])
         return sorted(ready, key=lambda identity: int(identity.split(b"-")[1]))
 
     def _watch(self) -> None:
@@ -255,6 +287,12 @@ class TPExecutor:
     def _check_alive(self) -> None:
         if self.failure is not None:
             raise WorkerDiedError(self.failure)
+
+    def _step_failed(self, error: Exception) -> None:
+        """A step failed here: say which worker died if one did; else rank 0 alone
+        failed, the ranks' collectives are out of step, and the group cannot go on."""
+        self._raise_if_a_worker_died(error)
+        self._fail(f"TP rank 0 failed during a step ({error}); the ranks are out of step")
 
     def _raise_if_a_worker_died(self, error: Exception) -> None:
         """A collective that failed because a peer died: say which worker, not gloo's

@@ -185,6 +185,8 @@ class Worker:
             raise ValueError(f"request {new.request_id!r} is already on this worker")
         if new.request_id in self.suspended_generators:
             generator = self.suspended_generators.pop(new.request_id)
+        elif not self.group.is_driver:  # only the driver samples
+            generator = None
         elif new.params.seed is not None:  # outputs so far: sampled on another rank
             num_drawn = len(new.token_ids) - new.num_prompt_tokens
             vocab_size = self.config.model.vocab_size

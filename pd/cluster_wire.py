@@ -140,7 +140,7 @@ def layout_from_proto(message: pb.KvLayout) -> KVCacheLayout:
 
 
 def kv_fingerprint(
-    model: str, layout: KVCacheLayout, tp_size: int = 1, total_kv_heads: int | None = None
+    model: str, layout: KVCacheLayout, tp_size: int, total_kv_heads: int
 ) -> comm_pb.KvFingerprint:
     """What must match between a prefill rank and a decode rank for KV to move (the
     per-rank fields describe TP rank 0; the TP layouts may differ)."""
@@ -153,6 +153,5 @@ def kv_fingerprint(
         head_dim=layout.head_dim,
         tp_size=tp_size,
         tp_rank=0,
-        # Unless given, as when the heads are split, not replicated, over the ranks.
-        total_kv_heads=total_kv_heads or layout.num_kv_heads * tp_size,
+        total_kv_heads=total_kv_heads,
     )

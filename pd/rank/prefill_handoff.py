@@ -5,9 +5,9 @@ prefills for a decode rank:
                                unreachable -> one other decode rank; no room anywhere ->
                                wait, bounded
     prefill   (engine loop)    the step plans carry the sends: each TP rank writes its
-                               heads of each layer's finished blocks into the decode
-                               rank's same TP rank as soon as the layer's K/V are in the
-                               cache (``pd.rank.rank_transfer``)
+                               heads of each layer's finished blocks into the decode TP
+                               rank(s) holding them as soon as the layer's K/V are in
+                               the cache (``pd.rank.rank_transfer``)
     commit    (worker thread)  flush (every TP rank reports its writes), then
                                Commit(first token); a failed transfer or Commit ->
                                everything again on one other decode rank, from the

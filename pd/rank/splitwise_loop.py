@@ -34,7 +34,7 @@ from engine.step_plan import KVSend
 from pd.cluster_wire import check_dispatched, kv_fingerprint, layout_to_proto, output_to_entry
 from pd.engine_process import EngineLoop
 from pd.rank.decode_intake import DecodeIntake
-from pd.rank.kv_group import PrefillWrites, RankCalls, ShardedReceiver, WriteReports
+from pd.rank.kv_group import PrefillWrites, ShardedReceiver, WriteReports
 from pd.rank.loop_calls import LoopCalls
 from pd.rank.prefill_handoff import Handoff, PrefillHandoff
 from pd.rank.settings import RankSettings
@@ -87,14 +87,13 @@ class SplitwiseLoop(EngineLoop):
                 settings.host, settings.rdma_comm_ports, settings.handoff_timeout_s,
                 settings.secret, secrets.token_bytes(SESSION_BYTES),
             )  # fmt: skip
-        rank_calls = RankCalls(executor, self.calls)
         self.intake: DecodeIntake | None = None
         pd_comm_port = 0
         if self.role == "decode":
             per_rank = executor.call_extension("endpoints")
             receivers = {
                 protocol: ShardedReceiver(
-                    protocol, layout, [endpoints[protocol] for endpoints in per_rank], rank_calls
+                    protocol, layout, [endpoints[protocol] for endpoints in per_rank], executor
                 )
                 for protocol in per_rank[0]
             }
@@ -117,7 +116,7 @@ class SplitwiseLoop(EngineLoop):
             reports = WriteReports(tp_size)
             executor.on_notify = reports.add  # each TP rank's word on its writes
             self.handoff = PrefillHandoff(
-                record, PrefillWrites(rank_calls, reports), layout, self.fingerprint,
+                record, PrefillWrites(executor, self.calls, reports), layout, self.fingerprint,
                 self.registry, self.calls, self._on_reserved, self._on_reserve_failed,
                 self._on_handoff_done, settings.handoff_timeout_s, settings.secret,
             )  # fmt: skip

@@ -33,6 +33,18 @@ def test_head_writes_of_the_docstring_examples():
     assert head_writes(2, 4, 1, 1) == []  # a second holder of head 0 writes nothing
 
 
+def test_equal_tp_pairs_rank_with_rank_even_with_replicated_heads():
+    for rank in range(4):  # 2 KV heads on 4 ranks: each head held twice on both sides
+        assert head_writes(2, 4, rank, 4) == [HeadWrite(rank, 0, 0, 1)]
+    # 4 -> 2 over 2 heads: the copies share the work (P0 -> D0, P3 -> D1)
+    assert [head_writes(2, 4, r, 2) for r in range(4)] == [
+        [HeadWrite(0, 0, 0, 1)],
+        [],
+        [],
+        [HeadWrite(1, 0, 0, 1)],
+    ]
+
+
 def layout(num_blocks: int, heads: int) -> KVCacheLayout:
     return KVCacheLayout(LAYERS, num_blocks, BLOCK_SIZE, heads, HEAD_DIM, torch.float32)
 
