@@ -155,7 +155,12 @@ class Reservations:
             with self._lock:
                 expired = [r for r in self._by_request.values() if r.expires_at <= now]
             for reservation in expired:
-                if self.release(reservation.request_id):
+                try:
+                    released = self.release(reservation.request_id)
+                except Exception:  # a revoke that failed must not end lease expiry
+                    logger.exception("pd-comm: releasing %s failed", reservation.request_id)
+                    continue
+                if released:
                     self.num_expired += 1
                     logger.warning(
                         "pd-comm: reservation of %s (%d blocks) expired after %.1f s without "

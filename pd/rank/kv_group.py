@@ -109,6 +109,13 @@ class PrefillWrites:
         self._loop_thread = threading.current_thread()  # built on the engine loop
         self.reports = reports
 
+    def connect(self, target: KVTarget) -> None:
+        """Every rank connects to the peer ranks it will write to, now, from any thread
+        (raises if one cannot)."""
+        self._executor.call_extension(
+            "connect", target.protocol, target.peer_key, target.endpoints, ordered=False
+        )
+
     def flush(self, target: KVTarget) -> None:
         """Every rank reports ``target``'s writes once they have landed: on the loop,
         after the steps that wrote them (the plan channel keeps the order)."""

@@ -236,7 +236,8 @@ class PrefillHandoff:
             raise HandoffFailed(f"decode rank {rank_id} refused ({status}): {reply.message}")
         try:
             target = self._target(peer, reply)
-        except ValueError as e:
+            self.writes.connect(target)
+        except Exception as e:  # a bad reply, or a peer rank we cannot reach
             self._abort_quietly(peer, request.request_id)
             raise HandoffFailed(f"decode rank {rank_id}: {e}") from None
         request.decode_rank_id = rank_id

@@ -85,6 +85,7 @@ class RankTransfer:
         self._flushes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-flush")
         # The engine loop writes; with TP 1 a hand-off thread may too (a retry).
         self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()  # Reserve connects from hand-off threads
         if role == "prefill":
             worker.kv_sender = self.send_layer
 
@@ -114,6 +115,13 @@ class RankTransfer:
         for send in map(send_from_wire, wire_sends):
             runs = block_runs(send.src_block_ids, send.dst_block_ids)
             self._send(send.target, runs, range(self.layout.num_layers))
+
+    def connect(self, protocol: str, peer_key: str, endpoints: list[dict]) -> None:
+        """Connect now to every peer TP rank this rank will write to (at Reserve, off the
+        step path, so that a peer that cannot be reached is known before any write)."""
+        target = KVTarget(protocol, peer_key, b"", 0, endpoints)
+        for write in self._head_writes(len(endpoints)):
+            self._connect(target, write.dst_rank)
 
     def flush(self, peer_key: str, transfer_id: bytes) -> None:
         """Report this transfer's writes on this rank once they have all landed (or
@@ -166,9 +174,10 @@ class RankTransfer:
         if engine is None:
             raise TransferError(f"TP rank {self.tp_rank} has no {target.protocol} engine")
         peer_id = f"{target.peer_key}#{peer_rank}"
-        if (target.protocol, peer_id) not in self._connected:
-            engine.connect(peer_id, target.endpoints[peer_rank])
-            self._connected.add((target.protocol, peer_id))
+        with self._connect_lock:  # connects only: writes to connected peers go on
+            if (target.protocol, peer_id) not in self._connected:
+                engine.connect(peer_id, target.endpoints[peer_rank])
+                self._connected.add((target.protocol, peer_id))
         return engine, peer_id
 
     def _report(self, peer_key: str, transfer_id: bytes, writes: _Writes) -> None:
