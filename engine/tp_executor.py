@@ -274,6 +274,8 @@ class TPExecutor:
             return
 
     def _fail(self, reason: str) -> None:
+        if self.failure is not None:  # the first reason stands (killing the rest ends them)
+            return
         self.failure = reason
         logger.error("%s: this engine stops", reason)
         for process in self.processes:

@@ -139,21 +139,29 @@ class RankTransfer:
                 return
             try:
                 for write in self._head_writes(len(target.endpoints)):
-                    peer = self._peer_layout(target, write.dst_rank)
-                    whole = write.count == self.layout.num_kv_heads == peer.num_kv_heads
-                    regions = Regions.concat([
-                        layer_regions(self.layout, peer, runs, layer) if whole else
-                        head_slice_regions(self.layout, peer, runs, layer, write.src_first,
-                                           write.dst_first, write.count)
-                        for layer in layers
-                    ])  # fmt: skip
+                    regions = self._regions(target, write, runs, layers)
                     engine, peer_id = self._connect(target, write.dst_rank)
                     if writes.started_at is None:
                         writes.started_at = time.monotonic()
                     writes.handles.append(engine.write(peer_id, target.transfer_id, regions))
                     writes.num_bytes += regions.total_bytes
-            except (TransferError, ValueError, OSError) as e:
+            except Exception as e:  # the transfer fails (reported at flush), not the rank
+                if not isinstance(e, (TransferError, ValueError, OSError)):
+                    logger.exception("TP rank %d: writing %s failed", self.tp_rank, target.peer_key)
                 writes.error = str(e)
+
+    def _regions(
+        self, target: KVTarget, write: HeadWrite, runs: BlockRuns, layers: Iterable[int]
+    ) -> Regions:
+        """Whole blocks when both sides hold the same heads, else per-token head slices."""
+        peer = self._peer_layout(target, write.dst_rank)
+        if write.count == self.layout.num_kv_heads == peer.num_kv_heads:
+            return Regions.concat([layer_regions(self.layout, peer, runs, n) for n in layers])
+        return Regions.concat([
+            head_slice_regions(self.layout, peer, runs, layer, write.src_first, write.dst_first,
+                               write.count)
+            for layer in layers
+        ])  # fmt: skip
 
     def _head_writes(self, peer_tp: int) -> list[HeadWrite]:
         if peer_tp not in self._head_plans:
