@@ -57,6 +57,7 @@ class Peer:
             model="tiny", dtype=layout.dtype, block_size=layout.block_size,
             num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
             head_dim=layout.head_dim, tp_size=1, tp_rank=0,
+            total_kv_heads=layout.num_kv_heads,
         )  # fmt: skip
 
     def reserve(self, num_tokens: int, **fields) -> tuple[str, pb.ReserveReply]:  # type: ignore[no-untyped-def]
