@@ -154,18 +154,16 @@ class TPExecutor:
         revoke, called by pd-comm's handlers)."""
         self._check_alive()
         if ordered:
-            self._broadcast(self._channel, CALL, [method, list(args)])
-            try:
-                local = getattr(self.extension, method)(*args)
-            finally:
-                remote = self._replies(self._channel)
-            return [local, *remote]
+            return self._call_everywhere(self._channel, method, args)
         with self._control_lock:
-            self._broadcast(self._control, CALL, [method, list(args)])
-            try:
-                local = getattr(self.extension, method)(*args)
-            finally:
-                remote = self._replies(self._control)
+            return self._call_everywhere(self._control, method, args)
+
+    def _call_everywhere(self, socket: zmq.Socket, method: str, args: tuple) -> list:
+        self._broadcast(socket, CALL, [method, list(args)])
+        try:
+            local = getattr(self.extension, method)(*args)
+        finally:  # every worker's answer is read, whatever happened here
+            remote = self._replies(socket)
         return [local, *remote]
 
     def _notify(self, payload: Any) -> None:
