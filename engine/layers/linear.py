@@ -31,12 +31,9 @@ def num_local_kv_heads(num_kv_heads: int, tp_size: int) -> int:
 
 
 class LinearBase(nn.Module):
-    def __init__(
-        self, input_size: int, output_size: int, bias: bool, tp_dim: int | None, tp: ParallelGroup
-    ):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp: ParallelGroup):
         super().__init__()
         self.tp = tp
-        self.tp_dim = tp_dim
         self.tp_rank = tp.rank
         self.tp_size = tp.size
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
@@ -56,7 +53,7 @@ class LinearBase(nn.Module):
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, None, ParallelGroup.single())
+        super().__init__(input_size, output_size, bias, ParallelGroup.single())
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded)
@@ -67,7 +64,7 @@ class ColumnParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, tp: ParallelGroup, bias: bool = False):
         local = _divide(output_size, tp.size, "output size")
-        super().__init__(input_size, local, bias, 0, tp)
+        super().__init__(input_size, local, bias, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.data.size(0)
@@ -135,7 +132,7 @@ class RowParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, tp: ParallelGroup, bias: bool = False):
         local = _divide(input_size, tp.size, "input size")
-        super().__init__(local, output_size, bias, 1, tp)
+        super().__init__(local, output_size, bias, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.data.dim() == 1:  # bias: added once, on rank 0 only

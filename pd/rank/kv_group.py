@@ -22,6 +22,7 @@ from engine.kv_cache import KVCacheLayout
 from engine.plan_codec import send_to_wire
 from engine.step_plan import KVSend, KVTarget
 from pd.rank.loop_calls import LoopCalls
+from pd.rank.rank_transfer import WriteReport
 
 T = TypeVar("T")
 
@@ -60,22 +61,22 @@ class WriteOutcome:
 
 
 class WriteReports:
-    """Every TP rank's report of its writes of a transfer (``RankTransfer.flush``:
-    ``[peer_key, transfer_id, tp_rank, error, bytes, seconds]``), as they arrive on
-    whatever thread; ``wait`` returns when all ranks have reported."""
+    """Every TP rank's report of its writes of a transfer (``RankTransfer.flush``), as
+    they arrive on whatever thread; ``wait`` returns when all ranks have reported."""
 
     def __init__(self, num_ranks: int):
         self.num_ranks = num_ranks
-        self._reports: dict[tuple[str, bytes], dict[int, list]] = {}
+        self._reports: dict[tuple[str, bytes], dict[int, WriteReport]] = {}
         self._abandoned: set[tuple[str, bytes]] = set()  # waited for in vain
         self._changed = threading.Condition()
 
-    def add(self, report: list) -> None:
-        key, rank = (report[0], report[1]), report[2]
+    def add(self, wire: list) -> None:
+        report = WriteReport.from_wire(wire)
+        key = (report.peer_key, report.transfer_id)
         with self._changed:
             if key in self._abandoned:  # too late: its waiter has answered already
                 return
-            self._reports.setdefault(key, {})[rank] = report
+            self._reports.setdefault(key, {})[report.tp_rank] = report
             self._changed.notify_all()
 
     def wait(self, target: KVTarget, timeout_s: float) -> WriteOutcome:
@@ -90,13 +91,13 @@ class WriteReports:
                 self._changed.wait(left)
             reports = self._reports.pop(key, {})
         missing = sorted(set(range(self.num_ranks)) - set(reports))
-        errors = [r[3] for r in reports.values() if r[3] is not None]
+        errors = [r.error for r in reports.values() if r.error is not None]
         if missing:
             errors.append(f"TP rank(s) {missing} did not report within {timeout_s} s")
         return WriteOutcome(
             "; ".join(errors) or None,
-            sum(r[4] for r in reports.values()),
-            max((r[5] for r in reports.values()), default=0.0),
+            sum(r.num_bytes for r in reports.values()),
+            max((r.seconds for r in reports.values()), default=0.0),
         )
 
 

@@ -11,7 +11,7 @@ shard (its heads) with its own transfer engines and endpoints.
                   that holds them, ``cache_transfer.tp_heads``), and
                   ``send_all`` for a retry from parked blocks; ``flush`` then waits for
                   a transfer's writes on this rank and reports the outcome through
-                  ``notify``: ``[peer_key, transfer_id, tp_rank, error, bytes, seconds]``
+                  ``notify`` (a ``WriteReport``)
 
 Connections to a peer are made at its first write (a failure is that transfer's
 error, reported at its flush), so rank 0 never waits on the other ranks to connect.
@@ -39,6 +39,26 @@ from pd.rank.transfer_setup import make_transfer_engines
 logger = logging.getLogger(__name__)
 
 WriteKey = tuple[str, bytes]  # (peer_key, transfer_id)
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """One TP rank's word on its writes of one transfer; crosses to rank 0 as a msgpack
+    array of these fields in this order (``to_wire`` / ``from_wire``)."""
+
+    peer_key: str
+    transfer_id: bytes
+    tp_rank: int
+    error: str | None  # None: every byte landed
+    num_bytes: int
+    seconds: float  # from the first write to the last byte landed
+
+    def to_wire(self) -> list:
+        return list(dataclasses.astuple(self))
+
+    @classmethod
+    def from_wire(cls, wire: list) -> WriteReport:
+        return cls(*wire)
 
 
 @dataclass
@@ -198,7 +218,8 @@ class RankTransfer:
         seconds = 0.0 if writes.started_at is None else time.monotonic() - writes.started_at
         if error is not None:
             error = f"TP rank {self.tp_rank}: {error}"
-        self.notify([peer_key, transfer_id, self.tp_rank, error, writes.num_bytes, seconds])
+        report = WriteReport(peer_key, transfer_id, self.tp_rank, error, writes.num_bytes, seconds)
+        self.notify(report.to_wire())
 
     def close(self) -> None:
         self._flushes.shutdown(wait=False, cancel_futures=True)
