@@ -2,20 +2,16 @@
 
 msgpack of nested arrays in the dataclasses' field order (never pickle: a worker
 decodes numbers, strings and lists, nothing that runs code). Both ends run the
-same code, so positions are the schema; sampling parameters are rebuilt through
-``SamplingParams`` and so validated again on arrival.
+same code, so positions are the schema; sampling parameters travel in their one
+wire form (``SamplingParams.to_wire``) and are validated again on arrival.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import msgpack
 
 from engine.sampling_params import SamplingParams
 from engine.step_plan import KVSend, KVTarget, NewRequest, RunningRequest, StepPlan
-
-_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def encode_plan(plan: StepPlan) -> bytes:
@@ -45,21 +41,16 @@ def decode_plan(data: bytes) -> StepPlan:
 
 
 def _new_request_to_wire(r: NewRequest) -> list:
-    params = [getattr(r.params, name) for name in _PARAM_FIELDS]
     return [
-        r.request_id, r.token_ids, r.num_prompt_tokens, params, r.block_ids,
+        r.request_id, r.token_ids, r.num_prompt_tokens, r.params.to_wire(), r.block_ids,
         r.num_computed_tokens, r.num_new_tokens,
     ]  # fmt: skip
 
 
 def _new_request_from_wire(wire: list) -> NewRequest:
     request_id, token_ids, num_prompt, params, block_ids, num_computed, num_new = wire
-    values = dict(zip(_PARAM_FIELDS, params, strict=True))
-    values["eos_token_ids"] = tuple(values["eos_token_ids"])
-    return NewRequest(
-        request_id, token_ids, num_prompt, SamplingParams(**values), block_ids, num_computed,
-        num_new,
-    )  # fmt: skip
+    params = SamplingParams.from_wire(params)
+    return NewRequest(request_id, token_ids, num_prompt, params, block_ids, num_computed, num_new)
 
 
 def send_to_wire(send: KVSend) -> list:

@@ -80,6 +80,16 @@ class SamplingParams:
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, low=0, high=_UINT32_MAX)
 
+    def to_wire(self) -> dict:
+        """The fields as a msgpack-able map: the one form in which sampling parameters
+        cross processes (the API server's ADD, the TP workers' step plans)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_wire(cls, fields: dict) -> SamplingParams:
+        """``to_wire``'s map, rebuilt and so validated again (ValueError or TypeError)."""
+        return cls(**{**fields, "eos_token_ids": tuple(fields.get("eos_token_ids") or ())})
+
     def for_child(self, index: int) -> SamplingParams:
         """Params of the ``index``-th of ``n`` completions: one sample each, and a
         distinct seed so that seeded completions differ yet stay reproducible."""

@@ -118,8 +118,7 @@ def _to_wire(kind: Kind, payload: Any) -> Any:
     if kind in (Kind.READY, Kind.STATS):
         return dataclasses.astuple(payload)
     if kind is Kind.ADD:
-        params = dataclasses.asdict(payload.params)
-        return [payload.request_id, payload.prompt_token_ids, params]
+        return [payload.request_id, payload.prompt_token_ids, payload.params.to_wire()]
     if kind is Kind.OUTPUTS:
         return [_output_to_wire(o) for o in payload]
     return payload
@@ -134,10 +133,9 @@ def _from_wire(kind: Kind, payload: Any) -> Any:
         request_id, token_ids, params = payload
         if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
             raise MalformedMessage("params must be a map of sampling fields")
-        params["eos_token_ids"] = tuple(params.get("eos_token_ids") or ())
         return AddRequest(
             _check_id(request_id, "request_id"), _check_token_ids(token_ids),
-            SamplingParams(**params),
+            SamplingParams.from_wire(params),
         )  # fmt: skip
     if kind is Kind.HELLO:
         if payload is not None and not (isinstance(payload, str) and len(payload) <= 128):
