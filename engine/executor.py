@@ -20,8 +20,6 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from engine.config import EngineConfig
 from engine.distributed import ParallelGroup
 from engine.kv_cache import KVCacheLayout
@@ -77,10 +75,6 @@ class InProcessExecutor:
     @property
     def kv_layout(self) -> KVCacheLayout:
         return self.worker.runner.layout
-
-    @property
-    def kv_cache(self) -> torch.Tensor:
-        return self.worker.runner.kv_cache
 
     def workers_alive(self) -> list[bool]:
         return [True]  # the one worker is this process

@@ -16,12 +16,10 @@ from collections.abc import Callable
 from cache_transfer.pd_comm import CommitRefused, PdCommServer, PdCommService
 from cache_transfer.transfer_engine import TransferEngine
 from engine.block_manager import BlockManager
-from pd.rank.loop_calls import LoopCalls, LoopCallTimeout
+from pd.rank.loop_calls import CALL_TIMEOUT_S, LoopCalls, LoopCallTimeout
 from proto import pd_comm_pb2 as pb
 
 logger = logging.getLogger(__name__)
-
-_LOOP_TIMEOUT_S = 5.0
 
 
 class LoopBlockAllocator:
@@ -41,7 +39,7 @@ class LoopBlockAllocator:
             return block_ids
 
         try:
-            return self.calls.call(allocate, _LOOP_TIMEOUT_S)
+            return self.calls.call(allocate, CALL_TIMEOUT_S)
         except LoopCallTimeout:
             return None  # answered as "no room": the prefill rank tries elsewhere
 
@@ -109,7 +107,7 @@ class DecodeIntake:
             self.allocator.hand_over(request.request_id)
 
         try:
-            self.calls.call(adopt, _LOOP_TIMEOUT_S)
+            self.calls.call(adopt, CALL_TIMEOUT_S)
         except LoopCallTimeout as e:
             raise CommitRefused(str(e)) from None
 

@@ -21,12 +21,10 @@ from typing import Any, TypeVar
 from engine.kv_cache import KVCacheLayout
 from engine.plan_codec import send_to_wire
 from engine.step_plan import KVSend, KVTarget
-from pd.rank.loop_calls import LoopCalls
+from pd.rank.loop_calls import CALL_TIMEOUT_S, LoopCalls
 from pd.rank.rank_transfer import WriteReport
 
 T = TypeVar("T")
-
-LOOP_TIMEOUT_S = 5.0
 
 
 class ShardedReceiver:
@@ -141,4 +139,4 @@ class PrefillWrites:
     def _on_loop(self, fn: Callable[[], T]) -> T:
         if threading.current_thread() is self._loop_thread or self._executor.tp_size == 1:
             return fn()  # with TP 1 the one rank is here, and its methods are thread-safe
-        return self._calls.call(fn, LOOP_TIMEOUT_S)
+        return self._calls.call(fn, CALL_TIMEOUT_S)

@@ -18,6 +18,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+CALL_TIMEOUT_S = 5.0  # how long another thread waits for the loop to take its call
+
+
 class LoopCallTimeout(TimeoutError):
     """The loop did not get to a call in time (it is stuck in a long step, or stopping)."""
 

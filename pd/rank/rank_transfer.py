@@ -101,6 +101,8 @@ class RankTransfer:
         self._writes: dict[WriteKey, _Writes] = {}
         self._connected: set[tuple[str, str]] = set()  # (protocol, peer id)
         self._head_plans: dict[int, list[HeadWrite]] = {}  # peer TP size -> our writes
+        # (peer blocks, peer TP size, peer rank) -> its layout: asked per layer and send
+        self._peer_layouts: dict[tuple[int, int, int], KVCacheLayout] = {}
         self._step_runs: tuple[list[KVSend], list[tuple[KVSend, BlockRuns]]] | None = None
         self._flushes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-flush")
         # The engine loop writes; with TP 1 a hand-off thread may too (a retry).
@@ -191,10 +193,13 @@ class RankTransfer:
         return self._head_plans[peer_tp]
 
     def _peer_layout(self, target: KVTarget, peer_rank: int) -> KVCacheLayout:
-        heads = rank_heads(self.total_kv_heads, len(target.endpoints), peer_rank)
-        return dataclasses.replace(
-            self.layout, num_blocks=target.peer_num_blocks, num_kv_heads=len(heads)
-        )
+        key = (target.peer_num_blocks, len(target.endpoints), peer_rank)
+        if key not in self._peer_layouts:
+            heads = rank_heads(self.total_kv_heads, len(target.endpoints), peer_rank)
+            self._peer_layouts[key] = dataclasses.replace(
+                self.layout, num_blocks=target.peer_num_blocks, num_kv_heads=len(heads)
+            )
+        return self._peer_layouts[key]
 
     def _connect(self, target: KVTarget, peer_rank: int):  # type: ignore[no-untyped-def]
         """The engine and its name for the peer's TP rank ``peer_rank``, connected."""
