@@ -18,6 +18,19 @@ from pd.args import pick_free_port
 _READY_TIMEOUT_S = 120.0
 
 
+def spawned_children(pid: int) -> list[int]:
+    """``pid``'s children started by multiprocessing's spawn (an API server's engine, an
+    engine's TP workers), not its resource tracker, which is a child too."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    if not path.exists():
+        return []
+    return [
+        child
+        for child in map(int, path.read_text().split())
+        if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+
+
 @dataclass
 class ServerProcess:
     process: subprocess.Popen
@@ -44,15 +57,10 @@ class ServerProcess:
         raise KeyError(f"{name}{{{labels}}} not in /metrics")
 
     def engine_pid(self) -> int:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        pids = [int(p) for p in children.read_text().split()]
-        for pid in pids:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            # The engine is the spawned child; multiprocessing's resource
-            # tracker is a child too.
-            if b"multiprocessing.spawn" in cmdline:
-                return pid
-        raise RuntimeError(f"no engine child among {pids}")
+        pids = spawned_children(self.process.pid)
+        if not pids:
+            raise RuntimeError(f"no engine child of {self.process.pid}")
+        return pids[0]
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:

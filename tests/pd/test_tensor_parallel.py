@@ -17,7 +17,7 @@ import pytest
 from engine.tokenizer import load_tokenizer
 from pd import LLM, SamplingParams
 from tests.pd.hf_reference import hf_greedy
-from tests.pd.server_process import ServerProcess, start_server
+from tests.pd.server_process import ServerProcess, spawned_children, start_server
 
 MAX_NEW = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -29,20 +29,6 @@ PROMPTS = [
     "1 2 3 4 5 6 7 8 9 10 11 12",
     "Café au lait, crème brûlée and a piñata 🎉",
 ]
-
-
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def tp_worker_pids(engine_pid: int) -> list[int]:
-    """The engine's spawned TP workers (multiprocessing's resource tracker aside)."""
-    return [
-        pid
-        for pid in children(engine_pid)
-        if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
 
 
 def is_running(pid: int) -> bool:
@@ -147,7 +133,7 @@ def test_serve_tp2_matches_hf_then_a_killed_worker_ends_the_instance(tiny_model,
             assert server.metric("pd:tp_worker_up", f'tp_rank="{rank}"') == 1.0
 
         engine_pid = server.engine_pid()
-        workers = tp_worker_pids(engine_pid)
+        workers = spawned_children(engine_pid)
         assert len(workers) == 1
         chunks: list[str] = []
         errors: list[BaseException] = []
