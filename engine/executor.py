@@ -20,6 +20,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from engine.config import EngineConfig
 from engine.distributed import ParallelGroup
 from engine.kv_cache import KVCacheLayout
@@ -75,6 +77,11 @@ class InProcessExecutor:
     @property
     def kv_layout(self) -> KVCacheLayout:
         return self.worker.runner.layout
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """Rank 0's KV pool."""
+        return self.worker.runner.kv_cache
 
     def workers_alive(self) -> list[bool]:
         return [True]  # the one worker is this process

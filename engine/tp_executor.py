@@ -208,6 +208,11 @@ class TPExecutor:
     def kv_layout(self) -> KVCacheLayout:
         return self.worker.runner.layout
 
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """Rank 0's KV pool."""
+        return self.worker.runner.kv_cache
+
     def workers_alive(self) -> list[bool]:
         """Liveness of every TP rank, rank 0 (this process) first."""
         return [True, *(p.is_alive() for p in self.processes)]
