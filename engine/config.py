@@ -182,6 +182,31 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class DataParallelConfig:
+    """This engine's place among the DP ranks of its instance (which may span hosts).
+
+    DP ranks share no state. With more than one, their engine cores form a DP group
+    (``engine/data_parallel.py``) whose store DP rank 0 hosts at the master address:
+    it checks at start-up that every rank serves the same model, and it is where
+    expert parallelism's collectives meet.
+    """
+
+    rank: int = 0
+    size: int = 1
+    master_host: str = "127.0.0.1"
+    master_port: int = 0  # DP rank 0's group store; must be set when size > 1
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"data-parallel rank {self.rank} is outside 0..{self.size - 1}")
+        if self.size > 1 and not 0 < self.master_port < 65536:
+            raise ValueError(
+                f"{self.size} data-parallel ranks need the DP master's port (1..65535), "
+                f"got {self.master_port}"
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -194,6 +219,7 @@ class EngineConfig:
     # Schedule and submit step N+1 before step N's tokens are read back (mixed only).
     async_scheduling: bool = False
     tensor_parallel_size: int = 1  # worker processes of this DP rank, one device each
+    data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
 
     def __post_init__(self) -> None:
         tp = self.tensor_parallel_size
@@ -247,6 +273,13 @@ def rank_device(device: str, tp_rank: int) -> torch.device:
     return torch.device("cuda", (base.index or 0) + tp_rank)
 
 
+def offset_device(device: str, offset: int) -> str:
+    """``cuda[:i]`` moved ``offset`` GPUs on; the CPU stays the CPU."""
+    if offset == 0 or not device.startswith("cuda"):
+        return device
+    return f"cuda:{(torch.device(device).index or 0) + offset}"
+
+
 def resolve_device(name: str | None) -> str:
     """Map "auto"/None to cuda when available, else cpu; validate explicit names."""
     if name in (None, "auto"):
@@ -278,9 +311,13 @@ def make_engine_config(
     enforce_eager: bool = False,
     async_scheduling: bool = False,
     tensor_parallel_size: int = 1,
+    data_parallel: DataParallelConfig | None = None,
+    device_offset: int = 0,
 ) -> EngineConfig:
     """One engine's config from flat user options (the ``LLM`` arguments and
-    the ``pd-serve`` flags); sizes left as None are derived from the model."""
+    the ``pd-serve`` flags); sizes left as None are derived from the model.
+    ``device_offset``: on CUDA, start this many GPUs after the given one (the local
+    DP rank times the TP size: each DP rank takes the next GPUs in order)."""
     model_config = ModelConfig.from_pretrained(model, dtype)
     max_model_len = max_model_len or model_config.max_position_embeddings
     return EngineConfig(
@@ -297,11 +334,12 @@ def make_engine_config(
             max_num_batched_tokens=max_num_batched_tokens or max(8192, max_model_len),
             max_model_len=max_model_len,
         ),
-        device=resolve_device(device),
+        device=offset_device(resolve_device(device), device_offset),
         seed=seed,
         load_format=load_format,
         attention_backend=attention_backend,
         enforce_eager=enforce_eager,
         async_scheduling=async_scheduling,
         tensor_parallel_size=tensor_parallel_size,
+        data_parallel=data_parallel or DataParallelConfig(),
     )

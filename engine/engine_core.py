@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.data_parallel import join_data_parallel_group
 from engine.executor import make_executor
 from engine.kv_cache import allocate_kv_cache
 from engine.model_runner import KVAllocator
@@ -42,6 +43,8 @@ InFlight = tuple[PendingStep, list[tuple[ScheduledSequence, bool]]]
 class EngineCore:
     def __init__(self, config: EngineConfig, allocate_kv: KVAllocator | None = None):
         self.config = config
+        # First, before any weight loads: a rank that serves another model fails fast.
+        self.dp_group = join_data_parallel_group(config)
         self.executor = make_executor(config, allocate_kv or allocate_kv_cache)
         self.block_manager = BlockManager(
             self.executor.kv_layout.num_blocks,

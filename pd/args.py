@@ -29,6 +29,7 @@ from pd.args_validation import (
     parse_protocols,
     parse_size,
 )
+from pd.dp_layout import DPLayout, RankPorts, rank_ports
 
 if TYPE_CHECKING:
     from scheduler.config import SchedulerConfig
@@ -38,6 +39,13 @@ DEFAULT_PROTOCOLS = ("ipc", "tcp")
 DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PORT_LIST = "P1,P2,..."
+# Port lists read per DP rank (dp_layout.rank_ports): dest -> (flag, one port per GPU).
+_RANK_PORT_FLAGS = {
+    "engine_worker_queue_ports": ("--engine-worker-queue-port", False),
+    "cache_queue_ports": ("--cache-queue-port", False),
+    "pd_comm_ports": ("--pd-comm-port", False),
+    "rdma_comm_ports": ("--rdma-comm-ports", True),
+}
 
 # NOTE: these default to None in the parser so that "given explicitly" can be told
 # apart from "left out"; _resolve() fills in the real defaults afterwards.
@@ -88,6 +96,10 @@ class ServeArgs:
     log_level: str = "info"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    data_parallel_start_rank: int = 0
+    data_parallel_size_local: int | None = None  # None: from the start rank to the last
+    data_parallel_address: str = "127.0.0.1"
+    data_parallel_rpc_port: int = 0  # 0: picked free (only when this process runs every rank)
     enable_expert_parallel: bool = False
     engine_threads: int = 0
     splitwise_role: str = "mixed"
@@ -105,6 +117,23 @@ class ServeArgs:
     scheduler_ttl: int = 900
     scheduler_expire_period: int = 3000
     router: tuple[str, int] | None = None
+
+    @property
+    def dp_layout(self) -> DPLayout:
+        """The DP ranks this process runs."""
+        local = self.data_parallel_size_local
+        if local is None:
+            local = self.data_parallel_size - self.data_parallel_start_rank
+        return DPLayout(
+            self.data_parallel_size, self.data_parallel_start_rank, local,
+            self.tensor_parallel_size,
+        )  # fmt: skip
+
+    def rank_ports(self, dest: str) -> RankPorts:
+        """A port-list flag's ports for this process's DP ranks (``dp_layout.rank_ports``)."""
+        flag, per_gpu = _RANK_PORT_FLAGS[dest]
+        per_rank = self.tensor_parallel_size if per_gpu else 1
+        return rank_ports(flag, getattr(self, dest), self.dp_layout, per_rank)
 
     @property
     def api_port(self) -> int:
@@ -143,7 +172,7 @@ class ServeArgs:
         )
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr, without the usage block."""
 
     def error(self, message: str) -> NoReturn:
@@ -152,7 +181,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pd-serve`` parser, with flags grouped by topic in ``--help``."""
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="pd-serve",
         description="Serve a model over the OpenAI API as one instance of a "
         "prefill/decode disaggregated cluster.",
@@ -296,7 +325,40 @@ def _add_parallel_flags(group: argparse._ArgumentGroup) -> None:
         "TP ranks per DP rank: the model sharded over this many devices (worker processes)",
         default=1,
     )
-    _add_size(group, "--data-parallel-size", "DP ranks of this instance", default=1)
+    _add_size(
+        group,
+        "--data-parallel-size",
+        "DP ranks of this instance: engine cores with their own requests and KV cache, "
+        "each with its TP group, on the next GPUs in order (default: 1)",
+        default=1,
+    )
+    group.add_argument(
+        "--data-parallel-start-rank",
+        default=0,
+        type=parse_non_negative,
+        metavar="N",
+        help="the first DP rank this process runs, when the instance spans processes or "
+        "hosts (default: 0)",
+    )
+    _add_size(
+        group,
+        "--data-parallel-size-local",
+        "how many DP ranks this process runs (default: the rest from the start rank)",
+    )
+    group.add_argument(
+        "--data-parallel-address",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="where the DP ranks' group meets: DP rank 0's host (default: 127.0.0.1)",
+    )
+    group.add_argument(
+        "--data-parallel-rpc-port",
+        default=0,
+        type=parse_port,
+        metavar="PORT",
+        help="the DP group's port on --data-parallel-address; needed when the instance "
+        "spans processes (default: picked free)",
+    )
     group.add_argument(
         "--enable-expert-parallel",
         action="store_true",
@@ -413,12 +475,9 @@ def _resolve(ns: argparse.Namespace) -> ServeArgs:
             f"--port {port} disagrees with --ports {','.join(map(str, ports))} "
             "(the first of --ports is the API port)"
         )
-    dp = ns.data_parallel_size
-    for dest in ("engine_worker_queue_ports", "cache_queue_ports", "pd_comm_ports"):
+    for dest in _RANK_PORT_FLAGS:
         if values[dest] is None:
-            values[dest] = [0] * dp
-    if values["rdma_comm_ports"] is None:
-        values["rdma_comm_ports"] = [0] * (dp * ns.tensor_parallel_size)
+            values[dest] = [0]  # every rank's picked free
     if values["cache_transfer_protocols"] is None:
         values["cache_transfer_protocols"] = list(DEFAULT_PROTOCOLS)
     if values["async_scheduling"] is None:

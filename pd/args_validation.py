@@ -128,26 +128,31 @@ def check_combinations(args: ServeArgs, given: frozenset[str]) -> None:
 
 
 def _check_port_list_lengths(args: ServeArgs, given: frozenset[str]) -> None:
-    dp = args.data_parallel_size
-    per_rank = {
-        "ports": ("--ports", args.ports),
-        "metrics_ports": ("--metrics-ports", args.metrics_ports or []),
-        "engine_worker_queue_ports": ("--engine-worker-queue-port", args.engine_worker_queue_ports),
-        "cache_queue_ports": ("--cache-queue-port", args.cache_queue_ports),
-        "pd_comm_ports": ("--pd-comm-port", args.pd_comm_ports),
-    }
-    for dest, (flag, ports) in per_rank.items():
-        if dest in given and len(ports) != dp:
-            raise ValueError(
-                f"{flag} has {_count(ports)} but --data-parallel-size is {dp} "
-                "(one port per DP rank)"
-            )
-    num_gpus = dp * args.tensor_parallel_size
-    if "rdma_comm_ports" in given and len(args.rdma_comm_ports) != num_gpus:
+    layout = args.dp_layout  # raises on ranks past --data-parallel-size
+    num_servers = len(args.ports)
+    if num_servers not in (1, layout.local):
         raise ValueError(
-            f"--rdma-comm-ports has {_count(args.rdma_comm_ports)} but the instance has "
-            f"{_plural(num_gpus, 'GPU')} (--data-parallel-size {dp} x --tensor-parallel-size "
-            f"{args.tensor_parallel_size}; one port per GPU)"
+            f"--ports has {_count(args.ports)} for {_plural(layout.local, 'DP rank')}: give "
+            "one (one API server for all of them) or one per DP rank (an API server each)"
+        )
+    if args.metrics_ports is not None and len(args.metrics_ports) != num_servers:
+        raise ValueError(
+            f"--metrics-ports has {_count(args.metrics_ports)} for "
+            f"{_plural(num_servers, 'API server')} (--ports): one per API server"
+        )
+    if num_servers > 1 and args.metrics_port is not None:
+        raise ValueError(
+            f"--metrics-port is one port for {num_servers} API servers (--ports): give "
+            "--metrics-ports, one per server"
+        )
+    for dest in ("engine_worker_queue_ports", "cache_queue_ports", "pd_comm_ports",
+                 "rdma_comm_ports"):  # fmt: skip
+        args.rank_ports(dest)  # raises on a count that fits no reading
+    if layout.spans_processes and not args.data_parallel_rpc_port:
+        raise ValueError(
+            f"this process runs DP ranks {layout.start}..{layout.start + layout.local - 1} of "
+            f"{layout.size}: the others need a meeting point, --data-parallel-address and "
+            "--data-parallel-rpc-port (DP rank 0's host and a free port there)"
         )
 
 
@@ -171,33 +176,28 @@ def _check_no_port_reuse(args: ServeArgs, given: frozenset[str]) -> None:
 
 
 def _listening_ports(args: ServeArgs, given: frozenset[str]) -> Iterator[tuple[str, int]]:
-    """Every port this host listens on, labelled with the flag that set it."""
+    """Every port this process listens on, labelled with the flag that set it."""
     api_flag = "--ports" if "ports" in given else "--port"
     yield from ((api_flag, port) for port in args.ports)
     if args.metrics_port is not None:
         yield "--metrics-port", args.metrics_port
-    lists = (
-        ("--metrics-ports", args.metrics_ports or []),
-        ("--engine-worker-queue-port", args.engine_worker_queue_ports),
-        ("--cache-queue-port", args.cache_queue_ports),
-        ("--rdma-comm-ports", args.rdma_comm_ports),
-        ("--pd-comm-port", args.pd_comm_ports),
-    )
-    for flag, ports in lists:
-        yield from ((flag, port) for port in ports)
+    yield from (("--metrics-ports", port) for port in args.metrics_ports or [])
+    for dest, flag in (
+        ("engine_worker_queue_ports", "--engine-worker-queue-port"),
+        ("cache_queue_ports", "--cache-queue-port"),
+        ("rdma_comm_ports", "--rdma-comm-ports"),
+        ("pd_comm_ports", "--pd-comm-port"),
+    ):
+        for ports in args.rank_ports(dest).per_rank:
+            yield from ((flag, port) for port in ports)
+    if args.data_parallel_start_rank == 0:  # DP rank 0 hosts the DP group
+        yield "--data-parallel-rpc-port", args.data_parallel_rpc_port
 
 
 def check_supported(args: ServeArgs, given: frozenset[str]) -> None:
     """Reject features whose implementation lands in a later issue (never ignore them)."""
     unsupported = [
-        (
-            args.data_parallel_size > 1,
-            "data parallelism",
-            f"--data-parallel-size {args.data_parallel_size}",
-        ),
-        (args.enable_expert_parallel, "expert parallelism", "--enable-expert-parallel"),
         (args.router is not None, "registering with pd-router", "--router"),
-        (args.metrics_ports is not None, "one metrics server per DP rank", "--metrics-ports"),
     ]
     for is_used, what, flag in unsupported:
         if is_used:

@@ -20,7 +20,7 @@ _WILDCARDS = ("", "0.0.0.0", "::")
 class ClusterInstance:
     instance_id: str
     api_id: str  # names this API server's result channel
-    rank_settings: RankSettings
+    rank_settings: list[RankSettings]  # one per local DP rank, each registered on its own
 
 
 def advertised_host(bind_host: str) -> str:
@@ -42,16 +42,25 @@ def cluster_instance(args: ServeArgs, api_port: int) -> ClusterInstance:
     protocols, _ = usable_protocols(args.cache_transfer_protocols)  # logs what it drops
     if args.splitwise_role != "mixed":
         logger.info("KV transfer protocols offered: %s", ",".join(protocols))
-    settings = RankSettings(
-        role=args.splitwise_role,
-        rank_id=f"{instance_id}.dp0",
-        host=host,
-        model=args.served_model_name[0] if args.served_model_name else args.model,
-        scheduler=args.scheduler_config(),
-        protocols=protocols,
-        api_port=api_port,
-        pd_comm_port=args.pd_comm_ports[0],
-        rdma_comm_ports=list(args.rdma_comm_ports),
-        secret=args.cluster_secret(),
-    )
+    pd_comm = args.rank_ports("pd_comm_ports")
+    rdma = args.rank_ports("rdma_comm_ports")
+    for note in (pd_comm.note, rdma.note):
+        if note:
+            logger.info("%s", note)
+    model = args.served_model_name[0] if args.served_model_name else args.model
+    settings = [
+        RankSettings(
+            role=args.splitwise_role,
+            rank_id=f"{instance_id}.dp{dp_rank}",
+            host=host,
+            model=model,
+            scheduler=args.scheduler_config(),
+            protocols=protocols,
+            api_port=api_port,
+            pd_comm_port=pd_comm.per_rank[index][0],
+            rdma_comm_ports=rdma.per_rank[index],
+            secret=args.cluster_secret(),
+        )
+        for index, dp_rank in enumerate(args.dp_layout.ranks)
+    ]
     return ClusterInstance(instance_id, f"api-{instance_id}", settings)

@@ -1,20 +1,26 @@
-"""The API server's handle on its engine-core process.
+"""The API server's handle on its engine-core processes (one per local DP rank).
 
-Sends requests over a ZMQ DEALER, receives per-step output diffs, turns them
-into ``RequestOutput``s with the output processor (detokenizing and applying
-stop strings here, off the engine's loop), and hands each request's outputs
-to its own asyncio queue. A request whose consumer goes away (client
-disconnect) is aborted in the engine. If the engine process dies, every
-waiting request fails at once with ``EngineDeadError``.
+Sends requests over ZMQ (``pd/engine_link.py``), receives per-step output diffs,
+turns them into ``RequestOutput``s with the output processor (detokenizing and
+applying stop strings here, off the engines' loops), and hands each request's
+outputs to its own asyncio queue. A request whose consumer goes away (client
+disconnect) is aborted in its engine.
+
+With several DP ranks each request goes to the least loaded live rank (its
+requests open here plus its KV use, random among near-equals), all its choices
+(``n``) together so they share the prompt's KV. When a rank's engine process dies,
+its requests fail at once with ``EngineDeadError`` and new ones go to the others;
+when every rank is dead, every request fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import zmq
@@ -23,22 +29,19 @@ import zmq.asyncio
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineCoreOutput, OutputKind, RequestOutput
 from engine.sampling_params import SamplingParams
-from pd.engine_messages import (
-    AddRequest,
-    EngineInfo,
-    EngineStats,
-    Kind,
-    MalformedMessage,
-    decode,
-    encode,
-    hello_token,
-)  # fmt: skip
+from pd.engine_link import EngineDeadError, EngineLink
+from pd.engine_messages import AddRequest, EngineInfo, Kind, MalformedMessage, encode
 
 logger = logging.getLogger("pd.api")
 
+__all__ = ["EngineClient", "EngineDeadError", "RequestStream", "RequestTimings"]
 
-class EngineDeadError(RuntimeError):
-    pass
+# A rank silent this long (no STATS; they come every 100 ms between steps) takes no new
+# request while another can. NOTE: above the longest CPU step (see HEALTH_STALE_S).
+STALE_RANK_S = 5.0
+# Ranks whose load is within this of the least loaded one are equally good (a request
+# or two): picking at random among them spreads simultaneous arrivals.
+NEAR_EQUAL_LOAD = 1.0
 
 
 class RequestRejected(ValueError):
@@ -57,13 +60,9 @@ class RequestFailed(RuntimeError):
     """The cluster ended the request with an error (e.g. the rank running it died)."""
 
 
-def _log_send_failure(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.error("sending to the engine failed: %s", future.exception())
-
-
 @dataclass
-class _Stream:
+class RequestEntry:
+    link: EngineLink | None  # the DP rank running it; None: placed by the cluster
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     child_ids: list[str] = field(default_factory=list)
     num_prompt_tokens: int = 0
@@ -79,80 +78,126 @@ class RequestTimings:
     on_first_token: Callable[[float], None] = lambda seconds: None
     on_inter_token: Callable[[float], None] = lambda seconds: None
     on_finished: Callable[[str, float, int, int], None] = lambda *args: None
-    on_stats: Callable[[int, int, int, int], None] = lambda *args: None
+    # (dp_rank, running, waiting, free blocks, blocks)
+    on_stats: Callable[[int, int, int, int, int], None] = lambda *args: None
     on_kv_events: Callable[[list], None] = lambda events: None
-    on_workers: Callable[[list[bool]], None] = lambda alive: None
+    on_workers: Callable[[int, list[bool]], None] = lambda dp_rank, alive: None
+    on_routed: Callable[[int], None] = lambda dp_rank: None  # a request sent to a DP rank
+    on_rank_up: Callable[[int, bool], None] = lambda dp_rank, up: None
 
 
 class EngineClient:
-    def __init__(self, address: str, tokenizer, timings: RequestTimings | None = None):
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        tokenizer,  # type: ignore[no-untyped-def]
+        timings: RequestTimings | None = None,
+        dp_ranks: Sequence[int] | None = None,
+    ):
+        """``addresses``: the engine channel of each local DP rank; ``dp_ranks``: their
+        global DP ranks (default 0, 1, ...)."""
         self.context = zmq.asyncio.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.IDENTITY, f"api-{uuid.uuid4().hex[:12]}".encode())
-        self.socket.connect(address)
+        dp_ranks = list(dp_ranks) if dp_ranks is not None else list(range(len(addresses)))
+        self.links = [
+            EngineLink(self.context, address, rank)
+            for address, rank in zip(addresses, dp_ranks, strict=True)
+        ]
         self.processor = OutputProcessor(tokenizer)
         self.timings = timings or RequestTimings()
-        self.streams: dict[str, _Stream] = {}
+        self.streams: dict[str, RequestEntry] = {}
         self.child_to_parent: dict[str, str] = {}
         self.info: EngineInfo | None = None
-        self.stats: EngineStats | None = None
-        self.dead_reason: str | None = None
+        self.dead_reason: str | None = None  # set once every DP rank is dead
         self.channel_key: bytes | None = None  # proven in HELLO (pd/cluster_secret.py)
         # A stream that gets nothing for this long ends with RequestFailed (its request
-        # vanished somewhere); None: a local engine, whose death fails every stream.
+        # vanished somewhere); None: local engines, whose death fails their streams.
         self.idle_timeout_s: float | None = None
-        self.last_stats_at: float | None = None  # monotonic time of the engine's last STATS
-        self._reader: asyncio.Task | None = None
+        self._readers: list[asyncio.Task] = []
+        self._rng = random.Random()
 
     # -- lifecycle ------------------------------------------------------------
 
-    async def wait_ready(self, is_alive: Callable[[], bool], timeout: float) -> EngineInfo:
-        """Say HELLO until the engine answers READY (it does once its model is loaded)."""
-        token = None
-        if self.channel_key is not None:
-            identity = self.socket.getsockopt(zmq.IDENTITY)
-            token = hello_token(self.channel_key, identity)
-        await self.socket.send(encode(Kind.HELLO, token))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not is_alive():
-                raise EngineDeadError("the engine process exited during start-up")
-            if await self.socket.poll(200):
-                try:
-                    kind, payload = decode(await self.socket.recv())
-                except MalformedMessage:
-                    continue
-                if kind is Kind.READY:
-                    self.info = payload
-                    self._reader = asyncio.create_task(self._read_loop())
-                    return payload
-        raise EngineDeadError(f"the engine was not ready within {timeout:.0f} s")
+    async def wait_ready(
+        self, is_alive: Sequence[Callable[[], bool]], timeout: float
+    ) -> EngineInfo:
+        """Wait until every DP rank's engine is ready (``is_alive[i]``: whether rank i's
+        process still runs); returns DP rank 0's info (the DP group checked the others
+        serve the same model)."""
+        infos = await asyncio.gather(
+            *(link.wait_ready(alive, timeout, self.channel_key)
+              for link, alive in zip(self.links, is_alive, strict=True))
+        )  # fmt: skip
+        self.info = infos[0]
+        for link in self.links:
+            self.timings.on_rank_up(link.dp_rank, True)
+            self._readers.append(asyncio.create_task(self._read_loop(link)))
+        return self.info
 
     def mark_dead(self, reason: str) -> None:
         """Fail every in-flight request; later requests fail at once."""
-        if self.dead_reason is None:
-            logger.error("engine dead: %s", reason)
-            self.dead_reason = reason
+        for link in self.links:
+            self.mark_rank_dead(link, reason)
+
+    def mark_rank_dead(self, link: EngineLink, reason: str) -> None:
+        """DP rank ``link`` is gone: fail its requests; with no rank left, fail all."""
+        if link.dead_reason is None:
+            logger.error("DP rank %d: engine dead: %s", link.dp_rank, reason)
+            link.dead_reason = reason
+            self.timings.on_rank_up(link.dp_rank, False)
+        everyone_dead = all(other.dead_reason is not None for other in self.links)
+        if everyone_dead and self.dead_reason is None:
+            self.dead_reason = reason if len(self.links) == 1 else (
+                f"every DP rank's engine is dead (DP rank {link.dp_rank}: {reason})"
+            )  # fmt: skip
         for stream in self.streams.values():
-            stream.queue.put_nowait(EngineDeadError(reason))
+            if stream.link is link or self.dead_reason is not None:
+                stream.queue.put_nowait(EngineDeadError(reason))
 
     async def shutdown(self) -> None:
-        if self.dead_reason is None:
-            await self.socket.send(encode(Kind.SHUTDOWN))
-        if self._reader is not None:
-            self._reader.cancel()
-        self.socket.close()
+        for link in self.links:
+            if link.dead_reason is None:
+                await link.socket.send(encode(Kind.SHUTDOWN))
+        for reader in self._readers:
+            reader.cancel()
+        for link in self.links:
+            link.close()
         self.context.term()
 
     async def wait_dispatchable(self) -> None:
         """Return once a request could be placed (a cluster's ranks registered), or after
-        a bound; a local engine always can."""
+        a bound; local engines always can."""
+
+    @property
+    def last_stats_at(self) -> float | None:
+        """When the freshest live rank last reported (None before any did)."""
+        times = [link.last_stats_at for link in self.live_links if link.last_stats_at]
+        return max(times) if times else None
+
+    @property
+    def live_links(self) -> list[EngineLink]:
+        return [link for link in self.links if link.dead_reason is None]
 
     @property
     def num_not_started(self) -> int:
         """Requests sent to the engine that have no token yet (queued or prefilling)."""
         return sum(1 for s in self.streams.values() if s.last_token_time is None)
+
+    def pick_link(self) -> EngineLink:
+        """The DP rank for a new request: the least loaded live, reporting rank (its
+        requests open here plus its KV use), at random among near-equals."""
+        live = self.live_links
+        if not live:
+            raise EngineDeadError(self.dead_reason or "no engine is running")
+        now = time.monotonic()
+        reporting = [link for link in live if link.silent_for(now) < STALE_RANK_S] or live
+        loads = [link.num_open + link.kv_use for link in reporting]
+        least = min(loads)
+        near = [
+            link
+            for link, load in zip(reporting, loads, strict=True)
+            if load < least + NEAR_EQUAL_LOAD
+        ]
+        return near[0] if len(near) == 1 else self._rng.choice(near)
 
     # -- requests -------------------------------------------------------------
 
@@ -178,36 +223,43 @@ class EngineClient:
         request_id = uuid.uuid4().hex
         kind = OutputKind.DELTA if stream else OutputKind.FINAL_ONLY
         child_ids = self.processor.add_request(request_id, prompt, prompt_token_ids, params, kind)
-        entry = _Stream(child_ids=child_ids, num_prompt_tokens=len(prompt_token_ids))
+        link = self._place()
+        entry = RequestEntry(link, child_ids=child_ids, num_prompt_tokens=len(prompt_token_ids))
         self.streams[request_id] = entry
+        if link is not None:
+            link.num_open += len(child_ids)
+            self.timings.on_routed(link.dp_rank)
         for child_id in child_ids:
             self.child_to_parent[child_id] = request_id
         handle = RequestStream(self, request_id, entry)
         try:
-            self._submit(child_ids, prompt_token_ids, params)
+            self._submit(entry, prompt_token_ids, params)
         except BaseException:
             handle.release(submitted=False)
             raise
         return handle
 
-    def _submit(self, child_ids: list[str], prompt_token_ids: list[int], params: SamplingParams):
-        """Send the children of a request to the engine (all or, raising, none)."""
+    def _place(self) -> EngineLink | None:
+        """The DP rank a new request runs on."""
+        return self.pick_link()
+
+    def _submit(self, entry: RequestEntry, prompt_token_ids: list[int], params: SamplingParams):
+        """Send the children of a request to its rank (all or, raising, none)."""
+        assert entry.link is not None
         frames = [
             encode(Kind.ADD, AddRequest(child_id, prompt_token_ids, params.for_child(i)))
-            for i, child_id in enumerate(child_ids)
+            for i, child_id in enumerate(entry.child_ids)
         ]
         for frame in frames:
-            self._send_nowait(frame)
+            entry.link.send(frame)
 
-    def _abort(self, child_ids: list[str]) -> None:
-        self._send_nowait(encode(Kind.ABORT, child_ids))
+    def _abort(self, child_ids: list[str], link: EngineLink | None) -> None:
+        if link is not None and link.dead_reason is None:
+            link.send(encode(Kind.ABORT, child_ids))
 
-    def _send_nowait(self, frame: bytes) -> None:
-        # zmq.asyncio sends at once when it can and queues in order otherwise.
-        future = self.socket.send(frame)
-        future.add_done_callback(_log_send_failure)
-
-    def _release(self, request_id: str, entry: _Stream, finished: bool, submitted: bool) -> None:
+    def _release(
+        self, request_id: str, entry: RequestEntry, finished: bool, submitted: bool
+    ) -> None:
         self._forget(request_id)
         if finished:
             return
@@ -215,33 +267,34 @@ class EngineClient:
         elapsed = time.monotonic() - entry.arrival
         self.timings.on_finished(reason, elapsed, entry.num_prompt_tokens, entry.num_generated)
         if submitted and self.dead_reason is None:
-            self._abort(entry.child_ids)
+            self._abort(entry.child_ids, entry.link)
 
     def _forget(self, request_id: str) -> None:
         entry = self.streams.pop(request_id, None)
         if entry is None:
             return
         self.processor.abort(request_id)
+        if entry.link is not None:
+            entry.link.num_open -= len(entry.child_ids)
         for child_id in entry.child_ids:
             self.child_to_parent.pop(child_id, None)
 
     # -- engine output --------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, link: EngineLink) -> None:
         while True:
             try:
-                kind, payload = decode(await self.socket.recv())
+                kind, payload = await link.recv()
             except MalformedMessage as error:
                 logger.warning("dropped a malformed message from the engine: %s", error)
                 continue
             if kind is Kind.OUTPUTS:
-                self._on_outputs(payload)
+                self._on_outputs(payload, link)
             elif kind is Kind.STATS:
-                self.stats = payload
-                self.last_stats_at = time.monotonic()
                 self.timings.on_kv_events(payload.kv_events)
-                self.timings.on_workers(payload.tp_workers_alive)
+                self.timings.on_workers(link.dp_rank, payload.tp_workers_alive)
                 self.timings.on_stats(
+                    link.dp_rank,
                     payload.num_running,
                     payload.num_waiting,
                     payload.num_free_blocks,
@@ -250,13 +303,13 @@ class EngineClient:
             elif kind is Kind.REJECTED:
                 self._on_rejected(*payload)
 
-    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+    def _on_outputs(self, outputs: list[EngineCoreOutput], link: EngineLink | None) -> None:
         now = time.monotonic()
         for output in outputs:
             self._observe(output, now)
         processed = self.processor.process(outputs)
         if processed.to_abort:
-            self._abort(processed.to_abort)
+            self._abort(processed.to_abort, link)
         for request_output in processed.request_outputs:
             entry = self.streams.get(request_output.request_id)
             if entry is None:
@@ -299,7 +352,7 @@ class RequestStream:
     when it is garbage-collected, so a response that never started cannot leak.
     """
 
-    def __init__(self, client: EngineClient, request_id: str, entry: _Stream):
+    def __init__(self, client: EngineClient, request_id: str, entry: RequestEntry):
         self._client = client
         self._request_id = request_id
         self._entry = entry

@@ -62,10 +62,12 @@ def run_engine_process(
     socket.bind(address)
     engine = None
     try:
-        from engine.config import make_engine_config
+        from engine.config import DataParallelConfig, make_engine_config
         from engine.engine_core import EngineCore
 
-        config = make_engine_config(**engine_kwargs)
+        kwargs = dict(engine_kwargs)
+        kwargs["data_parallel"] = DataParallelConfig(**kwargs.pop("data_parallel", {}))
+        config = make_engine_config(**kwargs)
         if settings is None:
             engine = EngineCore(config)
             _exit_when_a_worker_dies(engine)

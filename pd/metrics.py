@@ -43,28 +43,39 @@ KV_GBPS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0,
 class ServerMetrics:
     """The metrics of one served model; every series carries ``model_name``."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        model_name: str,
+        registry: CollectorRegistry | None = None,
+        dp_ranks: tuple[int, ...] = (0,),
+    ):
+        """``dp_ranks``: the DP ranks whose engines this API server reports."""
         self.model_name = model_name
         self.registry = CollectorRegistry() if registry is None else registry
         self._make_gauges()
         self._make_counters()
         self._make_histograms()
         self._make_kv_transfer_metrics()
+        for dp_rank in dp_ranks:  # rendered from the start, before the first stats
+            self.set_engine_stats(dp_rank, 0, 0, 0, 0)
+            self._routed.labels(model_name, str(dp_rank))
 
     def _make_gauges(self) -> None:
-        def gauge(name: str, doc: str) -> Gauge:
-            metric = Gauge(name, doc, ["model_name"], registry=self.registry)
-            return metric.labels(self.model_name)
+        def per_rank(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ["model_name", "dp_rank"], registry=self.registry)
 
-        self._num_running = gauge("pd:num_requests_running", "Requests in the running batch.")
-        self._num_waiting = gauge("pd:num_requests_waiting", "Requests waiting to be scheduled.")
-        self._kv_usage = gauge("pd:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).")
-        self._num_free_blocks = gauge("pd:num_gpu_blocks_free", "KV cache blocks free.")
+        self._num_running = per_rank("pd:num_requests_running", "Requests in the running batch.")
+        self._num_waiting = per_rank("pd:num_requests_waiting", "Requests waiting to be scheduled.")
+        self._kv_usage = per_rank("pd:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).")
+        self._num_free_blocks = per_rank("pd:num_gpu_blocks_free", "KV cache blocks free.")
+        self._dp_rank_up = per_rank(
+            "pd:dp_rank_up", "1 while the engine process of this DP rank is alive."
+        )
         self._tp_worker_up = Gauge(
             "pd:tp_worker_up",
             "1 while the tensor-parallel worker of this rank is alive (KV use is the same "
             "on every TP rank: see pd:kv_cache_usage_perc).",
-            ["model_name", "tp_rank"],
+            ["model_name", "dp_rank", "tp_rank"],
             registry=self.registry,
         )
 
@@ -82,6 +93,12 @@ class ServerMetrics:
             registry=self.registry,
         )
         self._finished = {r: success.labels(self.model_name, r) for r in FINISHED_REASONS}
+        self._routed = Counter(
+            "pd:dp_rank_requests_total",
+            "Requests this API server sent to each local DP rank (its balancing).",
+            ["model_name", "dp_rank"],
+            registry=self.registry,
+        )
 
     def _make_histograms(self) -> None:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -169,17 +186,24 @@ class ServerMetrics:
         self._generation_tokens.inc(num_generation_tokens)
 
     def set_engine_stats(
-        self, running: int, waiting: int, free_blocks: int, total_blocks: int
+        self, dp_rank: int, running: int, waiting: int, free_blocks: int, total_blocks: int
     ) -> None:
-        self._num_running.set(running)
-        self._num_waiting.set(waiting)
-        self._num_free_blocks.set(free_blocks)
+        labels = (self.model_name, str(dp_rank))
+        self._num_running.labels(*labels).set(running)
+        self._num_waiting.labels(*labels).set(waiting)
+        self._num_free_blocks.labels(*labels).set(free_blocks)
         usage = 1.0 - free_blocks / total_blocks if total_blocks > 0 else 0.0
-        self._kv_usage.set(min(max(usage, 0.0), 1.0))
+        self._kv_usage.labels(*labels).set(min(max(usage, 0.0), 1.0))
 
-    def set_tp_workers(self, alive: list[bool]) -> None:
+    def set_tp_workers(self, dp_rank: int, alive: list[bool]) -> None:
         for rank, up in enumerate(alive):
-            self._tp_worker_up.labels(self.model_name, str(rank)).set(1 if up else 0)
+            self._tp_worker_up.labels(self.model_name, str(dp_rank), str(rank)).set(int(up))
+
+    def set_dp_rank_up(self, dp_rank: int, up: bool) -> None:
+        self._dp_rank_up.labels(self.model_name, str(dp_rank)).set(int(up))
+
+    def observe_routed(self, dp_rank: int) -> None:
+        self._routed.labels(self.model_name, str(dp_rank)).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

@@ -1,10 +1,15 @@
 """``pd-serve``: one instance = an API server (this process) + an engine-core
-process per DP rank (one for now), joined over ZMQ on the engine-worker-queue port.
+process per local DP rank, joined over ZMQ on the engine-worker-queue ports.
 
-Start-up: parse and validate flags, start the engine process, load the
-tokenizer, wait until the engine reports its model loaded, and only then open
-the API port. SIGTERM/SIGINT drain in-flight requests (bounded) and exit 0;
-a dead engine process fails in-flight requests, and the server exits 1.
+Start-up: parse and validate flags, start the engine processes, load the
+tokenizer, wait until every engine reports its model loaded, and only then open
+the API port. The API server balances requests over its DP ranks
+(``pd/engine_client.py``). With one API server per DP rank (``--ports``) this
+process starts one such ``pd-serve`` per rank instead (``pd/api_servers.py``).
+
+SIGTERM/SIGINT drain in-flight requests (bounded) and exit 0. A dead engine
+process fails its rank's requests; the others keep serving (DP ranks share
+nothing), and once every rank is dead the server exits 1.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pd.args import ServeArgs, parse_args, pick_free_port
@@ -22,6 +29,7 @@ from pd.cluster_secret import engine_channel_key
 from pd.cpu_threads import apply_api_server_threads, engine_thread_choice
 
 if TYPE_CHECKING:
+    from pd.api_servers import Launcher
     from pd.rank.settings import RankSettings
 
 logger = logging.getLogger("pd.serve")
@@ -37,14 +45,37 @@ def main(argv: list[str] | None = None) -> None:
         from pd.cluster import main as cluster_main
 
         sys.exit(cluster_main(argv[1:]))
+    if argv[:1] == ["multi-api-server"]:
+        from pd.api_servers import multi_api_server_main
+
+        sys.exit(multi_api_server_main(argv[1:]))
     args = parse_args(argv)
+    if len(args.ports) > 1:
+        from pd.api_servers import run_api_servers
+
+        sys.exit(run_api_servers(args))
+    sys.exit(run_one(args))
+
+
+def run_one(args: ServeArgs, launcher: Launcher | None = None) -> int:
+    """Serve with one API server; ``launcher``: the process that started this one
+    (``pd/api_servers.py``), told when we listen, and whose exit stops us."""
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    sys.exit(asyncio.run(serve(args)))
+    return asyncio.run(serve(args, launcher))
 
 
-def engine_kwargs(args: ServeArgs) -> dict:
+def engine_kwargs(args: ServeArgs, local_index: int = 0, dp_master_port: int = 0) -> dict:
+    """The engine config of the ``local_index``-th DP rank this process runs (plain
+    values only: unpickling them in the engine process must not import torch)."""
+    layout = args.dp_layout
+    data_parallel = {  # engine.config.DataParallelConfig's fields
+        "rank": layout.start + local_index,
+        "size": layout.size,
+        "master_host": args.data_parallel_address,
+        "master_port": dp_master_port,
+    }
     return {
         "model": args.model,
         "dtype": args.dtype,
@@ -54,6 +85,7 @@ def engine_kwargs(args: ServeArgs) -> dict:
         "num_gpu_blocks_override": args.num_gpu_blocks_override,
         "block_size": args.block_size,
         "device": args.device,
+        "device_offset": local_index * args.tensor_parallel_size,
         "seed": args.seed,
         "enable_prefix_caching": args.enable_prefix_caching,
         "gpu_memory_utilization": args.gpu_memory_utilization,
@@ -63,36 +95,64 @@ def engine_kwargs(args: ServeArgs) -> dict:
         # A prefill/decode rank shares its blocks with peers: it steps synchronously.
         "async_scheduling": args.async_scheduling and args.splitwise_role == "mixed",
         "tensor_parallel_size": args.tensor_parallel_size,
+        "data_parallel": data_parallel,
     }
 
 
-def start_engine(
-    args: ServeArgs, settings: RankSettings | None = None, channel_key: bytes | None = None
-) -> tuple[multiprocessing.Process, str]:
+@dataclass
+class EngineProcess:
+    """The engine-core process of one DP rank."""
+
+    dp_rank: int
+    process: multiprocessing.Process
+    address: str  # its engine-worker-queue channel
+
+
+def dp_master_port(args: ServeArgs) -> int:
+    """The DP group's port: given, or (when this process runs every rank) a free one."""
+    if args.data_parallel_size == 1:
+        return 0
+    return args.data_parallel_rpc_port or pick_free_port(args.data_parallel_address)
+
+
+def start_engines(
+    args: ServeArgs,
+    settings: list[RankSettings] | None = None,
+    channel_key: bytes | None = None,
+) -> list[EngineProcess]:
+    """Start one engine-core process per local DP rank (``settings``: each rank's
+    splitwise registration, or None for the local scheduler)."""
     from pd.engine_process import run_engine_process
 
-    port = args.engine_worker_queue_ports[0]
-    port = port or pick_free_port()
-    address = f"tcp://127.0.0.1:{port}"
+    layout = args.dp_layout
+    queue_ports = args.rank_ports("engine_worker_queue_ports")
+    if queue_ports.note:
+        logger.info("%s", queue_ports.note)
     threads = engine_thread_choice(
-        args.engine_threads,
-        num_engines=args.data_parallel_size * args.tensor_parallel_size,
-        num_api_servers=len(args.ports),
-    )
-    process = multiprocessing.get_context("spawn").Process(
-        target=run_engine_process,
-        args=(engine_kwargs(args), address, args.log_level, threads, settings, channel_key),
-        name="pd-engine-0",
-        # Not daemonic: it starts TP worker processes. It stops with us all the same:
-        # _stop_engine on every exit path, and it watches our pid in case we are killed.
-        daemon=False,
-    )
-    process.start()
-    logger.info("engine core (DP rank 0) pid %d on %s", process.pid, address)
-    return process, address
+        args.engine_threads, num_engines=layout.local * args.tensor_parallel_size,
+        num_api_servers=1,
+    )  # fmt: skip
+    master_port = dp_master_port(args)
+    engines = []
+    for index, dp_rank in enumerate(layout.ranks):
+        address = f"tcp://127.0.0.1:{queue_ports.per_rank[index][0] or pick_free_port()}"
+        rank_settings = settings[index] if settings is not None else None
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_process,
+            args=(engine_kwargs(args, index, master_port), address, args.log_level, threads,
+                  rank_settings, channel_key),
+            name=f"pd-engine-{dp_rank}",
+            # Not daemonic: it starts TP worker processes. It stops with us all the same:
+            # _stop_engines on every exit path, and it watches our pid in case we are killed.
+            daemon=False,
+        )  # fmt: skip
+        process.start()
+        logger.info("engine core (DP rank %d) pid %d on %s", dp_rank, process.pid, address)
+        engines.append(EngineProcess(dp_rank, process, address))
+    return engines
 
 
-async def serve(args: ServeArgs) -> int:
+async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
     import uvicorn
 
     from engine.tokenizer import load_tokenizer
@@ -102,26 +162,32 @@ async def serve(args: ServeArgs) -> int:
     from scheduler.redis_link import SchedulerUnavailable
 
     logger.info(apply_api_server_threads())
+    if args.enable_expert_parallel:
+        logger.info("--enable-expert-parallel: the model has no MoE layers, so it changes nothing")
     api_port = args.api_port or pick_free_port(args.host)
     instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
     channel_key = engine_channel_key(args.cluster_secret())
-    process, address = start_engine(args, instance.rank_settings if instance else None, channel_key)
+    engines = start_engines(args, instance.rank_settings if instance else None, channel_key)
+    addresses = [engine.address for engine in engines]
+    dp_ranks = [engine.dp_rank for engine in engines]
     try:
         state = ServerState.create(args, load_tokenizer(args.model))
         if instance is None:
-            client = EngineClient(address, state.tokenizer, state.timings())
+            client = EngineClient(addresses, state.tokenizer, state.timings(), dp_ranks)
         else:
             from pd.splitwise_client import SplitwiseEngineClient
 
             client = SplitwiseEngineClient(
-                address, state.tokenizer, state.timings(), args.scheduler_config(), instance.api_id
-            )
+                addresses, state.tokenizer, state.timings(), args.scheduler_config(),
+                instance.api_id, dp_ranks,
+            )  # fmt: skip
         client.channel_key = channel_key
         state.engine = client
-        info = await client.wait_ready(process.is_alive, _READY_TIMEOUT_S)
+        alive = [engine.process.is_alive for engine in engines]
+        info = await client.wait_ready(alive, _READY_TIMEOUT_S)
     except (EngineDeadError, ValueError, OSError, SchedulerUnavailable) as error:
         logger.error("start-up failed: %s", error)
-        _stop_engine(process)
+        _stop_engines(engines)
         return 1
     state.max_model_len = info.max_model_len
     servers = _make_servers(args, api_port, build_app(state), state, uvicorn)
@@ -130,13 +196,13 @@ async def serve(args: ServeArgs) -> int:
     # a drained shutdown exits 0 instead of dying by the signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    watcher = asyncio.create_task(_watch(process, client, servers))
+    watcher = asyncio.create_task(_watch(engines, client, servers, launcher))
     try:
         await asyncio.gather(*(server.serve() for server in servers))
     finally:
         watcher.cancel()
         await client.shutdown()
-        _stop_engine(process)
+        _stop_engines(engines)
     return 1 if client.dead_reason else 0
 
 
@@ -167,18 +233,32 @@ def _server(uvicorn, app, host: str, port: int, log_level: str):
     return uvicorn.Server(config)
 
 
-async def _watch(process: multiprocessing.Process, client, servers: list) -> None:
-    """Say when every server listens; stop them all when one stops (a signal
-    reaches one of them) or when the engine process dies."""
+async def _watch(engines: list[EngineProcess], client, servers: list, launcher: Launcher | None):  # type: ignore[no-untyped-def]
+    """Say when every server listens; fail a DP rank's requests when its engine process
+    dies; stop every server when one stops (a signal reaches one of them), when every
+    engine is dead, or when the launcher is gone."""
     announced = False
-    while process.is_alive() and not any(server.should_exit for server in servers):
+    links = {link.dp_rank: link for link in client.links}
+    while not any(server.should_exit for server in servers):
+        for engine in engines:
+            link = links[engine.dp_rank]
+            if link.dead_reason is None and not engine.process.is_alive():
+                client.mark_rank_dead(link, _exit_reason(engine.process.exitcode))
+        if client.dead_reason is not None:
+            break
+        if launcher is not None and os.getppid() != launcher.pid:
+            logger.error("the process that started this API server is gone; stopping")
+            break
         if not announced and all(server.started for server in servers):
             config = servers[0].config
-            print(f"pd-serve ready: http://{config.host}:{config.port}/v1", flush=True)
+            url = f"http://{config.host}:{config.port}/v1"
+            if launcher is None:
+                print(f"pd-serve ready: {url}", flush=True)
+            else:
+                print(f"API server of DP rank {engines[0].dp_rank} ready: {url}", flush=True)
+                launcher.ready.put((engines[0].dp_rank, url))
             announced = True
         await asyncio.sleep(0.2)
-    if not process.is_alive():
-        client.mark_dead(_exit_reason(process.exitcode))
     for server in servers:
         server.should_exit = True
 
@@ -191,12 +271,13 @@ def _exit_reason(exitcode: int | None) -> str:
     return f"engine process exited with code {exitcode}"
 
 
-def _stop_engine(process: multiprocessing.Process) -> None:
-    if process.is_alive():
-        process.join(_ENGINE_STOP_TIMEOUT_S)
-    if process.is_alive():
-        process.kill()
-        process.join()
+def _stop_engines(engines: list[EngineProcess]) -> None:
+    for engine in engines:
+        if engine.process.is_alive():
+            engine.process.join(_ENGINE_STOP_TIMEOUT_S)
+        if engine.process.is_alive():
+            engine.process.kill()
+            engine.process.join()
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ from pd.engine_client import (
     ClusterUnavailable,
     EngineClient,
     EngineInfo,
+    RequestEntry,
     RequestFailed,
     RequestTimings,
 )
+from pd.engine_link import EngineLink
 from proto import cluster_pb2 as pb
 from scheduler.config import SchedulerConfig
 from scheduler.dispatch_policy import NoRankAvailable, dispatch
@@ -37,13 +39,16 @@ _DISPATCH_POLL_S = 0.1
 class SplitwiseEngineClient(EngineClient):
     def __init__(
         self,
-        address: str,
+        addresses: list[str],
         tokenizer,  # type: ignore[no-untyped-def]
         timings: RequestTimings | None,
         scheduler: SchedulerConfig,
         api_id: str,
+        dp_ranks: list[int] | None = None,
     ):
-        super().__init__(address, tokenizer, timings)
+        """Requests go through Redis; ``addresses`` are this instance's own engines
+        (one per local DP rank), watched for readiness, stats and death."""
+        super().__init__(addresses, tokenizer, timings, dp_ranks)
         self.scheduler = scheduler
         self.api_id = api_id
         self.frontend: SplitwiseFrontend | None = None
@@ -77,9 +82,14 @@ class SplitwiseEngineClient(EngineClient):
             except (NoRankAvailable, SchedulerUnavailable):
                 await asyncio.sleep(_DISPATCH_POLL_S)
 
-    def _submit(self, child_ids: list[str], prompt_token_ids: list[int], params: SamplingParams):
+    def _place(self) -> None:
+        """Placed by the cluster's dispatcher, on any instance's rank."""
+        return None
+
+    def _submit(self, entry: RequestEntry, prompt_token_ids: list[int], params: SamplingParams):
         """Queue each child on a prefill rank (one Redis round trip each)."""
         assert self.frontend is not None
+        child_ids = entry.child_ids
         for i, child_id in enumerate(child_ids):
             request = pb.DispatchedRequest(
                 request_id=child_id,
@@ -90,10 +100,10 @@ class SplitwiseEngineClient(EngineClient):
                 self.frontend.submit(request)
             except (NoRankAvailable, SchedulerUnavailable) as e:
                 if i:
-                    self._abort(child_ids[:i])
+                    self._abort(child_ids[:i], None)
                 raise ClusterUnavailable(str(e)) from None
 
-    def _abort(self, child_ids: list[str]) -> None:
+    def _abort(self, child_ids: list[str], link: EngineLink | None) -> None:
         """Off the event loop: an abort is a Redis round trip or two per child."""
         frontend = self.frontend
         if frontend is None:
@@ -121,7 +131,7 @@ class SplitwiseEngineClient(EngineClient):
             else:
                 outputs.append(entry_to_output(entry))
         if outputs:
-            self._on_outputs(outputs)
+            self._on_outputs(outputs, None)
 
     async def shutdown(self) -> None:
         if self.frontend is not None:

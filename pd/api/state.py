@@ -25,7 +25,7 @@ class ServerState:
     @classmethod
     def create(cls, args: ServeArgs, tokenizer: Any) -> ServerState:
         names = list(args.served_model_name or [args.model])
-        metrics = ServerMetrics(names[0])
+        metrics = ServerMetrics(names[0], dp_ranks=tuple(args.dp_layout.ranks))
         return cls(args=args, tokenizer=tokenizer, model_names=names, metrics=metrics)
 
     @functools.cached_property
@@ -57,4 +57,6 @@ class ServerState:
             on_stats=self.metrics.set_engine_stats,
             on_kv_events=self.metrics.observe_kv_events,
             on_workers=self.metrics.set_tp_workers,
+            on_routed=self.metrics.observe_routed,
+            on_rank_up=self.metrics.set_dp_rank_up,
         )

@@ -156,18 +156,33 @@ INVALID = [
     (["--device", "tpu"], "argument --device: 'tpu' is not one of auto, cpu, cuda"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--engine-threads", "-1"], "argument --engine-threads: must be >= 0"),
-    (["--ports", "8001,8002"], "--ports has 2 ports but --data-parallel-size is 1"),
+    (["--ports", "8001,8002"], "--ports has 2 ports for 1 DP rank"),
     (
-        ["--data-parallel-size", "2", "--engine-worker-queue-port", "1,2,3"],
-        "--engine-worker-queue-port has 3 ports but --data-parallel-size is 2",
+        ["--data-parallel-size", "3", "--engine-worker-queue-port", "1,2"],
+        "--engine-worker-queue-port has 2 ports; give one per DP rank (3), or one to count",
     ),
     (
-        ["--data-parallel-size", "2", "--metrics-ports", "9001"],
-        "--metrics-ports has 1 port but --data-parallel-size is 2",
+        ["--data-parallel-size", "2", "--ports", "8001,8002", "--metrics-ports", "9001"],
+        "--metrics-ports has 1 port for 2 API servers (--ports)",
     ),
     (
-        ["--tensor-parallel-size", "2", "--rdma-comm-ports", "7671"],
-        "--rdma-comm-ports has 1 port but the instance has 2 GPUs",
+        ["--tensor-parallel-size", "3", "--rdma-comm-ports", "7671,7672"],
+        "--rdma-comm-ports has 2 ports; give one per GPU (3)",
+    ),
+    (
+        [
+            "--data-parallel-size",
+            "4",
+            "--data-parallel-start-rank",
+            "3",
+            "--data-parallel-size-local",
+            "2",
+        ],
+        "--data-parallel-start-rank 3 with --data-parallel-size-local 2 runs DP ranks past",
+    ),
+    (
+        ["--data-parallel-size", "4", "--data-parallel-start-rank", "2"],
+        "the others need a meeting point, --data-parallel-address and --data-parallel-rpc-port",
     ),
     (["--port", "8001", "--ports", "8002"], "--port 8001 disagrees with --ports 8002"),
     (["--metrics-port", "8000"], "port 8000 is used by --port and --metrics-port"),
@@ -193,10 +208,7 @@ def test_model_is_required(capsys):
 
 
 NOT_SUPPORTED = [
-    (["--data-parallel-size", "2"], "data parallelism (--data-parallel-size 2)"),
-    (["--enable-expert-parallel"], "expert parallelism (--enable-expert-parallel)"),
     (["--router", "10.0.0.1:30000"], "registering with pd-router (--router)"),
-    (["--metrics-ports", "3101"], "one metrics server per DP rank (--metrics-ports)"),
 ]
 
 
@@ -224,8 +236,8 @@ def test_later_features_are_rejected_not_ignored(capsys, extra: list[str], messa
 
 
 def test_invalid_combinations_are_reported_before_not_supported(capsys):
-    line = error_line(capsys, ["--model", "/m", "--data-parallel-size", "2", "--ports", "8001"])
-    assert "--ports has 1 port but --data-parallel-size is 2" in line
+    line = error_line(capsys, ["--model", "/m", "--router", "h:1", "--ports", "1,2"])
+    assert "--ports has 2 ports for 1 DP rank" in line
     line = error_line(capsys, ["--model", "/m", "--splitwise-role", "prefill"])
     assert "needs --scheduler-name splitwise or --router" in line
     decode_async = "--splitwise-role decode --scheduler-name splitwise --async-scheduling"
@@ -233,36 +245,6 @@ def test_invalid_combinations_are_reported_before_not_supported(capsys):
     assert "--async-scheduling is for mixed instances" in line
     decode = parse_args(["--model", "/m", *decode_async.split()[:-1]])
     assert decode.async_scheduling  # the default, which a decode rank does not apply
-
-
-def test_fastdeploy_seed_command_lines(capsys):
-    # The seed's decode instance: 8 engine-worker-queue ports for --data-parallel-size 4.
-    seed = argv(
-        "--model /m --port 8184 --metrics-port 8185 --engine-worker-queue-port "
-        "25611,25621,25631,25641,25651,25661,25671,25681 --cache-queue-port 8187 "
-        "--tensor-parallel-size 1 --data-parallel-size 4 --enable-expert-parallel "
-        "--scheduler-name splitwise --cache-transfer-protocol rdma,ipc "
-        "--scheduler-host 127.0.0.1 --scheduler-port 6379 --scheduler-ttl 9000 "
-        "--scheduler-topic test --splitwise-role decode"
-    )
-    line = error_line(capsys, seed)
-    assert "--engine-worker-queue-port has 8 ports but --data-parallel-size is 4" in line
-
-    # Its prefill twin with one port per DP rank everywhere is well formed.
-    def eight(base: int) -> str:
-        return ",".join(str(base + rank) for rank in range(8))
-
-    consistent = argv(
-        f"--model /m --port 8180 --metrics-port 8181 --engine-worker-queue-port {eight(25611)} "
-        f"--cache-queue-port {eight(8183)} --data-parallel-size 8 --enable-expert-parallel "
-        f"--cache-transfer-protocol rdma,ipc --rdma-comm-ports {eight(7671)} "
-        f"--pd-comm-port {eight(2334)} --splitwise-role prefill "
-        "--scheduler-name splitwise --scheduler-host 127.0.0.1 --scheduler-port 6379 "
-        "--scheduler-topic test --scheduler-ttl 9000"
-    )
-    assert error_line(capsys, consistent).endswith(
-        "not supported yet: data parallelism (--data-parallel-size 8)"
-    )
 
 
 def test_help_groups_flags_by_topic(capsys):

@@ -87,13 +87,27 @@ def test_unknown_finish_reason_is_refused():
 
 def test_engine_stats_gauges():
     metrics = ServerMetrics("m")
-    metrics.set_engine_stats(running=3, waiting=7, free_blocks=25, total_blocks=100)
-    assert value(metrics, "pd:num_requests_running") == 3
-    assert value(metrics, "pd:num_requests_waiting") == 7
-    assert value(metrics, "pd:num_gpu_blocks_free") == 25
-    assert value(metrics, "pd:kv_cache_usage_perc") == 0.75
-    metrics.set_engine_stats(running=0, waiting=0, free_blocks=0, total_blocks=0)
-    assert value(metrics, "pd:kv_cache_usage_perc") == 0.0
+    metrics.set_engine_stats(0, running=3, waiting=7, free_blocks=25, total_blocks=100)
+    rank0 = {"dp_rank": "0"}
+    assert value(metrics, "pd:num_requests_running", **rank0) == 3
+    assert value(metrics, "pd:num_requests_waiting", **rank0) == 7
+    assert value(metrics, "pd:num_gpu_blocks_free", **rank0) == 25
+    assert value(metrics, "pd:kv_cache_usage_perc", **rank0) == 0.75
+    metrics.set_engine_stats(0, running=0, waiting=0, free_blocks=0, total_blocks=0)
+    assert value(metrics, "pd:kv_cache_usage_perc", **rank0) == 0.0
+
+
+def test_per_dp_rank_series():
+    metrics = ServerMetrics("m", dp_ranks=(2, 3))
+    assert value(metrics, "pd:num_requests_running", dp_rank="3") == 0
+    metrics.set_engine_stats(3, running=4, waiting=0, free_blocks=1, total_blocks=4)
+    metrics.observe_routed(3)
+    metrics.set_dp_rank_up(2, False)
+    assert value(metrics, "pd:num_requests_running", dp_rank="2") == 0
+    assert value(metrics, "pd:num_requests_running", dp_rank="3") == 4
+    assert value(metrics, "pd:dp_rank_requests_total", dp_rank="3") == 1
+    assert value(metrics, "pd:dp_rank_requests_total", dp_rank="2") == 0
+    assert value(metrics, "pd:dp_rank_up", dp_rank="2") == 0
 
 
 def test_registries_are_separate_from_each_other_and_the_global_one():

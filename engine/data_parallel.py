@@ -1,0 +1,84 @@
+"""The DP group: the engine cores of one instance's DP ranks, which may span hosts.
+
+DP ranks run their own requests and share no KV, so serving needs nothing from the
+group; it exists for what must agree across ranks. At start-up every rank proves it
+serves the same model with the same limits (a rank started with another checkpoint
+or another --max-model-len would answer the same request differently); expert
+parallelism steps the ranks in lockstep over it. The group is gloo on the CPU
+whatever the device: it carries a few integers per call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig
+from engine.distributed import JOIN_TIMEOUT, GroupAddress, ParallelGroup, join_group
+
+
+@dataclass
+class DataParallelGroup:
+    """A DP rank's group handle; DP rank 0 also hosts the store the ranks meet at."""
+
+    group: ParallelGroup
+    store: dist.TCPStore | None = None  # kept alive with the group
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def size(self) -> int:
+        return self.group.size
+
+
+def join_data_parallel_group(config: EngineConfig) -> DataParallelGroup:
+    """Meet the other DP ranks (at most ``JOIN_TIMEOUT``) and check that they serve the
+    same model; a lone rank returns at once."""
+    dp = config.data_parallel
+    if dp.size == 1:
+        return DataParallelGroup(ParallelGroup.single())
+    store = dist.TCPStore(
+        dp.master_host,
+        dp.master_port,
+        dp.size,
+        is_master=dp.rank == 0,
+        timeout=JOIN_TIMEOUT,
+        wait_for_workers=False,
+    )
+    address = GroupAddress(dp.master_host, dp.master_port, dp.size)
+    group = join_group(address, dp.rank, torch.device("cpu"), store)
+    check_same_model(group, config)
+    return DataParallelGroup(group, store)
+
+
+def serving_digest(config: EngineConfig) -> tuple[int, str]:
+    """A 62-bit digest of what every DP rank must share, and the same in words."""
+    model, cache, limits = config.model, config.cache, config.scheduler
+    words = (
+        f"{model.architecture} hidden {model.hidden_size} layers {model.num_hidden_layers} "
+        f"heads {model.num_attention_heads}/{model.num_key_value_heads} vocab "
+        f"{model.vocab_size} {str(model.dtype).removeprefix('torch.')}, TP "
+        f"{config.tensor_parallel_size}, block size {cache.block_size}, max_model_len "
+        f"{limits.max_model_len}"
+    )
+    digest = int.from_bytes(hashlib.sha256(words.encode()).digest()[:8], "little") >> 2
+    return digest, words
+
+
+def check_same_model(group: ParallelGroup, config: EngineConfig) -> None:
+    """Raise ValueError on every rank unless all ranks have the same serving digest."""
+    digest, words = serving_digest(config)
+    mine = torch.tensor([digest], dtype=torch.int64)
+    everyone = group.all_gather_last_dim(mine).tolist()
+    differing = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
+    if differing:
+        raise ValueError(
+            f"the DP ranks do not serve the same model: DP rank(s) "
+            f"{', '.join(map(str, differing))} differ from DP rank 0 (DP rank {group.rank} "
+            f"serves {words})"
+        )
