@@ -53,6 +53,7 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sequences: dict[str, Sequence] = {}  # every request holding state, parked too
+        self.num_requests_taken = 0  # added or adopted since start (per-rank load metric)
         self.num_parked = 0
         self.stalled = False  # the last step found nothing it could schedule
         self._arrivals = itertools.count()
@@ -94,6 +95,7 @@ class EngineCore:
         seq = self._new_sequence(request_id, prompt_token_ids, params)
         seq.prefill_only = prefill_only
         self.sequences[request_id] = seq
+        self.num_requests_taken += 1
         self.scheduler.add(seq)
 
     def adopt_request(
@@ -117,6 +119,7 @@ class EngineCore:
         seq.block_ids = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
         self.sequences[request_id] = seq
+        self.num_requests_taken += 1
         self.scheduler.adopt(seq)
 
     def _new_sequence(

@@ -82,7 +82,8 @@ class RequestTimings:
     on_stats: Callable[[int, int, int, int, int], None] = lambda *args: None
     on_kv_events: Callable[[list], None] = lambda events: None
     on_workers: Callable[[int, list[bool]], None] = lambda dp_rank, alive: None
-    on_routed: Callable[[int], None] = lambda dp_rank: None  # a request sent to a DP rank
+    # (dp_rank, requests its engine has taken since it started)
+    on_requests_taken: Callable[[int, int], None] = lambda dp_rank, total: None
     on_rank_up: Callable[[int, bool], None] = lambda dp_rank, up: None
 
 
@@ -228,7 +229,6 @@ class EngineClient:
         self.streams[request_id] = entry
         if link is not None:
             link.num_open += len(child_ids)
-            self.timings.on_routed(link.dp_rank)
         for child_id in child_ids:
             self.child_to_parent[child_id] = request_id
         handle = RequestStream(self, request_id, entry)
@@ -293,6 +293,7 @@ class EngineClient:
             elif kind is Kind.STATS:
                 self.timings.on_kv_events(payload.kv_events)
                 self.timings.on_workers(link.dp_rank, payload.tp_workers_alive)
+                self.timings.on_requests_taken(link.dp_rank, payload.num_requests_taken)
                 self.timings.on_stats(
                     link.dp_rank,
                     payload.num_running,

@@ -54,6 +54,7 @@ class EngineStats:
     # Per TP rank (rank 0 first): whether its worker is alive. Every rank holds the
     # same blocks (one block manager per DP rank), so KV use is the same on each.
     tp_workers_alive: list = field(default_factory=lambda: [True])
+    num_requests_taken: int = 0  # since the engine started (EngineCore.num_requests_taken)
 
 
 KV_EVENT_KINDS = ("transfer", "transfer_failed", "reserve_refused", "redispatched")

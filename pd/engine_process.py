@@ -242,6 +242,7 @@ class EngineLoop:
             num_blocks=blocks.num_blocks,
             kv_events=self._kv_events(),
             tp_workers_alive=self.engine.executor.workers_alive(),
+            num_requests_taken=self.engine.num_requests_taken,
         )
         for identity in self.clients:
             self._send(identity, Kind.STATS, stats)

@@ -58,7 +58,7 @@ class ServerMetrics:
         self._make_kv_transfer_metrics()
         for dp_rank in dp_ranks:  # rendered from the start, before the first stats
             self.set_engine_stats(dp_rank, 0, 0, 0, 0)
-            self._routed.labels(model_name, str(dp_rank))
+            self._taken.labels(model_name, str(dp_rank))
 
     def _make_gauges(self) -> None:
         def per_rank(name: str, doc: str) -> Gauge:
@@ -93,12 +93,14 @@ class ServerMetrics:
             registry=self.registry,
         )
         self._finished = {r: success.labels(self.model_name, r) for r in FINISHED_REASONS}
-        self._routed = Counter(
+        self._taken = Counter(
             "pd:dp_rank_requests_total",
-            "Requests this API server sent to each local DP rank (its balancing).",
+            "Requests (each choice of n) each local DP rank took into its engine: sent by "
+            "this API server, or, in a splitwise cluster, dispatched to it or adopted.",
             ["model_name", "dp_rank"],
             registry=self.registry,
         )
+        self._taken_so_far: dict[int, int] = {}
 
     def _make_histograms(self) -> None:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -202,8 +204,12 @@ class ServerMetrics:
     def set_dp_rank_up(self, dp_rank: int, up: bool) -> None:
         self._dp_rank_up.labels(self.model_name, str(dp_rank)).set(int(up))
 
-    def observe_routed(self, dp_rank: int) -> None:
-        self._routed.labels(self.model_name, str(dp_rank)).inc()
+    def set_requests_taken(self, dp_rank: int, total: int) -> None:
+        """The engine's running total (from its stats) into the per-rank counter."""
+        delta = total - self._taken_so_far.get(dp_rank, 0)
+        if delta > 0:
+            self._taken.labels(self.model_name, str(dp_rank)).inc(delta)
+            self._taken_so_far[dp_rank] = total
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

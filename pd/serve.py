@@ -203,7 +203,8 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
         watcher.cancel()
         await client.shutdown()
         _stop_engines(engines)
-    return 1 if client.dead_reason else 0
+    # A DP rank that died is a failure to report, even when the others drained cleanly.
+    return 1 if any(link.dead_reason for link in client.links) else 0
 
 
 def _make_servers(args: ServeArgs, port: int, app, state, uvicorn) -> list:

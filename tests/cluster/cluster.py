@@ -67,7 +67,7 @@ def wait_blocks_free(servers: Iterable[ServerProcess], timeout_s: float = _BLOCK
     deadline = time.monotonic() + timeout_s
     for server in servers:
         while True:
-            usage = server.metric("pd:kv_cache_usage_perc")
+            usage = max(server.metric_samples("pd:kv_cache_usage_perc"))  # every DP rank
             if usage == 0.0:
                 break
             if time.monotonic() > deadline:

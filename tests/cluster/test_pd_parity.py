@@ -124,6 +124,25 @@ def test_cuda_ipc_cluster_equals_offline_on_gpu(make_cluster, model_dir) -> None
     wait_blocks_free([prefill, decode])
 
 
+@pytest.mark.slow
+def test_dp2_prefill_and_dp2_decode_equal_offline_over_all_four_ranks(make_cluster, reference):
+    """The seed's layout at small scale: each DP rank registers as its own rank, takes
+    work from Redis, and the load spreads over all of them."""
+    cluster: Cluster = make_cluster()
+    dp2 = ("--data-parallel-size", "2")
+    prefill, decode = cluster.start("prefill", *dp2), cluster.start("decode", *dp2)
+    texts = prompts()
+    got = asyncio.run(complete_all([prefill.base_url, decode.base_url], texts))
+    assert got == [reference[p] for p in texts]
+    for server in (prefill, decode):
+        deadline = time.monotonic() + 5  # stats come every 100 ms
+        while sum(taken := server.metric_samples("pd:dp_rank_requests_total")) < len(texts):
+            assert time.monotonic() < deadline, taken
+            time.sleep(0.1)
+        assert len(taken) == 2 and min(taken) > 0, f"{server.root_url}: {taken}"
+    wait_blocks_free([prefill, decode])
+
+
 def wait_until_counted(servers, name: str, labels: str, expected: int) -> None:  # type: ignore[no-untyped-def]
     """The metric summed over ``servers`` reaches ``expected`` (stats come every 100 ms)."""
     deadline = time.monotonic() + 5

@@ -49,12 +49,21 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def metric(self, name: str, labels: str = "") -> float:
-        """One sample of a metric from /metrics (labels: e.g. 'finished_reason="abort"')."""
+        """One sample of a metric from /metrics (labels: e.g. 'finished_reason="abort"');
+        the first, when several match (e.g. one per DP rank)."""
+        return self.metric_samples(name, labels)[0]
+
+    def metric_samples(self, name: str, labels: str = "") -> list[float]:
+        """Every sample of a metric whose labels contain ``labels``, in /metrics order."""
         text = httpx.get(f"{self.root_url}/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith(name + "{") and labels in line:
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(f"{name}{{{labels}}} not in /metrics")
+        found = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and labels in line
+        ]
+        if not found:
+            raise KeyError(f"{name}{{{labels}}} not in /metrics")
+        return found
 
     def engine_pid(self) -> int:
         pids = spawned_children(self.process.pid)
@@ -74,11 +83,15 @@ class ServerProcess:
 
 
 def start_server(
-    model_dir: Path, log_path: Path, *extra: str, env: Mapping[str, str] | None = None
+    model_dir: Path,
+    log_path: Path,
+    *extra: str,
+    env: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> ServerProcess:
     """Start ``pd-serve`` on CPU (``env``: its environment, default this one's) and wait
     until it is ready."""
-    port = pick_free_port()
+    port = port or pick_free_port()
     command = [
         sys.executable, "-m", "pd.serve",
         "--model", str(model_dir),

@@ -101,7 +101,8 @@ def test_per_dp_rank_series():
     metrics = ServerMetrics("m", dp_ranks=(2, 3))
     assert value(metrics, "pd:num_requests_running", dp_rank="3") == 0
     metrics.set_engine_stats(3, running=4, waiting=0, free_blocks=1, total_blocks=4)
-    metrics.observe_routed(3)
+    metrics.set_requests_taken(3, 1)
+    metrics.set_requests_taken(3, 1)  # a running total: counted once
     metrics.set_dp_rank_up(2, False)
     assert value(metrics, "pd:num_requests_running", dp_rank="2") == 0
     assert value(metrics, "pd:num_requests_running", dp_rank="3") == 4

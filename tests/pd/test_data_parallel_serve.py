@@ -1,0 +1,220 @@
+"""Data parallelism in ``pd-serve`` (real processes, gloo DP group, the official openai
+client): two DP ranks behind one API server answer 32 concurrent requests with the
+offline engine's greedy tokens, spread over both ranks; a killed DP rank fails its own
+requests with a clear error while the other keeps serving; one API server per DP rank
+(``--ports`` and ``pd-serve multi-api-server``) answers on each port with its own
+metrics; ranks serving different models refuse to start."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from pd import LLM, SamplingParams
+from pd.args import pick_free_port
+from tests.cluster.test_pd_parity import prompts
+from tests.pd.server_process import ServerProcess, start_server
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model) -> Path:
+    return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir) -> dict[str, str]:
+    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=256, device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    texts = prompts()
+    return {p: o.outputs[0].text for p, o in zip(texts, llm.generate(texts, params), strict=True)}
+
+
+async def complete_all(base_urls: list[str], texts: list[str]) -> list[str]:
+    """Every prompt at once, spread over ``base_urls`` in turn."""
+    clients = [
+        openai.AsyncOpenAI(base_url=u, api_key="x", max_retries=0, timeout=60) for u in base_urls
+    ]
+
+    async def one(i: int, prompt: str) -> str:
+        reply = await clients[i % len(clients)].completions.create(
+            model=str(model_name(base_urls[0])), prompt=prompt, max_tokens=MAX_TOKENS,
+            temperature=0, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return reply.choices[0].text
+
+    try:
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(texts)))
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def model_name(base_url: str) -> str:
+    return httpx.get(f"{base_url}/models", timeout=10).json()["data"][0]["id"]
+
+
+def rank_metric(root_url: str, name: str, dp_rank: int) -> float:
+    text = httpx.get(f"{root_url}/metrics", timeout=10).text
+    match = re.search(rf'^{re.escape(name)}{{dp_rank="{dp_rank}",[^}}]*}} (\S+)$', text, re.M)
+    assert match, f"{name} of DP rank {dp_rank} not in /metrics"
+    return float(match.group(1))
+
+
+def engine_pids(server: ServerProcess) -> dict[int, int]:
+    """DP rank -> its engine process's pid, from the start-up log."""
+    found = re.findall(r"engine core \(DP rank (\d+)\) pid (\d+)", server.log())
+    return {int(rank): int(pid) for rank, pid in found}
+
+
+def test_two_dp_ranks_behind_one_api_server(model_dir, reference, tmp_path):
+    server = start_server(model_dir, tmp_path / "dp2.log", "--data-parallel-size", "2")
+    try:
+        texts = prompts()
+        assert asyncio.run(complete_all([server.base_url], texts)) == [reference[p] for p in texts]
+        taken = [rank_metric(server.root_url, "pd:dp_rank_requests_total", r) for r in (0, 1)]
+        deadline = time.monotonic() + 5  # stats come every 100 ms
+        while sum(taken) < len(texts) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            taken = [rank_metric(server.root_url, "pd:dp_rank_requests_total", r) for r in (0, 1)]
+        assert sum(taken) == len(texts)
+        assert min(taken) >= len(texts) // 4, f"not balanced: {taken}"
+        assert "DP rank 1" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_a_killed_dp_rank_fails_its_requests_and_the_other_serves(model_dir, reference, tmp_path):
+    server = start_server(model_dir, tmp_path / "dp2.log", "--data-parallel-size", "2",
+                          "--max-model-len", "512")  # fmt: skip
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        chunks: list[str] = []
+        errors: list[BaseException] = []
+
+        def stream() -> None:
+            try:
+                for chunk in client.completions.create(
+                    model=model, prompt="Crash", max_tokens=480, temperature=0, stream=True,
+                    extra_body={"ignore_eos": True},
+                ):  # fmt: skip
+                    chunks.append(chunk.choices[0].text)
+            except Exception as error:  # the failure is what we check
+                errors.append(error)
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not chunks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy: list[int] = []
+        while not busy and time.monotonic() < deadline:  # stats come every 100 ms
+            busy = [r for r in (0, 1) if rank_metric(server.root_url, "pd:num_requests_running", r)]
+        assert len(busy) == 1, busy
+        dead_rank = busy[0]
+        engine_pid = engine_pids(server)[dead_rank]
+        subprocess.run(["kill", "-9", str(engine_pid)], check=True)
+        thread.join(15)
+        assert not thread.is_alive(), "the stream did not end after its engine died"
+        assert errors and 0 < len(chunks) < 480
+        assert f"engine process exited with code {-signal.SIGKILL}" in str(errors[0])
+        # The other rank serves every later request; the dead one takes none.
+        texts = prompts(8, seed=3)
+        expected = LLM(model=str(model_dir), dtype="float32", max_model_len=512, device="cpu")
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        want = [o.outputs[0].text for o in expected.generate(texts, params)]
+        assert asyncio.run(complete_all([server.base_url], texts)) == want
+        assert rank_metric(server.root_url, "pd:dp_rank_up", dead_rank) == 0.0
+        assert rank_metric(server.root_url, "pd:dp_rank_up", 1 - dead_rank) == 1.0
+        health = httpx.get(f"{server.root_url}/health", timeout=10)
+        assert health.status_code == 200, health.text
+        assert f"DP rank {dead_rank}: engine dead" in server.log()
+    finally:
+        code = server.stop()
+    assert code == 1, "a DP rank died: the instance's exit says so"
+
+
+def test_one_api_server_per_dp_rank_with_ports(model_dir, reference, tmp_path):
+    first, second, metrics_a, metrics_b = (pick_free_port() for _ in range(4))
+    server = start_server(
+        model_dir, tmp_path / "ports.log", "--data-parallel-size", "2",
+        "--ports", f"{first},{second}", "--metrics-ports", f"{metrics_a},{metrics_b}",
+        port=first,
+    )  # fmt: skip
+    try:
+        assert f"http://127.0.0.1:{second}/v1" in server.log()
+        urls = [f"http://127.0.0.1:{port}/v1" for port in (first, second)]
+        texts = prompts(8)
+        assert asyncio.run(complete_all(urls, texts)) == [reference[p] for p in texts]
+        for dp_rank, metrics_port in enumerate((metrics_a, metrics_b)):
+            root = f"http://127.0.0.1:{metrics_port}"
+            assert rank_metric(root, "pd:dp_rank_requests_total", dp_rank) == 4
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+@pytest.mark.slow
+def test_multi_api_server_command(model_dir, reference, tmp_path):
+    """FastDeploy's shape: ``python -m pd.multi_api_server --num-servers N --ports ...
+    --metrics-ports ... --args <pd-serve flags>``."""
+    ports = [pick_free_port() for _ in range(4)]
+    log_path = tmp_path / "multi.log"
+    command = [
+        sys.executable, "-m", "pd.multi_api_server", "--num-servers", "2",
+        "--ports", f"{ports[0]},{ports[1]}", "--metrics-ports", f"{ports[2]},{ports[3]}",
+        "--args", "--model", str(model_dir), "--host", "127.0.0.1", "--device", "cpu",
+        "--dtype", "float32", "--max-model-len", "256", "--data-parallel-size", "2",
+        "--engine-worker-queue-port", f"{pick_free_port()}",
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(process, ports[0], log_path)
+    try:
+        deadline = time.monotonic() + 120
+        while "pd-serve ready" not in server.log():
+            assert process.poll() is None and time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
+        urls = [f"http://127.0.0.1:{port}/v1" for port in ports[:2]]
+        texts = prompts(4)
+        assert asyncio.run(complete_all(urls, texts)) == [reference[p] for p in texts]
+        for dp_rank, metrics_port in enumerate(ports[2:]):
+            root = f"http://127.0.0.1:{metrics_port}"
+            assert rank_metric(root, "pd:dp_rank_up", dp_rank) == 1.0
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_dp_ranks_serving_different_models_refuse_to_start(tiny_model, tmp_path):
+    """Two halves of one instance started by hand with different checkpoints: the DP
+    group's start-up check names the difference, and both exit."""
+    rpc = str(pick_free_port())
+    common = ["--data-parallel-size", "2", "--data-parallel-size-local", "1",
+              "--data-parallel-rpc-port", rpc]  # fmt: skip
+    logs, processes = [], []
+    for dp_rank, arch in enumerate(("qwen2", "llama")):
+        log_path = tmp_path / f"rank{dp_rank}.log"
+        command = [
+            sys.executable, "-m", "pd.serve", "--model", str(tiny_model(arch)),
+            "--host", "127.0.0.1", "--port", str(pick_free_port()), "--device", "cpu",
+            "--dtype", "float32", "--max-model-len", "256",
+            "--data-parallel-start-rank", str(dp_rank), *common,
+        ]  # fmt: skip
+        with log_path.open("w") as log:
+            processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+        logs.append(log_path)
+    codes = [p.wait(120) for p in processes]
+    assert codes == [1, 1]
+    for log_path in logs:
+        assert "the DP ranks do not serve the same model" in log_path.read_text()
