@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import ParallelGroup
+from engine.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -41,6 +42,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the full vocab."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.num_embeddings]

@@ -13,6 +13,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import ParallelGroup
+from engine.kernels import can_run_triton
+
+GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.linear``; on CUDA, one row of 16-bit activations (batch-1 decode) runs our
+    GEMV instead, which reads the weight nearer the HBM rate than cuBLAS does
+    (engine/kernels/gemv.py). float32 stays on torch: the parity references use it."""
+    if (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and weight.dtype in GEMV_DTYPES
+        and x.dtype == weight.dtype
+        and weight.stride(1) == 1
+        and can_run_triton(x)
+    ):
+        from engine.kernels import gemv  # NOTE: lazily: CPU-only installs lack triton
+
+        return gemv.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -48,7 +69,7 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -142,4 +163,4 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias))
+        return self.tp.all_reduce(linear(x, self.weight, self.bias))

@@ -72,6 +72,14 @@ def rank_metric(root_url: str, name: str, dp_rank: int) -> float:
     return float(match.group(1))
 
 
+def wait_rank_metric(root_url: str, name: str, dp_rank: int, expected: float) -> None:
+    """The metric reaches ``expected`` (engine stats come every 100 ms)."""
+    deadline = time.monotonic() + 5
+    while (value := rank_metric(root_url, name, dp_rank)) != expected:
+        assert time.monotonic() < deadline, f"{name} of DP rank {dp_rank}: {value}"
+        time.sleep(0.1)
+
+
 def engine_pids(server: ServerProcess) -> dict[int, int]:
     """DP rank -> its engine process's pid, from the start-up log."""
     found = re.findall(r"engine core \(DP rank (\d+)\) pid (\d+)", server.log())
@@ -83,11 +91,10 @@ def test_two_dp_ranks_behind_one_api_server(model_dir, reference, tmp_path):
     try:
         texts = prompts()
         assert asyncio.run(complete_all([server.base_url], texts)) == [reference[p] for p in texts]
-        taken = [rank_metric(server.root_url, "pd:dp_rank_requests_total", r) for r in (0, 1)]
         deadline = time.monotonic() + 5  # stats come every 100 ms
-        while sum(taken) < len(texts) and time.monotonic() < deadline:
+        while sum(taken := server.metric_samples("pd:dp_rank_requests_total")) < len(texts):
+            assert time.monotonic() < deadline, taken
             time.sleep(0.1)
-            taken = [rank_metric(server.root_url, "pd:dp_rank_requests_total", r) for r in (0, 1)]
         assert sum(taken) == len(texts)
         assert min(taken) >= len(texts) // 4, f"not balanced: {taken}"
         assert "DP rank 1" in server.log()
@@ -136,7 +143,7 @@ def test_a_killed_dp_rank_fails_its_requests_and_the_other_serves(model_dir, ref
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         want = [o.outputs[0].text for o in expected.generate(texts, params)]
         assert asyncio.run(complete_all([server.base_url], texts)) == want
-        assert rank_metric(server.root_url, "pd:dp_rank_up", dead_rank) == 0.0
+        wait_rank_metric(server.root_url, "pd:dp_rank_up", dead_rank, 0.0)
         assert rank_metric(server.root_url, "pd:dp_rank_up", 1 - dead_rank) == 1.0
         health = httpx.get(f"{server.root_url}/health", timeout=10)
         assert health.status_code == 200, health.text
@@ -160,7 +167,7 @@ def test_one_api_server_per_dp_rank_with_ports(model_dir, reference, tmp_path):
         assert asyncio.run(complete_all(urls, texts)) == [reference[p] for p in texts]
         for dp_rank, metrics_port in enumerate((metrics_a, metrics_b)):
             root = f"http://127.0.0.1:{metrics_port}"
-            assert rank_metric(root, "pd:dp_rank_requests_total", dp_rank) == 4
+            wait_rank_metric(root, "pd:dp_rank_requests_total", dp_rank, 4)
     finally:
         assert server.stop() == 0, server.log()
 
@@ -191,7 +198,7 @@ def test_multi_api_server_command(model_dir, reference, tmp_path):
         assert asyncio.run(complete_all(urls, texts)) == [reference[p] for p in texts]
         for dp_rank, metrics_port in enumerate(ports[2:]):
             root = f"http://127.0.0.1:{metrics_port}"
-            assert rank_metric(root, "pd:dp_rank_up", dp_rank) == 1.0
+            wait_rank_metric(root, "pd:dp_rank_up", dp_rank, 1.0)
     finally:
         assert server.stop() == 0, server.log()
 
