@@ -65,6 +65,7 @@ LAYOUTS = {
     "1P1D-tcp": ([("prefill",), ("decode",)], ["--cache-transfer-protocol", "tcp"]),
     "2P2D-ipc": ([("prefill",), ("prefill",), ("decode",), ("decode",)], []),
     "mixed": ([("mixed",)], []),
+    "mixed-dp2": ([("mixed", "--data-parallel-size", "2")], []),  # two ranks, one instance
     # Each TP rank writes its heads into the decode TP rank(s) that need them.
     "1P1D-tp2-ipc": ([("prefill", *TP2), ("decode", *TP2)], []),
     "1P1D-tp2-tcp": ([("prefill", *TP2), ("decode", *TP2)], ["--cache-transfer-protocol", "tcp"]),
@@ -94,7 +95,7 @@ def test_greedy_outputs_equal_offline(make_cluster, reference: dict[str, str], l
     )  # fmt: skip
     deltas = [chunk.choices[0].text for chunk in stream if chunk.choices]
     assert "".join(deltas) == reference[prompt]
-    if layout != "mixed":  # every request's KV moved, over the layout's protocol
+    if not layout.startswith("mixed"):  # every request's KV moved, over the layout's protocol
         protocol = 'protocol="tcp"' if "tcp" in layout else 'protocol="ipc"'
         prefills = [s for s, role in zip(servers, roles, strict=True) if role == "prefill"]
         wait_until_counted(prefills, "pd:kv_transfer_bytes_count", protocol, len(texts) + 1)
