@@ -16,6 +16,8 @@ import torch
 
 from engine.attention.backend import BACKEND_NAMES
 from engine.gguf_metadata import model_folder
+from engine.layers.fused_moe import local_expert_shape
+from engine.moe_config import MoeConfig
 
 _DTYPES = {
     "float32": torch.float32,
@@ -45,6 +47,8 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    # Rotate pairs of neighbouring dims (ERNIE-4.5, GPT-J) instead of the two halves.
+    interleaved: bool = False
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:
@@ -53,7 +57,8 @@ class RopeConfig:
         params = dict(hf.get("rope_parameters") or {})
         scaling = dict(hf.get("rope_scaling") or {})
         params.update(scaling)
-        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        default_theta = _DEFAULT_ROPE_THETA.get(hf.get("model_type", ""), 10000.0)
+        theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported yet")
@@ -64,6 +69,34 @@ class RopeConfig:
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=params.get("original_max_position_embeddings"),
+            interleaved=hf.get("model_type") == "ernie4_5_moe",
+        )
+
+
+# Where a config.json names no rope_theta, transformers' config class default.
+_DEFAULT_ROPE_THETA = {"ernie4_5_moe": 500000.0}
+
+
+@dataclass(frozen=True)
+class Multipliers:
+    """Granite's scalars (all neutral for other models): embeddings times ``embedding``,
+    each sub-layer's output times ``residual`` before the residual add, attention
+    scores times ``attention`` (None: head_dim ** -0.5), logits divided by
+    ``logits_scaling``."""
+
+    embedding: float = 1.0
+    residual: float = 1.0
+    attention: float | None = None
+    logits_scaling: float = 1.0
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> Multipliers:
+        attention = hf.get("attention_multiplier")
+        return cls(
+            embedding=float(hf.get("embedding_multiplier", 1.0)),
+            residual=float(hf.get("residual_multiplier", 1.0)),
+            attention=None if attention is None else float(attention),
+            logits_scaling=float(hf.get("logits_scaling", 1.0)),
         )
 
 
@@ -89,6 +122,8 @@ class ModelConfig:
     dtype: torch.dtype
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    multipliers: Multipliers = field(default_factory=Multipliers)
+    moe: MoeConfig | None = None  # None: a dense model
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto") -> ModelConfig:
@@ -127,6 +162,8 @@ class ModelConfig:
             dtype=parse_dtype(dtype, hf.get("torch_dtype") or hf.get("dtype")),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_eos_ids(folder, hf),
+            multipliers=Multipliers.from_hf(hf),
+            moe=MoeConfig.from_hf(hf),
         )
 
 
@@ -220,6 +257,9 @@ class EngineConfig:
     async_scheduling: bool = False
     tensor_parallel_size: int = 1  # worker processes of this DP rank, one device each
     data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
+    # MoE layers split whole experts over their group instead of each expert (dense
+    # models: no effect).
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         tp = self.tensor_parallel_size
@@ -263,6 +303,16 @@ class EngineConfig:
                 f"tensor_parallel_size {tp} and the model's num_key_value_heads ({kv}): one "
                 "must divide the other"
             )
+        if model.moe is not None:  # the MoE group is the TP group (for now)
+            moe = model.moe
+            local_expert_shape(
+                moe.num_experts, moe.moe_intermediate_size, tp, self.enable_expert_parallel
+            )
+            if moe.num_shared_experts and moe.shared_intermediate_size % tp:
+                raise ValueError(
+                    f"tensor_parallel_size {tp} does not divide the model's shared experts' "
+                    f"intermediate size ({moe.shared_intermediate_size})"
+                )
 
 
 def rank_device(device: str, tp_rank: int) -> torch.device:
@@ -313,6 +363,7 @@ def make_engine_config(
     tensor_parallel_size: int = 1,
     data_parallel: DataParallelConfig | None = None,
     device_offset: int = 0,
+    enable_expert_parallel: bool = False,
 ) -> EngineConfig:
     """One engine's config from flat user options (the ``LLM`` arguments and
     the ``pd-serve`` flags); sizes left as None are derived from the model.
@@ -342,4 +393,5 @@ def make_engine_config(
         async_scheduling=async_scheduling,
         tensor_parallel_size=tensor_parallel_size,
         data_parallel=data_parallel or DataParallelConfig(),
+        enable_expert_parallel=enable_expert_parallel,
     )

@@ -64,7 +64,7 @@ def serving_digest(config: EngineConfig) -> tuple[int, str]:
         f"heads {model.num_attention_heads}/{model.num_key_value_heads} vocab "
         f"{model.vocab_size} {str(model.dtype).removeprefix('torch.')}, TP "
         f"{config.tensor_parallel_size}, block size {cache.block_size}, max_model_len "
-        f"{limits.max_model_len}"
+        f"{limits.max_model_len}{', expert parallel' if config.enable_expert_parallel else ''}"
     )
     digest = int.from_bytes(hashlib.sha256(words.encode()).digest()[:8], "little") >> 2
     return digest, words

@@ -84,11 +84,17 @@ class ModelRunner:
         model_config = self.config.model
         torch.manual_seed(self.config.seed)
         model_class = get_model_class(model_config.architecture)
+        # MoE models shard their experts over the TP group (``moe_group`` defaults to it).
+        moe_kwargs = (
+            {"expert_parallel": self.config.enable_expert_parallel} if model_config.moe else {}
+        )
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(model_config.dtype)
         try:
             with torch.device(self.device):
-                model = model_class(model_config, self.config.scheduler.max_model_len, self.group)
+                model = model_class(
+                    model_config, self.config.scheduler.max_model_len, self.group, **moe_kwargs
+                )
         finally:
             torch.set_default_dtype(previous_dtype)
         if self.config.load_format == "dummy":

@@ -4,11 +4,19 @@ Each checkpoint tensor is routed to the parameter that owns it; stacked
 parameters (qkv_proj, gate_up_proj) are found through the model's
 ``packed_modules_mapping`` and each parameter's ``weight_loader`` copies in
 its tensor-parallel shard.
+
+MoE models add two class attributes, read in this order: ``checkpoint_renames``
+(regex, replacement) pairs for checkpoint names that differ from our modules, and
+``expert_weight_names``, each expert's projection name in the checkpoint -> its shard
+of the stacked experts ("w1" gate, "w3" up, "w2" down). A per-expert tensor
+``<prefix>.experts.<e>.<name>.weight`` goes to ``<prefix>.experts.w13_weight`` or
+``.w2_weight`` with its shard and expert id: ``weight_loader(param, t, shard, e)``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,13 +61,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """Fill every parameter of ``model`` from the checkpoint at ``path`` (an HF folder
     or a GGUF file), each tensor cast to its parameter's dtype."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    names = _NameRules(model)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: set[str] = set()
     for name, tensor in iterate_checkpoint(path):
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if names.is_ignored(name) or (tied and name == "lm_head.weight"):
             continue
-        target, shard_id = _resolve(name, packed)
+        target, shard_id, expert_id = names.resolve(name)
         param = params.get(target)
         if param is None:
             raise ValueError(f"model: checkpoint tensor {name!r} matches no parameter")
@@ -67,6 +75,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         loader = getattr(param, "weight_loader", None)
         if loader is None:
             param.data.copy_(tensor)
+        elif expert_id is not None:
+            loader(param, tensor, shard_id, expert_id)
         elif shard_id is None:
             loader(param, tensor)
         else:
@@ -75,11 +85,33 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     _check_all_loaded(params, loaded, tied)
 
 
-def _resolve(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
-    for fragment, (stacked, shard_id) in packed.items():
-        if f".{fragment}." in name:
-            return name.replace(f".{fragment}.", f".{stacked}."), shard_id
-    return name, None
+class _NameRules:
+    """A model's way from checkpoint names to (parameter, shard id, expert id)."""
+
+    def __init__(self, model: nn.Module):
+        self.packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+        self.renames = [(re.compile(p), r) for p, r in getattr(model, "checkpoint_renames", ())]
+        self.ignored = [re.compile(p) for p in getattr(model, "checkpoint_ignored", ())]
+        self.expert_shards: dict[str, str] = getattr(model, "expert_weight_names", {})
+        alternatives = "|".join(map(re.escape, self.expert_shards)) or "(?!)"
+        self.expert = re.compile(rf"(.+\.experts)\.(\d+)\.({alternatives})\.weight")
+
+    def is_ignored(self, name: str) -> bool:
+        return name.endswith(_IGNORED_SUFFIXES) or any(p.search(name) for p in self.ignored)
+
+    def resolve(self, name: str) -> tuple[str, object, int | None]:
+        for pattern, replacement in self.renames:
+            name = pattern.sub(replacement, name)
+        match = self.expert.fullmatch(name)
+        if match is not None:
+            prefix, expert, projection = match.groups()
+            shard_id = self.expert_shards[projection]
+            param = "w2_weight" if shard_id == "w2" else "w13_weight"
+            return f"{prefix}.{param}", shard_id, int(expert)
+        for fragment, (stacked, shard_id) in self.packed.items():
+            if f".{fragment}." in name:
+                return name.replace(f".{fragment}.", f".{stacked}."), shard_id, None
+        return name, None, None
 
 
 def _check_all_loaded(params: dict[str, nn.Parameter], loaded: set[str], tied: bool) -> None:

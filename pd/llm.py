@@ -23,6 +23,9 @@ class LLM:
     On CPU it runs torch's threads as the caller left them (``torch.set_num_threads``,
     ``OMP_NUM_THREADS``); ``pd-serve`` chooses its own (``pd.cpu_threads``).
 
+    ``enable_expert_parallel`` splits an MoE model's whole experts over the TP ranks
+    instead of each expert's width (engine/layers/fused_moe.py).
+
     ``tensor_parallel_size=N`` starts N-1 worker processes (spawned: a script that
     builds an ``LLM`` needs the ``if __name__ == "__main__":`` guard); ``shutdown()``
     or a ``with`` block stops them, and they stop when this process exits.
@@ -48,6 +51,7 @@ class LLM:
         enforce_eager: bool = False,
         async_scheduling: bool = True,
         tensor_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
     ):
         self.config = make_engine_config(
             model,
@@ -67,6 +71,7 @@ class LLM:
             enforce_eager=enforce_eager,
             async_scheduling=async_scheduling,
             tensor_parallel_size=tensor_parallel_size,
+            enable_expert_parallel=enable_expert_parallel,
         )
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.engine = EngineCore(self.config)

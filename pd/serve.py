@@ -96,6 +96,7 @@ def engine_kwargs(args: ServeArgs, local_index: int = 0, dp_master_port: int = 0
         "async_scheduling": args.async_scheduling and args.splitwise_role == "mixed",
         "tensor_parallel_size": args.tensor_parallel_size,
         "data_parallel": data_parallel,
+        "enable_expert_parallel": args.enable_expert_parallel,
     }
 
 
@@ -163,7 +164,8 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
 
     logger.info(apply_api_server_threads())
     if args.enable_expert_parallel:
-        logger.info("--enable-expert-parallel: the model has no MoE layers, so it changes nothing")
+        logger.info("--enable-expert-parallel: MoE layers split whole experts over the TP "
+                    "ranks; a dense model has none, so there it changes nothing")  # fmt: skip
     api_port = args.api_port or pick_free_port(args.host)
     instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
     channel_key = engine_channel_key(args.cluster_secret())

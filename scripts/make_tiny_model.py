@@ -4,9 +4,10 @@ The output folder holds config.json, model.safetensors (or shards plus
 model.safetensors.index.json), tokenizer.json, tokenizer_config.json and
 generation_config.json, and loads offline with ``transformers``. The tokenizer
 is a byte-level BPE trained on the bundled ``tiny_corpus.txt``. Same arguments
-give byte-identical files.
+give byte-identical files. The mixture-of-experts archs are described in
+scripts/tiny_moe_model.py.
 
-    python scripts/make_tiny_model.py OUT --arch qwen3 --seed 1 --num-shards 2
+    python -m scripts.make_tiny_model OUT --arch qwen3 --seed 1 --num-shards 2
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from tokenizers import (
     trainers,
 )
 
-ARCHS = ("llama", "qwen2", "qwen3")
+from scripts.tiny_moe_model import MOE_ARCHS, is_moe_layer, moe_config, moe_mlp_weights
+
+ARCHS = ("llama", "qwen2", "qwen3", *MOE_ARCHS)
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "llama3", "linear")
 
@@ -192,7 +195,7 @@ def build_config(
     tie_word_embeddings: bool,
 ) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "architectures": [ARCH_CLASSES[arch]],
+        "architectures": [ARCH_CLASSES.get(arch)],
         "model_type": arch,
         "vocab_size": vocab_size,
         "hidden_size": 64,
@@ -213,6 +216,8 @@ def build_config(
         "bos_token_id": specials.bos_id,
         "eos_token_id": specials.eos_id,
     }
+    if arch in MOE_ARCHS:
+        return moe_config(arch, config)  # from transformers' config class, on these sizes
     config.update(_arch_config(arch, config["num_hidden_layers"]))
     return config
 
@@ -257,7 +262,7 @@ def build_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     weights = {"model.embed_tokens.weight": sampler.normal((vocab, hidden), INIT_SCALES.embed_std)}
     for layer in range(config["num_hidden_layers"]):
-        weights.update(_layer_weights(config, sampler, f"model.layers.{layer}."))
+        weights.update(_layer_weights(config, sampler, layer))
     weights["model.norm.weight"] = sampler.norm(hidden)
     if not config["tie_word_embeddings"]:
         weights["lm_head.weight"] = sampler.linear(vocab, hidden, INIT_SCALES.lm_head_gain)
@@ -265,8 +270,9 @@ def build_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
 
 
 def _layer_weights(
-    config: dict[str, Any], sampler: _WeightSampler, prefix: str
+    config: dict[str, Any], sampler: _WeightSampler, layer: int
 ) -> dict[str, torch.Tensor]:
+    prefix = f"model.layers.{layer}."
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     q_size = config["num_attention_heads"] * head_dim(config)
     kv_size = config["num_key_value_heads"] * head_dim(config)
@@ -280,11 +286,14 @@ def _layer_weights(
         weights[f"{attn}{name}.weight"] = sampler.linear(size, hidden, gain)
         if config["model_type"] == "qwen2":
             weights[f"{attn}{name}.bias"] = sampler.bias(size)
-    if config["model_type"] == "qwen3":
+    if config["model_type"] in ("qwen3", "qwen3_moe"):
         weights[attn + "q_norm.weight"] = sampler.norm(head_dim(config))
         weights[attn + "k_norm.weight"] = sampler.norm(head_dim(config))
     weights[attn + "o_proj.weight"] = sampler.linear(hidden, q_size, INIT_SCALES.o_gain)
     weights[prefix + "post_attention_layernorm.weight"] = sampler.norm(hidden)
+    if config["model_type"] in MOE_ARCHS and is_moe_layer(config, layer):
+        weights.update(moe_mlp_weights(config, sampler, prefix, INIT_SCALES))
+        return weights
     weights[prefix + "mlp.gate_proj.weight"] = sampler.linear(inter, hidden, INIT_SCALES.mlp_gain)
     weights[prefix + "mlp.up_proj.weight"] = sampler.linear(inter, hidden, INIT_SCALES.mlp_gain)
     weights[prefix + "mlp.down_proj.weight"] = sampler.linear(hidden, inter, INIT_SCALES.down_gain)
@@ -344,6 +353,8 @@ def _validate(arch: str, dtype: str, rope_scaling: str, num_shards: int) -> None
             raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if arch in MOE_ARCHS and rope_scaling != "none":
+        raise ValueError(f"the tiny {arch} model has no rope_scaling variants")
 
 
 def make_tiny_model(

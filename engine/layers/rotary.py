@@ -1,5 +1,8 @@
 """Rotary position embedding (rotate-half / NeoX layout, as HF Llama and Qwen).
 
+Interleaved RoPE (``RopeConfig.interleaved``) runs as this one over permuted q/k
+weights (``interleaved_to_halves``).
+
 Scaling types: "default", "linear" (positions divided by ``factor``) and
 "llama3" (low frequencies stretched by ``factor``, high ones kept, a smooth
 blend between ``low_freq_factor`` and ``high_freq_factor``).
@@ -80,3 +83,17 @@ class RotaryEmbedding(nn.Module):
         rotated = torch.cat([-x2, x1], dim=-1)  # HF's rotate_half
         qk = (qk * cos + rotated * sin).to(q.dtype)
         return qk.split([q.size(1), k.size(1)], dim=1)
+
+
+def interleaved_to_halves(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A q or k projection's rows (or bias), head by head, from interleaved-RoPE order to
+    rotate-half order: each head's dims 0, 2, 4, .., 1, 3, 5, ...
+
+    Interleaved RoPE (ERNIE-4.5) rotates the pairs (2i, 2i+1) by angle i; rotate-half
+    RoPE rotates (i, i + D/2) by the same angle. With q and k dims so permuted at load
+    time, rotate-half computes exactly the interleaved rotation, and q . k (a sum over
+    all dims) is unchanged, so the model keeps one RoPE and its fused CUDA kernels.
+    NOTE: the cached keys are in the permuted order; only this model reads them.
+    """
+    # [heads * D, ...] -> [heads, D/2, 2, ...] -> [heads, 2, D/2, ...]
+    return rows.unflatten(0, (-1, head_dim // 2, 2)).transpose(1, 2).flatten(0, 2)

@@ -1,13 +1,16 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3).
 
 Qwen2 adds q/k/v biases (``attention_bias``); Qwen3 adds RMSNorm over each
-head of q and k before RoPE (``qk_norm``). Module attribute names equal the
-HF checkpoint keys, except the stacked projections listed in
-``packed_modules_mapping``.
+head of q and k before RoPE (``qk_norm``); Granite's scalars
+(``config.multipliers``) scale embeddings, residual branches, attention and logits.
+Module attribute names equal the HF checkpoint keys, except the stacked
+projections listed in ``packed_modules_mapping``. The MoE models
+(engine/models/moe.py) are this decoder with other MLPs (``mlp_for_layer``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -21,7 +24,9 @@ from engine.layers.attention import Attention
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.layernorm import RMSNorm
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from engine.layers.rotary import RotaryEmbedding
+from engine.layers.rotary import RotaryEmbedding, interleaved_to_halves
+
+MlpFactory = Callable[[int], nn.Module]  # layer index -> that layer's MLP
 
 
 class LlamaAttention(nn.Module):
@@ -43,7 +48,14 @@ class LlamaAttention(nn.Module):
             config.num_attention_heads * head_dim, config.hidden_size, tp, bias=False
         )
         self.rotary_emb = RotaryEmbedding(head_dim, max_position, config.rope)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
+        if config.rope.interleaved:
+            self.qkv_proj.weight.weight_loader = _loading_interleaved_rope(
+                self.qkv_proj.weight_loader, head_dim
+            )
+        scale = config.multipliers.attention
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5 if scale is None else scale
+        )
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
@@ -62,10 +74,22 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(positions, q, k, v, self.rotary_emb))
 
 
+def _loading_interleaved_rope(loader, head_dim: int):  # type: ignore[no-untyped-def]
+    """``loader`` of the qkv weight, with each q and k head's rows put in rotate-half
+    order first (engine/layers/rotary.py, ``interleaved_to_halves``)."""
+
+    def load(param, loaded: torch.Tensor, shard_id=None) -> None:  # type: ignore[no-untyped-def]
+        if shard_id in ("q", "k"):
+            loaded = interleaved_to_halves(loaded, head_dim)
+        loader(param, loaded, shard_id)
+
+    return load
+
+
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: ParallelGroup):
+    def __init__(self, config: ModelConfig, tp: ParallelGroup, intermediate_size: int = 0):
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], tp)
         self.down_proj = RowParallelLinear(size, config.hidden_size, tp)
         self.act_fn = SiluAndMul()
@@ -75,12 +99,20 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup):
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_position: int,
+        qk_norm: bool,
+        tp: ParallelGroup,
+        mlp: nn.Module | None = None,
+    ):
         super().__init__()
         self.self_attn = LlamaAttention(config, max_position, qk_norm, tp)
-        self.mlp = LlamaMLP(config, tp)
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_multiplier = config.multipliers.residual
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -90,23 +122,39 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.forward_with_residual(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
+        hidden = self._scale(self.self_attn(positions, hidden))
         hidden, residual = self.post_attention_layernorm.forward_with_residual(hidden, residual)
-        return self.mlp(hidden), residual
+        return self._scale(self.mlp(hidden)), residual
+
+    def _scale(self, branch: torch.Tensor) -> torch.Tensor:
+        """Granite: residual + branch * m (the next norm adds the residual)."""
+        return branch if self.residual_multiplier == 1.0 else branch * self.residual_multiplier
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int, qk_norm: bool, tp: ParallelGroup):
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_position: int,
+        qk_norm: bool,
+        tp: ParallelGroup,
+        mlp_for_layer: MlpFactory | None = None,
+    ):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, max_position, qk_norm, tp)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(
+                config, max_position, qk_norm, tp, mlp_for_layer(i) if mlp_for_layer else None
+            )
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embedding_multiplier = config.multipliers.embedding
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
@@ -125,10 +173,16 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig, max_position: int, tp: ParallelGroup):
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_position: int,
+        tp: ParallelGroup,
+        mlp_for_layer: MlpFactory | None = None,
+    ):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position, self.qk_norm, tp)
+        self.model = LlamaModel(config, max_position, self.qk_norm, tp, mlp_for_layer)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -138,7 +192,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the rows that sample this step: [S, vocab]."""
-        return self.lm_head(hidden[get_attention_metadata().logits_index])
+        logits = self.lm_head(hidden[get_attention_metadata().logits_index])
+        scaling = self.config.multipliers.logits_scaling
+        return logits if scaling == 1.0 else logits / scaling
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):

@@ -5,12 +5,22 @@ from __future__ import annotations
 from torch import nn
 
 from engine.models.llama import LlamaForCausalLM, Qwen3ForCausalLM
+from engine.models.moe import (
+    Ernie4_5_MoeForCausalLM,
+    GraniteMoeForCausalLM,
+    MixtralForCausalLM,
+    Qwen3MoeForCausalLM,
+)
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "GraniteMoeForCausalLM": GraniteMoeForCausalLM,
+    "Ernie4_5_MoeForCausalLM": Ernie4_5_MoeForCausalLM,
 }
 
 
