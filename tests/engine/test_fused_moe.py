@@ -1,0 +1,95 @@
+"""The Triton grouped-GEMM MoE (engine/kernels/fused_moe.py) against the layer's torch
+path (experts one by one), in Triton's interpreter on CPU (on CUDA where there is a
+GPU): ragged sizes, experts no token picks, a rank holding only some experts; and the
+expert-by-expert alignment it runs on. bfloat16 runs on CUDA only: the interpreter's
+tl.dot gives garbage for it (Triton 3.9); float16 stands in for the 16-bit path here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.distributed import ParallelGroup
+from engine.layers.fused_moe import FusedMoE
+
+fused_moe = pytest.importorskip("engine.kernels.fused_moe")
+pytestmark = pytest.mark.triton
+
+SMALL = fused_moe.MoeTileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
+
+
+def make_experts(
+    num_experts: int, hidden: int, size: int, dtype: torch.dtype, device: str
+) -> FusedMoE:
+    layer = FusedMoE(num_experts, hidden, size, ParallelGroup.single(), expert_parallel=False)
+    layer.w13_weight.data.normal_(0, hidden**-0.5)
+    layer.w2_weight.data.normal_(0, size**-0.5)
+    return layer.to(device=device, dtype=dtype)
+
+
+def route(num_tokens: int, num_experts: int, top_k: int, device: str):
+    logits = torch.randn(num_tokens, num_experts, device=device)
+    return torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+
+
+BF16_ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="interpreter: no bf16")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    [
+        (torch.float32, 1e-5),
+        (torch.float16, 2e-3),
+        pytest.param(torch.bfloat16, 2e-2, marks=BF16_ON_CUDA),
+    ],
+    ids=["f32", "f16", "bf16"],
+)
+@pytest.mark.parametrize(("num_tokens", "top_k"), [(1, 2), (9, 3)])
+def test_fused_experts_match_the_expert_loop(device, dtype, tolerance, num_tokens, top_k):
+    """H = 40 and I = 24 are not multiples of the 16-wide tiles; 5 experts, some idle."""
+    torch.manual_seed(0)
+    layer = make_experts(5, 40, 24, dtype, device)
+    x = torch.randn(num_tokens, 40, device=device).to(dtype)
+    weights, ids = route(num_tokens, 5, top_k, device)
+    expected = layer.forward_torch(x, weights, ids)
+    got = fused_moe.fused_experts(x, layer.w13_weight, layer.w2_weight, weights, ids, 0, SMALL)
+    assert got.dtype == dtype and got.shape == expected.shape
+    # another summation order; in 16 bits a token's K terms are also added in float32
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_a_rank_computes_only_its_experts(device):
+    """Experts 3..5 of 6 on this rank: tokens routed elsewhere get zeros from it."""
+    torch.manual_seed(1)
+    full = make_experts(6, 32, 16, torch.float32, device)
+    mine = make_experts(3, 32, 16, torch.float32, device)
+    mine.w13_weight.data.copy_(full.w13_weight.data[3:])
+    mine.w2_weight.data.copy_(full.w2_weight.data[3:])
+    mine.first_expert = 3
+    x = torch.randn(11, 32, device=device)
+    weights, ids = route(11, 6, 2, device)
+    here = ids >= 3
+    expected = full.forward_torch(x, weights * here, ids)  # the others' weights zeroed
+    got = fused_moe.fused_experts(x, mine.w13_weight, mine.w2_weight, weights, ids, 3, SMALL)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.forward_torch(x, weights, ids), expected)
+
+
+def test_align_by_expert_sorts_rows_into_blocks_of_one_expert():
+    ids = torch.tensor([[2, 0], [2, 9], [0, 2], [1, 2]])  # 9: another rank's expert
+    sorted_rows, block_expert = fused_moe.align_by_expert(ids, num_experts=3, block_m=4)
+    rows = sorted_rows.view(-1, 4).tolist()
+    pad = ids.numel()
+    assert block_expert.tolist()[:3] == [0, 1, 2]
+    assert rows[:3] == [[1, 4, pad, pad], [6, pad, pad, pad], [0, 2, 5, 7]]
+    assert all(e >= 3 for e in block_expert.tolist()[3:])  # past the end: skipped
+    assert sorted(r for r in sorted_rows.tolist() if r != pad) == [0, 1, 2, 4, 5, 6, 7]
+
+
+def test_the_layer_takes_the_kernel_only_for_16_bit_cuda_activations(device):
+    """float32 and the CPU stay on the torch path (the parity reference)."""
+    torch.manual_seed(2)
+    layer = make_experts(4, 16, 16, torch.float32, device)
+    x = torch.randn(3, 16, device=device)
+    weights, ids = route(3, 4, 2, device)
+    assert torch.equal(layer(x, weights, ids), layer.forward_torch(x, weights, ids))
