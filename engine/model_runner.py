@@ -25,6 +25,7 @@ from engine.kv_cache import KVCacheLayout, allocate_kv_cache
 from engine.layers.attention import Attention
 from engine.layers.linear import num_local_kv_heads
 from engine.models.registry import get_model_class
+from engine.moe_config import MoeConfig
 from engine.weight_loader import init_dummy_weights, load_weights
 
 logger = logging.getLogger(__name__)
@@ -97,11 +98,21 @@ class ModelRunner:
                 )
         finally:
             torch.set_default_dtype(previous_dtype)
+        if model_config.moe is not None and self.group.is_driver:
+            self._log_expert_layout(model_config.moe)
         if self.config.load_format == "dummy":
             init_dummy_weights(model, self.config.seed)
         else:
             load_weights(model, model_config.path)
         return model.eval()
+
+    def _log_expert_layout(self, moe: MoeConfig) -> None:
+        ranks, experts, width = self.group.size, moe.num_experts, moe.moe_intermediate_size
+        if self.config.enable_expert_parallel:
+            layout = f"{experts // ranks} whole experts of {experts} per rank"
+        else:
+            layout = f"all {experts} experts, {width // ranks} of {width} wide, per rank"
+        logger.info("MoE over %d rank(s): %s", ranks, layout)
 
     def _bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
         for index, layer in enumerate(self.attention_layers):
