@@ -83,6 +83,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             loader(param, tensor, shard_id)
         loaded.add(target)
     _check_all_loaded(params, loaded, tied)
+    _check_all_experts_loaded(model)
 
 
 class _NameRules:
@@ -119,6 +120,18 @@ def _check_all_loaded(params: dict[str, nn.Parameter], loaded: set[str], tied: b
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"model: checkpoint lacks {len(missing)} parameters: {shown}")
+
+
+def _check_all_experts_loaded(model: nn.Module) -> None:
+    """Stacked experts fill piece by piece: each MoE layer names the pieces it lacks."""
+    missing = [
+        f"{name}: {piece}"
+        for name, module in model.named_modules()
+        for piece in getattr(module, "missing_experts", list)()
+    ]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"model: checkpoint lacks {len(missing)} expert tensors: {shown}")
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:

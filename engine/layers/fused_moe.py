@@ -81,6 +81,7 @@ class FusedMoE(nn.Module):
         )
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        self._loaded: set[tuple[int, str]] = set()  # (local expert, shard) loaded so far
 
     # -- loading ---------------------------------------------------------------------
 
@@ -114,7 +115,17 @@ class FusedMoE(nn.Module):
         if 0 <= local < self.num_local_experts:
             self._load_expert(param, loaded, shard_id, local)
 
+    def missing_experts(self) -> list[str]:
+        """The (global) expert shards not loaded yet; the weight loader checks none is."""
+        return [
+            f"expert {self.first_expert + local} {shard}"
+            for local in range(self.num_local_experts)
+            for shard in ("w1", "w3", "w2")
+            if (local, shard) not in self._loaded
+        ]
+
     def _load_expert(self, param: nn.Parameter, loaded: torch.Tensor, shard_id, local: int):  # type: ignore[no-untyped-def]
+        self._loaded.add((local, shard_id))
         size = self.local_intermediate_size
         start = self.intermediate_rank * size
         if shard_id == "w2":
