@@ -5,6 +5,7 @@ loop), next to the HBM copy rate of the same run.
 
     python benchmarks/moe_bench.py                     # batches 1, 16, 256, 2048
     python benchmarks/moe_bench.py --tokens 1 64 --experts 64 --top-k 6
+    python benchmarks/moe_bench.py --sweep             # also the best tiles per batch
 
 Weight bytes are those of the experts the batch picks (3 matrices each); bytes/s is
 that over the time per call. Calls rotate over two copies of the layer and fresh
@@ -17,18 +18,20 @@ to the loop's output, over the loop's largest value.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemm_bench import graph_seconds
 from benchmarks.gemv_bench import copy_rate
 from engine.distributed import ParallelGroup
-from engine.kernels.fused_moe import choose_config, fused_experts
+from engine.kernels.fused_moe import MoeTileConfig, choose_config, fused_experts
 from engine.layers.fused_moe import FusedMoE
 from engine.weight_loader import init_dummy_weights
 
@@ -75,11 +78,21 @@ def eager_seconds(calls: list[Callable[[], object]], repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+SWEEP = [
+    MoeTileConfig(block_m, block_n, block_k, warps, stages)
+    for block_m, block_n, block_k, warps, stages in itertools.product(
+        (16, 32, 64), (32, 64, 128), (64, 128), (4, 8), (3, 4)
+    )
+]
+
+
 def run_batch(num_tokens: int, layers: list[FusedMoE], args: argparse.Namespace) -> str:
     cases = [(layer, *routing) for layer in layers for routing in routings(num_tokens, args)]
 
-    def fused(layer: FusedMoE, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor):
-        return fused_experts(x, layer.w13_weight, layer.w2_weight, w, ids)
+    def fused(layer: FusedMoE, x, w, ids, tiles: MoeTileConfig | None = None):  # type: ignore[no-untyped-def]
+        return fused_experts(
+            x, layer.w13_weight, layer.w2_weight, w, ids, config=tiles, holds_all_experts=True
+        )
 
     fused_calls = [lambda c=c: fused(*c) for c in cases]
     loop_calls = [lambda c=c: c[0].forward_torch(*c[1:]) for c in cases]
@@ -92,6 +105,19 @@ def run_batch(num_tokens: int, layers: list[FusedMoE], args: argparse.Namespace)
     expected = layer.forward_torch(x, w, ids).float()
     error = (fused(layer, x, w, ids).float() - expected).abs().max() / expected.abs().max()
     tiles = choose_config(num_tokens * args.top_k, args.experts)
+    if args.sweep:
+        swept = {}
+        for c in SWEEP:
+            try:  # NOTE: the warm-up calls compile, before any capture begins
+                swept[c] = graph_seconds(
+                    [lambda case=case, c=c: fused(*case, c) for case in cases], 5
+                )
+            except OutOfResources:  # too much shared memory for these tiles
+                continue
+        best = min(swept, key=swept.__getitem__)
+        print(f"tokens {num_tokens}: best tiles m{best.block_m} n{best.block_n} "
+              f"k{best.block_k} w{best.num_warps} s{best.num_stages} "
+              f"{_us_rate(swept[best], nbytes)}", flush=True)  # fmt: skip
     return (
         f"| {num_tokens} | {hit:.0f} | {nbytes / 1e6:.0f} | {_us_rate(loop, nbytes)} | "
         f"{_us_rate(fused_eager, nbytes)} | {_us_rate(fused_graph, nbytes)} | "
@@ -111,6 +137,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--width", type=int, default=768, help="each expert's intermediate size")
+    parser.add_argument("--sweep", action="store_true", help="time every tile config too")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("moe_bench needs CUDA")

@@ -11,9 +11,10 @@ multiple of BLOCK_M, so every block of BLOCK_M sorted rows belongs to one expert
 A program computes a BLOCK_M x BLOCK_N tile of one block: its rows gather their
 inputs (the token's hidden row for gate/up; row r of the intermediate for down) and
 multiply by that expert's weight slice. Pad rows (value T * K) load zeros and store
-nothing; blocks of expert id >= E (past the end, or rows of experts another rank
-holds) return at once. The launch grid is sized from an upper bound on the padded
-length, so nothing is read back to the host.
+nothing; blocks past the end (expert id E) return at once; rows of experts another
+rank holds are placed nowhere, and their output rows stay zero. The launch grid is
+sized from an upper bound on the padded length, so nothing is read back to the host:
+three launches (align, gate/up, down) and torch's sum over K.
 
 Rounding follows the torch path (engine/layers/fused_moe.py, ``forward_torch``):
 gate and up are rounded to the activation dtype before SiLU, the SiLU is rounded
@@ -51,35 +52,75 @@ def choose_config(num_rows: int, num_experts: int) -> MoeTileConfig:
 
 
 def align_by_expert(
-    expert_ids: torch.Tensor, num_experts: int, block_m: int
+    expert_ids: torch.Tensor, num_experts: int, block_m: int, first_expert: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """expert_ids [T, K] (local ids; outside 0..num_experts-1: not this rank's) ->
-    (sorted_rows [P] int32, block_expert [P / block_m] int32), laid out as the module
-    docstring draws; P bounds the padded length from above."""
-    flat = expert_ids.flatten().to(torch.int64)
-    num_rows = flat.numel()
-    device = flat.device
-    # Rows of other ranks' experts go to bucket E, which gets no blocks.
-    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)  # where each expert's padded run ends
+    """expert_ids [T, K] (global ids; this rank holds first_expert .. + num_experts - 1)
+    -> (sorted_rows [P] int32, block_expert [P / block_m] int32), laid out as the module
+    docstring draws; P bounds the padded length from above. One launch.
+
+    Within an expert's run rows come in any order (they are placed by atomic counters):
+    each row's result is computed alone, so the order changes no value."""
+    num_rows = expert_ids.numel()
     # At most min(E, rows) experts are used, each padding fewer than block_m rows.
     max_len = num_rows + min(num_experts, num_rows) * (block_m - 1)
-    max_len = (max_len + block_m - 1) // block_m * block_m
-    order = torch.sort(flat, stable=True).indices  # rows grouped by expert, in row order
-    sorted_experts = flat[order]
-    run_starts = torch.cumsum(counts, 0) - counts  # where each expert's rows begin in order
-    rank_in_run = torch.arange(num_rows, device=device) - run_starts[sorted_experts]
-    padded_starts = torch.cat([ends.new_zeros(1), ends])  # bucket E starts at the end
-    target = padded_starts[sorted_experts] + rank_in_run
-    target = torch.where(sorted_experts < num_experts, target, max_len)  # dropped
-    sorted_rows = torch.full((max_len + 1,), num_rows, dtype=torch.int32, device=device)
-    sorted_rows.scatter_(0, target, order.to(torch.int32))
-    block_starts = torch.arange(0, max_len, block_m, device=device)
-    block_expert = torch.searchsorted(ends, block_starts, right=True).to(torch.int32)
-    return sorted_rows[:max_len], block_expert
+    max_len = triton.cdiv(max_len, block_m) * block_m
+    device = expert_ids.device
+    sorted_rows = torch.empty(max_len, dtype=torch.int32, device=device)
+    block_expert = torch.empty(max_len // block_m, dtype=torch.int32, device=device)
+    experts_pad = triton.next_power_of_2(num_experts)
+    cursor = torch.empty(experts_pad, dtype=torch.int32, device=device)
+    _align_kernel[(1,)](
+        expert_ids.contiguous(), sorted_rows, block_expert, cursor,
+        num_rows, num_experts, first_expert, max_len,
+        BLOCK_M=block_m, EXPERTS_PAD=experts_pad, CHUNK=1024,
+        BLOCKS_CHUNK=max(1, 4096 // experts_pad), num_warps=8,
+    )  # fmt: skip
+    return sorted_rows, block_expert
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr, sorted_rows_ptr, block_expert_ptr, cursor_ptr,
+    num_rows, num_experts, first_expert, max_len,
+    BLOCK_M: tl.constexpr, EXPERTS_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCKS_CHUNK: tl.constexpr,
+):  # fmt: skip
+    # One program: count rows per expert, lay out the padded runs, then place each row
+    # at its expert's cursor. cursor: counts, then each run's next free position.
+    experts = tl.arange(0, EXPERTS_PAD)
+    expert_mask = experts < num_experts
+    tl.store(cursor_ptr + experts, tl.zeros((EXPERTS_PAD,), dtype=tl.int32))
+    tl.debug_barrier()
+    offs = tl.arange(0, CHUNK)
+    for start in range(0, num_rows, CHUNK):
+        rows = start + offs
+        expert = tl.load(ids_ptr + rows, mask=rows < num_rows, other=0).to(tl.int32)
+        expert -= first_expert
+        here = (rows < num_rows) & (expert >= 0) & (expert < num_experts)
+        tl.atomic_add(cursor_ptr + expert, 1, mask=here)
+    tl.debug_barrier()
+    counts = tl.load(cursor_ptr + experts, mask=expert_mask, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)  # where each expert's padded run ends
+    tl.debug_barrier()  # every thread has read the counts before they are overwritten
+    tl.store(cursor_ptr + experts, ends - padded, mask=expert_mask)
+    # A block's expert: how many runs end at or before its start (E: past the end).
+    for first_block in range(0, max_len // BLOCK_M, BLOCKS_CHUNK):
+        blocks = first_block + tl.arange(0, BLOCKS_CHUNK)
+        ended = (ends[None, :] <= (blocks * BLOCK_M)[:, None]) & expert_mask[None, :]
+        block_expert = tl.sum(ended.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blocks, block_expert, mask=blocks < max_len // BLOCK_M)
+    for start in range(0, max_len, CHUNK):
+        tl.store(sorted_rows_ptr + start + offs, tl.full((CHUNK,), 0, tl.int32) + num_rows,
+                 mask=start + offs < max_len)  # fmt: skip
+    tl.debug_barrier()
+    for start in range(0, num_rows, CHUNK):
+        rows = start + offs
+        expert = tl.load(ids_ptr + rows, mask=rows < num_rows, other=0).to(tl.int32)
+        expert -= first_expert
+        here = (rows < num_rows) & (expert >= 0) & (expert < num_experts)
+        position = tl.atomic_add(cursor_ptr + expert, 1, mask=here)
+        tl.store(sorted_rows_ptr + position, rows, mask=here)
 
 
 @triton.jit
@@ -166,11 +207,13 @@ def fused_experts(
     topk_ids: torch.Tensor,
     first_expert: int = 0,
     config: MoeTileConfig | None = None,
+    holds_all_experts: bool = False,
 ) -> torch.Tensor:
     """hidden [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; the
     router's topk_weights [T, K] and topk_ids [T, K] (global ids; this rank holds
     experts first_expert .. first_expert + E - 1) -> [T, H]: the sum over each token's
-    experts held here of weight * down(silu(gate) * up)."""
+    experts held here of weight * down(silu(gate) * up). ``holds_all_experts``: no id
+    falls outside, so every row is written and none needs zeroing first."""
     num_tokens, hidden_size = hidden.shape
     num_experts, double_size, _ = w13.shape
     size = double_size // 2
@@ -191,12 +234,12 @@ def fused_experts(
             f"weights {tuple(topk_weights.shape)}, ids {tuple(topk_ids.shape)}"
         )
     num_rows = num_tokens * top_k
-    out_rows = torch.zeros(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)
     if num_rows == 0:
-        return out_rows.view(num_tokens, hidden_size)
+        return hidden.new_zeros(num_tokens, hidden_size)
+    make_rows = torch.empty if holds_all_experts else torch.zeros
+    out_rows = make_rows(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)
     config = config or choose_config(num_rows, num_experts)
-    local_ids = topk_ids - first_expert
-    sorted_rows, block_expert = align_by_expert(local_ids, num_experts, config.block_m)
+    sorted_rows, block_expert = align_by_expert(topk_ids, num_experts, config.block_m, first_expert)
     num_blocks = block_expert.numel()
     intermediate = torch.empty(num_rows, size, dtype=hidden.dtype, device=hidden.device)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}

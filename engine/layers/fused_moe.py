@@ -149,7 +149,7 @@ class FusedMoE(nn.Module):
 
             out = fused_moe.fused_experts(
                 hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
-                self.first_expert,
+                self.first_expert, holds_all_experts=not self.expert_parallel,
             )  # fmt: skip
         else:
             out = self.forward_torch(hidden, topk_weights, topk_ids)

@@ -52,7 +52,9 @@ def test_fused_experts_match_the_expert_loop(device, dtype, tolerance, num_token
     x = torch.randn(num_tokens, 40, device=device).to(dtype)
     weights, ids = route(num_tokens, 5, top_k, device)
     expected = layer.forward_torch(x, weights, ids)
-    got = fused_moe.fused_experts(x, layer.w13_weight, layer.w2_weight, weights, ids, 0, SMALL)
+    got = fused_moe.fused_experts(
+        x, layer.w13_weight, layer.w2_weight, weights, ids, 0, SMALL, holds_all_experts=True
+    )
     assert got.dtype == dtype and got.shape == expected.shape
     # another summation order; in 16 bits a token's K terms are also added in float32
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
@@ -75,15 +77,36 @@ def test_a_rank_computes_only_its_experts(device):
     torch.testing.assert_close(mine.forward_torch(x, weights, ids), expected)
 
 
-def test_align_by_expert_sorts_rows_into_blocks_of_one_expert():
-    ids = torch.tensor([[2, 0], [2, 9], [0, 2], [1, 2]])  # 9: another rank's expert
-    sorted_rows, block_expert = fused_moe.align_by_expert(ids, num_experts=3, block_m=4)
+def test_align_by_expert_sorts_rows_into_blocks_of_one_expert(device):
+    """This rank holds experts 10..12; 19 is another rank's."""
+    ids = torch.tensor([[12, 10], [12, 19], [10, 12], [11, 12]], device=device)
+    sorted_rows, block_expert = fused_moe.align_by_expert(ids, 3, block_m=4, first_expert=10)
+    sorted_rows, block_expert = sorted_rows.cpu(), block_expert.cpu()
     rows = sorted_rows.view(-1, 4).tolist()
     pad = ids.numel()
     assert block_expert.tolist()[:3] == [0, 1, 2]
-    assert rows[:3] == [[1, 4, pad, pad], [6, pad, pad, pad], [0, 2, 5, 7]]
+    assert [sorted(r) for r in rows[:3]] == [[1, 4, pad, pad], [6, pad, pad, pad], [0, 2, 5, 7]]
     assert all(e >= 3 for e in block_expert.tolist()[3:])  # past the end: skipped
-    assert sorted(r for r in sorted_rows.tolist() if r != pad) == [0, 1, 2, 4, 5, 6, 7]
+    assert all(r == pad for r in sorted_rows.tolist()[12:])
+
+
+def test_align_by_expert_places_every_row_once_over_many_chunks(device):
+    """More rows than one chunk of the kernel (1024), 37 experts, 2 of them idle."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 35, (700, 3))
+    sorted_rows, block_expert = fused_moe.align_by_expert(ids.to(device), 37, block_m=16)
+    sorted_rows, block_expert = sorted_rows.cpu(), block_expert.cpu()
+    flat = ids.flatten()
+    used = sorted_rows[sorted_rows < flat.numel()].long()
+    assert sorted(used.tolist()) == list(range(flat.numel()))
+    blocks = sorted_rows.view(-1, 16)
+    for block, expert in zip(blocks.tolist(), block_expert.tolist(), strict=True):
+        real = [r for r in block if r < flat.numel()]
+        assert all(flat[r] == expert for r in real)  # one expert per block
+        assert expert < 37 or not real
+    # each expert's run is padded only as far as its next multiple of 16
+    counts = torch.bincount(flat, minlength=37)
+    assert (block_expert < 37).sum() == ((counts + 15) // 16).sum()
 
 
 def test_the_layer_takes_the_kernel_only_for_16_bit_cuda_activations(device):
