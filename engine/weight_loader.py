@@ -5,12 +5,13 @@ parameters (qkv_proj, gate_up_proj) are found through the model's
 ``packed_modules_mapping`` and each parameter's ``weight_loader`` copies in
 its tensor-parallel shard.
 
-MoE models add two class attributes, read in this order: ``checkpoint_renames``
-(regex, replacement) pairs for checkpoint names that differ from our modules, and
-``expert_weight_names``, each expert's projection name in the checkpoint -> its shard
-of the stacked experts ("w1" gate, "w3" up, "w2" down). A per-expert tensor
-``<prefix>.experts.<e>.<name>.weight`` goes to ``<prefix>.experts.w13_weight`` or
-``.w2_weight`` with its shard and expert id: ``weight_loader(param, t, shard, e)``.
+MoE models (engine/models/moe.py) add class attributes: ``checkpoint_ignored``
+(regexes of tensors to skip), ``checkpoint_renames`` ((regex, replacement) pairs,
+applied first, for names that differ from our modules) and ``expert_weight_names``
+(each expert's projection name in the checkpoint -> its shard of the stacked experts:
+"w1" gate, "w3" up, "w2" down). A per-expert tensor ``<prefix>.experts.<e>.<name>.weight``
+goes to ``<prefix>.experts.w13_weight`` or ``.w2_weight`` with its shard and expert id:
+``weight_loader(param, t, shard, e)``; the stacked layers then name any piece missing.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ Two layouts over the ``moe_group`` of n ranks (rank r):
 Either way the outputs are all-reduced over the group, so every rank of the group must
 run the same tokens (true of a TP group; a DP x TP group needs token dispatch first).
 
-On CUDA, 16-bit activations run the Triton grouped GEMM (engine/kernels/fused_moe.py):
-tokens sorted by expert, all experts in one launch per projection. Elsewhere
-``forward_torch`` runs the experts one by one, as HF transformers does: the float32
-parity path, and the baseline of benchmarks/moe_bench.py.
+On CUDA the Triton grouped GEMM runs (engine/kernels/fused_moe.py): tokens sorted by
+expert, all experts in one launch per projection, nothing read back (so decode steps
+replay in CUDA graphs). On the CPU ``forward_torch`` runs the experts one by one, as HF
+transformers does: the parity path, and the baseline of benchmarks/moe_bench.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from torch import nn
 
 from engine.distributed import ParallelGroup
 from engine.kernels import can_run_triton
-
-TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def local_expert_shape(
@@ -144,7 +142,7 @@ class FusedMoE(nn.Module):
         """hidden [T, H]; the router's choice per token: topk_weights [T, K] (float32)
         and topk_ids [T, K] (global expert ids) -> sum of the chosen experts' outputs
         times their weights [T, H], summed over the MoE group."""
-        if hidden.dtype in TRITON_DTYPES and can_run_triton(hidden):
+        if can_run_triton(hidden):
             from engine.kernels import fused_moe  # NOTE: lazily: CPU-only installs lack triton
 
             out = fused_moe.fused_experts(

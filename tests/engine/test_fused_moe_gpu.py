@@ -1,7 +1,7 @@
 """The fused MoE layer on CUDA at Qwen3-30B-A3B's sizes (hidden 2048, 128 experts, top-8,
 expert width 768, bf16): ``forward`` (the Triton grouped GEMM, with the tiles the
 engine chooses per batch) against ``forward_torch`` (the experts one by one) on the same
-GPU, within bf16 rounding; expert-parallel ranks; a CUDA-graph replay; and a loaded tiny
+GPU, within bf16 rounding (float32: within fp32 noise); expert-parallel ranks; a CUDA-graph replay; and a loaded tiny
 model's sparse block in bf16 against the same block on the torch path."""
 
 from __future__ import annotations
@@ -45,6 +45,17 @@ def test_fused_layer_matches_the_expert_loop(num_tokens):
     layer = make_layer()
     x, weights, ids = route(num_tokens)
     assert_close_bf16(layer(x, weights, ids), layer.forward_torch(x, weights, ids))
+
+
+def test_float32_kernel_is_exact_fp32_not_tf32():
+    """float32 runs the kernel too (with IEEE products): within float32 summation noise."""
+    torch.manual_seed(3)
+    layer = make_layer().float()
+    x, weights, ids = route(37)
+    x = x.float()
+    expected = layer.forward_torch(x, weights, ids)
+    got = layer(x, weights, ids)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_expert_parallel_ranks_sum_to_the_whole():

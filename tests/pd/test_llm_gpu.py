@@ -25,7 +25,9 @@ def _assert_no_leak(llm: LLM) -> None:
     assert manager.num_free_blocks == manager.num_blocks
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "granitemoe", "ernie4_5_moe"]
+)
 def test_cuda_float32_matches_hf(tiny_model, arch):
     model_dir = tiny_model(arch)
     llm = LLM(model=str(model_dir), dtype="float32", device="cuda", max_model_len=512)
