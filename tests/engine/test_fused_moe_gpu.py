@@ -1,8 +1,9 @@
 """The fused MoE layer on CUDA at Qwen3-30B-A3B's sizes (hidden 2048, 128 experts, top-8,
 expert width 768, bf16): ``forward`` (the Triton grouped GEMM, with the tiles the
 engine chooses per batch) against ``forward_torch`` (the experts one by one) on the same
-GPU, within bf16 rounding (float32: within fp32 noise); expert-parallel ranks; a CUDA-graph replay; and a loaded tiny
-model's sparse block in bf16 against the same block on the torch path."""
+GPU, within bf16 rounding (float32: within fp32 noise); expert-parallel ranks; a
+CUDA-graph replay; and a loaded tiny model's sparse block in bf16 against the same
+block on the torch path."""
 
 from __future__ import annotations
 
