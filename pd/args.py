@@ -362,7 +362,8 @@ def _add_parallel_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--enable-expert-parallel",
         action="store_true",
-        help="shard MoE experts over all DP x TP ranks",
+        help="MoE models: split whole experts over the ranks (for now the TP ranks of "
+        "each DP rank) instead of each expert's width; dense models: no effect",
     )
     group.add_argument(
         "--engine-threads",
