@@ -80,8 +80,6 @@ def _engine_threads(args: ServeArgs) -> int:
 
 def run_api_servers(args: ServeArgs) -> int:
     """Start one API server per local DP rank and wait for them all to exit."""
-    from pd.serve import run_one
-
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -98,7 +96,7 @@ def run_api_servers(args: ServeArgs) -> int:
     servers = []
     for index, dp_rank in enumerate(args.dp_layout.ranks):
         process = context.Process(
-            target=run_one,
+            target=_serve_one,
             args=(server_args(args, index, rpc_port), launcher),
             name=f"pd-api-server-{dp_rank}",
             daemon=False,  # it starts its engine process
@@ -108,6 +106,14 @@ def run_api_servers(args: ServeArgs) -> int:
                     args.ports[index])  # fmt: skip
         servers.append((dp_rank, process))
     return _supervise(servers, launcher)
+
+
+def _serve_one(args: ServeArgs, launcher: Launcher) -> None:
+    """A spawned API server: its exit status is ``run_one``'s (a process target's return
+    value is dropped, which made a server that failed its start-up exit 0)."""
+    from pd.serve import run_one
+
+    sys.exit(run_one(args, launcher))
 
 
 def _supervise(servers: list, launcher: Launcher) -> int:  # type: ignore[type-arg]
@@ -177,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def multi_api_server_main(argv: list[str]) -> int:
+    return run_api_servers(parse_multi_api_server(argv))
+
+
+def parse_multi_api_server(argv: list[str]) -> ServeArgs:
+    """The instance's flags: ``--args`` with the servers' ports; exit 2 on error."""
     parser = build_parser()
     options = parser.parse_args(argv)
     if len(options.ports) != options.num_servers:
@@ -191,7 +202,7 @@ def multi_api_server_main(argv: list[str]) -> int:
         parser.error(f"--num-servers {options.num_servers} but this host runs {local} DP "
                      "rank(s) (--data-parallel-size, --data-parallel-size-local): one "
                      "server per DP rank")  # fmt: skip
-    return run_api_servers(args)
+    return args
 
 
 if __name__ == "__main__":
