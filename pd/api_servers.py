@@ -28,14 +28,12 @@ import time
 from pd.args import OneLineParser, ServeArgs, parse_args, pick_free_port
 from pd.args_validation import parse_port_list, parse_size
 from pd.cpu_threads import engine_thread_choice
+from pd.dp_layout import RANK_PORT_FLAGS
 
 logger = logging.getLogger("pd.serve")
 
 _POLL_S = 0.2
 _STOP_TIMEOUT_S = 60.0
-_PER_RANK_PORT_LISTS = (
-    "engine_worker_queue_ports", "cache_queue_ports", "pd_comm_ports", "rdma_comm_ports",
-)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +47,7 @@ class Launcher:
 def server_args(args: ServeArgs, index: int, dp_rpc_port: int) -> ServeArgs:
     """The flags of the API server of this process's ``index``-th DP rank."""
     dp_rank = args.dp_layout.ranks[index]
-    ports = {
-        dest: [port for port in args.rank_ports(dest).per_rank[index]]
-        for dest in _PER_RANK_PORT_LISTS
-    }
+    ports = {dest: list(args.rank_ports(dest).per_rank[index]) for dest in RANK_PORT_FLAGS}
     metrics_port = args.metrics_ports[index] if args.metrics_ports else None
     return dataclasses.replace(
         args,
@@ -80,13 +75,13 @@ def _engine_threads(args: ServeArgs) -> int:
 
 def run_api_servers(args: ServeArgs) -> int:
     """Start one API server per local DP rank and wait for them all to exit."""
+    from pd.flag_notes import flag_notes
+
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for dest in _PER_RANK_PORT_LISTS:
-        note = args.rank_ports(dest).note
-        if note:
-            logger.info("%s", note)
+    for note in flag_notes(args):  # once here: each server gets its rank's ports only
+        logger.info("%s", note)
     args = dataclasses.replace(
         args, ports=[port or pick_free_port(args.host) for port in args.ports]
     )

@@ -29,7 +29,7 @@ from pd.args_validation import (
     parse_protocols,
     parse_size,
 )
-from pd.dp_layout import DPLayout, RankPorts, rank_ports
+from pd.dp_layout import RANK_PORT_FLAGS, DPLayout, RankPorts, rank_ports
 
 if TYPE_CHECKING:
     from scheduler.config import SchedulerConfig
@@ -39,13 +39,6 @@ DEFAULT_PROTOCOLS = ("ipc", "tcp")
 DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PORT_LIST = "P1,P2,..."
-# Port lists read per DP rank (dp_layout.rank_ports): dest -> (flag, one port per GPU).
-_RANK_PORT_FLAGS = {
-    "engine_worker_queue_ports": ("--engine-worker-queue-port", False),
-    "cache_queue_ports": ("--cache-queue-port", False),
-    "pd_comm_ports": ("--pd-comm-port", False),
-    "rdma_comm_ports": ("--rdma-comm-ports", True),
-}
 
 # NOTE: these default to None in the parser so that "given explicitly" can be told
 # apart from "left out"; _resolve() fills in the real defaults afterwards.
@@ -131,7 +124,7 @@ class ServeArgs:
 
     def rank_ports(self, dest: str) -> RankPorts:
         """A port-list flag's ports for this process's DP ranks (``dp_layout.rank_ports``)."""
-        flag, per_gpu = _RANK_PORT_FLAGS[dest]
+        flag, per_gpu = RANK_PORT_FLAGS[dest]
         per_rank = self.tensor_parallel_size if per_gpu else 1
         return rank_ports(flag, getattr(self, dest), self.dp_layout, per_rank)
 
@@ -475,7 +468,7 @@ def _resolve(ns: argparse.Namespace) -> ServeArgs:
             f"--port {port} disagrees with --ports {','.join(map(str, ports))} "
             "(the first of --ports is the API port)"
         )
-    for dest in _RANK_PORT_FLAGS:
+    for dest in RANK_PORT_FLAGS:
         if values[dest] is None:
             values[dest] = [0]  # every rank's picked free
     if values["cache_transfer_protocols"] is None:

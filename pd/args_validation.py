@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from pd.dp_layout import RANK_PORT_FLAGS
+
 if TYPE_CHECKING:
     from pd.args import ServeArgs
 
@@ -145,8 +147,7 @@ def _check_port_list_lengths(args: ServeArgs, given: frozenset[str]) -> None:
             f"--metrics-port is one port for {num_servers} API servers (--ports): give "
             "--metrics-ports, one per server"
         )
-    for dest in ("engine_worker_queue_ports", "cache_queue_ports", "pd_comm_ports",
-                 "rdma_comm_ports"):  # fmt: skip
+    for dest in RANK_PORT_FLAGS:
         args.rank_ports(dest)  # raises on a count that fits no reading
     if layout.spans_processes and not args.data_parallel_rpc_port:
         raise ValueError(
@@ -182,12 +183,7 @@ def _listening_ports(args: ServeArgs, given: frozenset[str]) -> Iterator[tuple[s
     if args.metrics_port is not None:
         yield "--metrics-port", args.metrics_port
     yield from (("--metrics-ports", port) for port in args.metrics_ports or [])
-    for dest, flag in (
-        ("engine_worker_queue_ports", "--engine-worker-queue-port"),
-        ("cache_queue_ports", "--cache-queue-port"),
-        ("rdma_comm_ports", "--rdma-comm-ports"),
-        ("pd_comm_ports", "--pd-comm-port"),
-    ):
+    for dest, (flag, _) in RANK_PORT_FLAGS.items():
         for ports in args.rank_ports(dest).per_rank:
             yield from ((flag, port) for port in ports)
     if args.data_parallel_start_rank == 0:  # DP rank 0 hosts the DP group
