@@ -42,7 +42,8 @@ PORT_LIST = "P1,P2,..."
 
 # NOTE: these default to None in the parser so that "given explicitly" can be told
 # apart from "left out"; _resolve() fills in the real defaults afterwards.
-_SCHEDULER_DEFAULTS = {
+_LEFT_OUT_DEFAULTS = {
+    "splitwise_role": "mixed",
     "scheduler_host": "127.0.0.1",
     "scheduler_port": 6379,
     "scheduler_db": 0,
@@ -370,7 +371,6 @@ def _add_parallel_flags(group: argparse._ArgumentGroup) -> None:
 def _add_transfer_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--splitwise-role",
-        default="mixed",
         choices=("mixed", "prefill", "decode"),
         help="mixed runs whole requests (default: mixed)",
     )
@@ -477,7 +477,7 @@ def _resolve(ns: argparse.Namespace) -> ServeArgs:
         values["async_scheduling"] = True
     if values["served_model_name"] is None:
         values["served_model_name"] = [ns.model]
-    for dest, default in _SCHEDULER_DEFAULTS.items():
+    for dest, default in _LEFT_OUT_DEFAULTS.items():
         if values[dest] is None:
             values[dest] = default
     return ServeArgs(**values)
