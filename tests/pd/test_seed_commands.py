@@ -211,8 +211,7 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 @contextlib.contextmanager
 def running(text: str, argv: list[str], log_path: Path) -> Iterator[ServerProcess]:
     """The command started and ready; stopped at the end, which must be clean."""
-    port = int(_value(argv, "--ports").split(",")[0] if "--ports" in argv else
-               _value(argv, "--port"))  # fmt: skip
+    port = int(_value(argv, "--ports" if "--ports" in argv else "--port").split(",")[0])
     env = {**os.environ, "FD_ENABLE_MULTI_API_SERVER": "1"}  # as typed; pd-serve ignores it
     server = start_command(command(text, argv), log_path, port, env)
     try:
