@@ -1,0 +1,107 @@
+"""``LLM(data_parallel_size=2)`` with real engine processes: greedy float32 outputs equal
+DP=1's and HF's, in the caller's order; requests spread by open work, a request's
+choices stay on one rank; a bad prompt is refused before anything is queued;
+``engine_worker_queue_port`` sets the ranks' channels and shutdown stops them."""
+
+from __future__ import annotations
+
+import pytest
+
+from pd import LLM, SamplingParams
+from pd.args import pick_free_port
+from tests.pd.hf_reference import hf_greedy
+
+PROMPTS = [
+    "Hello world",
+    "The cache moves layer by layer",
+    "数据并行 is",
+    "x",
+    "Once upon a time, in a small village by the sea, there lived",
+    "1 2 3 4 5 6 7 8 9 10 11 12",
+]
+MAX_NEW = 8
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+SEEDED = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=MAX_NEW, ignore_eos=True)
+OPTIONS = {"dtype": "float32", "max_model_len": 128, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model):
+    return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="module")
+def queue_ports() -> list[int]:
+    return [pick_free_port(), pick_free_port()]
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir, queue_ports):
+    ports = ",".join(map(str, queue_ports))  # as the FastDeploy docs write it
+    with LLM(model=str(model_dir), data_parallel_size=2, engine_worker_queue_port=ports,
+             **OPTIONS) as llm:  # fmt: skip
+        processes = llm.backend.ranks.processes
+        yield llm
+    assert not any(process.is_alive() for process in processes)  # shutdown stopped them
+
+
+@pytest.fixture(scope="module")
+def single(model_dir):
+    with LLM(model=str(model_dir), **OPTIONS) as single:
+        yield single
+
+
+def rank_deltas(llm: LLM, before: dict[str, int]) -> list[int]:
+    return [llm.requests_per_rank[name] - before[name] for name in ("dp0", "dp1")]
+
+
+def test_outputs_equal_dp1_and_hf_in_order(llm, single, model_dir):
+    assert llm.engine is None and single.engine is not None  # ranks in processes, and not
+    before = llm.requests_per_rank
+    outputs = llm.generate(PROMPTS, GREEDY)
+    assert [o.prompt for o in outputs] == PROMPTS
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    assert tokens == [o.outputs[0].token_ids for o in single.generate(PROMPTS, GREEDY)]
+    token_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+    assert tokens == hf_greedy(model_dir, token_ids, MAX_NEW)
+    assert [o.outputs[0].text for o in outputs] == [
+        llm.tokenizer.decode(t, skip_special_tokens=True) for t in tokens
+    ]
+    assert all(delta > 0 for delta in rank_deltas(llm, before))  # both ranks served
+
+
+def test_requests_go_to_the_rank_with_least_open_work(llm):
+    long_prompt = list(range(1, 101))  # 100 + 4 tokens of work on one rank...
+    shorts = [[7, 8], [9], [10, 11, 12]]  # ...outweigh all three short ones on the other
+    before = llm.requests_per_rank
+    prompts = [{"prompt_token_ids": ids} for ids in [long_prompt, *shorts]]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4))
+    assert [o.prompt_token_ids for o in outputs] == [long_prompt, *shorts]
+    assert rank_deltas(llm, before) == [1, 3]
+    before = llm.requests_per_rank
+    llm.generate([[5, 6], [7, 8], [9, 10], [11, 12]], GREEDY)  # equal work: they alternate
+    assert rank_deltas(llm, before) == [2, 2]
+
+
+def test_choices_of_a_request_stay_on_one_rank(llm, single):
+    before = llm.requests_per_rank
+    out = llm.generate(PROMPTS[1], SEEDED)[0]
+    assert sorted(rank_deltas(llm, before)) == [0, 3]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    expected = single.generate(PROMPTS[1], SEEDED)[0]
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in expected.outputs]
+
+
+def test_a_bad_prompt_is_refused_before_anything_is_queued(llm):
+    before = llm.requests_per_rank
+    with pytest.raises(ValueError, match=r"199 tokens.*max_model_len is 128"):
+        llm.generate([PROMPTS[0], list(range(1, 200))], GREEDY)
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate([[1, 2, 10**6]], GREEDY)
+    assert llm.requests_per_rank == before
+    assert llm.generate(PROMPTS[0], GREEDY)[0].finished  # still serving
+
+
+def test_the_ranks_listen_on_the_given_ports(llm, queue_ports):
+    addresses = [link.address for link in llm.backend.ranks.links]
+    assert addresses == [f"tcp://127.0.0.1:{port}" for port in queue_ports]
