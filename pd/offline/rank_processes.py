@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -21,6 +21,9 @@ from pd.args import pick_free_port
 from pd.cpu_threads import engine_thread_choice
 from pd.engine_messages import Kind
 from pd.offline.rank_link import RankLink
+
+if TYPE_CHECKING:
+    from pd.rank.settings import RankSettings
 
 logger = logging.getLogger("pd.llm")
 
@@ -39,7 +42,7 @@ class RankProcesses:
         rank_kwargs: dict[int, dict[str, Any]],
         queue_ports: list[int],
         channel_key: bytes,
-        settings: list | None = None,
+        settings: list[RankSettings] | None = None,
     ):
         """Start an engine process for each DP rank of ``rank_kwargs`` (its engine
         keywords), listening on its queue port (0: a free one); ``settings``: each
@@ -56,23 +59,22 @@ class RankProcesses:
         self.links: list[RankLink] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        for index, dp_rank in enumerate(dp_ranks):
-            address = f"tcp://127.0.0.1:{queue_ports[index] or pick_free_port()}"
-            process = multiprocessing.get_context("spawn").Process(
-                target=run_engine_process,
-                args=(rank_kwargs[dp_rank], address, log_level, threads,
-                      None if settings is None else settings[index], channel_key),
-                name=f"pd-llm-engine-{dp_rank}",
-                daemon=False,  # it starts TP worker processes; close() and atexit stop it
-            )  # fmt: skip
-            process.start()
-            logger.info("DP rank %d: engine process pid %d on %s", dp_rank, process.pid, address)
-            self.processes.append(process)
-            self.links.append(RankLink(self.context, address, dp_rank, channel_key))
         self._poller = zmq.Poller()
-        for link in self.links:
-            self._poller.register(link.socket, zmq.POLLIN)
         try:
+            for index, dp_rank in enumerate(dp_ranks):
+                address = f"tcp://127.0.0.1:{queue_ports[index] or pick_free_port()}"
+                process = multiprocessing.get_context("spawn").Process(
+                    target=run_engine_process,
+                    args=(rank_kwargs[dp_rank], address, log_level, threads,
+                          None if settings is None else settings[index], channel_key),
+                    name=f"pd-llm-engine-{dp_rank}",
+                    daemon=False,  # it starts TP worker processes; close() and atexit stop it
+                )  # fmt: skip
+                process.start()
+                logger.info("DP rank %d: engine pid %d on %s", dp_rank, process.pid, address)
+                self.processes.append(process)
+                self.links.append(RankLink(self.context, address, dp_rank, channel_key))
+                self._poller.register(self.links[-1].socket, zmq.POLLIN)
             self._wait_ready()
         except BaseException:
             self.close()
@@ -122,7 +124,8 @@ class RankProcesses:
             return
         self._stop.set()
         with self._lock:
-            for link, process in zip(self.links, self.processes, strict=True):
+            # NOTE: not strict: a start-up that failed may have a process without a link.
+            for link, process in zip(self.links, self.processes, strict=False):
                 if process.is_alive():
                     link.send(Kind.SHUTDOWN)
         deadline = time.monotonic() + STOP_TIMEOUT_S

@@ -17,7 +17,9 @@ def test_two_dp_ranks_run_their_prompts(tiny_model):
         "--dp-size", "2", "--tp-size", "1", "--num-prompts", "8", "--device", "cpu",
     ]  # fmt: skip
     # This checkout's packages, whatever the interpreter has installed.
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     done = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )

@@ -5,10 +5,17 @@ choices stay on one rank; a bad prompt is refused before anything is queued;
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from pd import LLM, SamplingParams
 from pd.args import pick_free_port
+from pd.offline.rank_processes import RankDied
 from tests.pd.hf_reference import hf_greedy
 
 PROMPTS = [
@@ -22,6 +29,7 @@ PROMPTS = [
 MAX_NEW = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
 SEEDED = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=MAX_NEW, ignore_eos=True)
+ROOT = Path(__file__).resolve().parents[3]
 OPTIONS = {"dtype": "float32", "max_model_len": 128, "seed": 0}
 
 
@@ -49,6 +57,14 @@ def llm(model_dir, queue_ports):
 def single(model_dir):
     with LLM(model=str(model_dir), **OPTIONS) as single:
         yield single
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_open(request):
+    yield
+    if "llm" in request.fixturenames:  # every engine request of the test was settled
+        backend = request.getfixturevalue("llm").backend
+        assert backend.open_tokens == {0: 0, 1: 0} and not backend._placed
 
 
 def rank_deltas(llm: LLM, before: dict[str, int]) -> list[int]:
@@ -92,6 +108,16 @@ def test_choices_of_a_request_stay_on_one_rank(llm, single):
     assert [c.token_ids for c in out.outputs] == [c.token_ids for c in expected.outputs]
 
 
+def test_stop_strings_end_requests_on_their_rank(llm, single):
+    full = single.generate(PROMPTS[0], GREEDY)[0].outputs[0].text
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, stop=[full[3:6]])
+    outputs = llm.generate(PROMPTS[:2], params)  # one per rank; the processor aborts them
+    assert [o.outputs[0].text for o in outputs] == [
+        o.outputs[0].text for o in single.generate(PROMPTS[:2], params)
+    ]
+    assert outputs[0].outputs[0].finish_reason == "stop"
+
+
 def test_a_bad_prompt_is_refused_before_anything_is_queued(llm):
     before = llm.requests_per_rank
     with pytest.raises(ValueError, match=r"199 tokens.*max_model_len is 128"):
@@ -105,3 +131,32 @@ def test_a_bad_prompt_is_refused_before_anything_is_queued(llm):
 def test_the_ranks_listen_on_the_given_ports(llm, queue_ports):
     addresses = [link.address for link in llm.backend.ranks.links]
     assert addresses == [f"tcp://127.0.0.1:{port}" for port in queue_ports]
+
+
+def test_a_dead_rank_fails_the_call_with_its_exit_code(model_dir):
+    with LLM(model=str(model_dir), data_parallel_size=2, **OPTIONS) as llm:
+        processes = llm.backend.ranks.processes
+        os.kill(processes[1].pid, signal.SIGKILL)
+        processes[1].join(10)
+        with pytest.raises(RankDied, match=r"DP rank 1 exited while running.*exit code -9"):
+            llm.generate(PROMPTS[:2], GREEDY)
+    assert not processes[0].is_alive()
+
+
+@pytest.mark.slow
+def test_an_llm_left_running_stops_its_ranks_when_the_process_exits(model_dir):
+    script = (
+        "from pd import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM(model={str(model_dir)!r}, data_parallel_size=2, dtype='float32')\n"
+        "    print(*(p.pid for p in llm.backend.ranks.processes), flush=True)\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    for pid in map(int, done.stdout.split()):
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()

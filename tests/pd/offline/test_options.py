@@ -50,9 +50,9 @@ def test_queue_ports_are_read_as_pd_serve_reads_them():
     assert queue_ports("6077,6078", rank_one) == [6078]
     with pytest.raises(ValueError, match="engine_worker_queue_port has 3 ports"):
         queue_ports("1,2,3", DataParallelPlacement(size=4))
-    with pytest.raises(ValueError, match="engine_worker_queue_port: .*empty entry"):
+    with pytest.raises(ValueError, match=r"engine_worker_queue_port: .*empty entry"):
         queue_ports("6077,", two)
-    with pytest.raises(ValueError, match="engine_worker_queue_port: .*70000"):
+    with pytest.raises(ValueError, match=r"engine_worker_queue_port: .*70000"):
         queue_ports([6077, 70000], two)
 
 
