@@ -133,6 +133,16 @@ def test_the_ranks_listen_on_the_given_ports(llm, queue_ports):
     assert addresses == [f"tcp://127.0.0.1:{port}" for port in queue_ports]
 
 
+@pytest.mark.slow
+def test_dp2_with_tp2_equals_dp1(model_dir, single):
+    with LLM(model=str(model_dir), data_parallel_size=2, tensor_parallel_size=2,
+             **OPTIONS) as llm:  # fmt: skip
+        outputs = llm.generate(PROMPTS, GREEDY)
+        assert min(llm.requests_per_rank.values()) > 0
+    expected = single.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+
+
 def test_a_dead_rank_fails_the_call_with_its_exit_code(model_dir):
     with LLM(model=str(model_dir), data_parallel_size=2, **OPTIONS) as llm:
         processes = llm.backend.ranks.processes
