@@ -29,8 +29,14 @@ PROMPTS = [
 ]
 
 
-def main(args: argparse.Namespace, local_dp_rank: int, global_dp_rank: int, master_addr: str,
-         master_port: int) -> None:  # fmt: skip
+def main(
+    args: argparse.Namespace,
+    local_dp_rank: int,
+    global_dp_rank: int,
+    master_addr: str,
+    master_port: int,
+) -> None:
+    """DP rank ``global_dp_rank``'s process: its prompts, its sampling, its LLM."""
     from engine.config import resolve_device
     from pd import LLM, SamplingParams
 

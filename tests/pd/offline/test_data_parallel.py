@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,20 @@ def nothing_left_open(request):
         assert backend.open_tokens == {0: 0, 1: 0} and not backend._placed
 
 
+def engines_took(llm: LLM) -> list[int]:
+    """What each rank's engine says it took (its STATS, every 100 ms), once they settle."""
+    links = llm.backend.ranks.links
+    deadline = time.monotonic() + 5
+    while True:
+        llm.backend.ranks.poll(0.1)
+        taken = [link.stats.num_requests_taken if link.stats else 0 for link in links]
+        if (
+            taken == [llm.requests_per_rank[f"dp{r}"] for r in (0, 1)]
+            or time.monotonic() > deadline
+        ):
+            return taken
+
+
 def rank_deltas(llm: LLM, before: dict[str, int]) -> list[int]:
     return [llm.requests_per_rank[name] - before[name] for name in ("dp0", "dp1")]
 
@@ -94,6 +109,7 @@ def test_requests_go_to_the_rank_with_least_open_work(llm):
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4))
     assert [o.prompt_token_ids for o in outputs] == [long_prompt, *shorts]
     assert rank_deltas(llm, before) == [1, 3]
+    assert engines_took(llm) == [llm.requests_per_rank["dp0"], llm.requests_per_rank["dp1"]]
     before = llm.requests_per_rank
     llm.generate([[5, 6], [7, 8], [9, 10], [11, 12]], GREEDY)  # equal work: they alternate
     assert rank_deltas(llm, before) == [2, 2]
