@@ -35,6 +35,15 @@ class DataParallelGroup:
     def size(self) -> int:
         return self.group.size
 
+    def any_busy(self, busy: bool) -> bool:
+        """Whether any DP rank has work (a collective: every rank calls it once per loop
+        iteration, so lockstep ranks agree on whether this iteration steps)."""
+        if self.size == 1:
+            return busy
+        flag = torch.tensor([int(busy)], dtype=torch.int32)
+        self.group.all_reduce(flag)
+        return bool(flag.item())
+
 
 def join_data_parallel_group(config: EngineConfig) -> DataParallelGroup:
     """Meet the other DP ranks (at most ``JOIN_TIMEOUT``) and check that they serve the

@@ -40,6 +40,23 @@ KVSendPlanner = Callable[[list[ScheduledSequence]], list[KVSend]]
 InFlight = tuple[PendingStep, list[tuple[ScheduledSequence, bool]]]
 
 
+def check_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise ValueError if an engine with these limits cannot serve the prompt (the one
+    rule, also applied where the engine runs in another process: the offline LLM's DP
+    ranks)."""
+    num_tokens = len(prompt_token_ids)
+    if num_tokens == 0:
+        raise ValueError("prompt is empty: it must contain at least one token")
+    if num_tokens >= max_model_len:
+        raise ValueError(
+            f"prompt has {num_tokens} tokens but max_model_len is {max_model_len}: "
+            f"at most {max_model_len - 1} prompt tokens leave room for one new token"
+        )
+    bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}")
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, allocate_kv: KVAllocator | None = None):
         self.config = config
@@ -70,20 +87,7 @@ class EngineCore:
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError if the prompt cannot be served; nothing is allocated."""
-        num_tokens = len(prompt_token_ids)
-        if num_tokens == 0:
-            raise ValueError("prompt is empty: it must contain at least one token")
-        if num_tokens >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {num_tokens} tokens but max_model_len is {self.max_model_len}: "
-                f"at most {self.max_model_len - 1} prompt tokens leave room for one new token"
-            )
-        vocab_size = self.config.model.vocab_size
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
-        if bad:
-            raise ValueError(
-                f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}"
-            )
+        check_prompt(prompt_token_ids, self.max_model_len, self.config.model.vocab_size)
 
     def add_request(
         self,

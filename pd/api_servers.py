@@ -28,14 +28,12 @@ import time
 from pd.args import OneLineParser, ServeArgs, parse_args, pick_free_port
 from pd.args_validation import parse_port_list, parse_size
 from pd.cpu_threads import engine_thread_choice
+from pd.dp_layout import RANK_PORT_FLAGS
 
 logger = logging.getLogger("pd.serve")
 
 _POLL_S = 0.2
 _STOP_TIMEOUT_S = 60.0
-_PER_RANK_PORT_LISTS = (
-    "engine_worker_queue_ports", "cache_queue_ports", "pd_comm_ports", "rdma_comm_ports",
-)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +47,7 @@ class Launcher:
 def server_args(args: ServeArgs, index: int, dp_rpc_port: int) -> ServeArgs:
     """The flags of the API server of this process's ``index``-th DP rank."""
     dp_rank = args.dp_layout.ranks[index]
-    ports = {
-        dest: [port for port in args.rank_ports(dest).per_rank[index]]
-        for dest in _PER_RANK_PORT_LISTS
-    }
+    ports = {dest: list(args.rank_ports(dest).per_rank[index]) for dest in RANK_PORT_FLAGS}
     metrics_port = args.metrics_ports[index] if args.metrics_ports else None
     return dataclasses.replace(
         args,
@@ -80,15 +75,13 @@ def _engine_threads(args: ServeArgs) -> int:
 
 def run_api_servers(args: ServeArgs) -> int:
     """Start one API server per local DP rank and wait for them all to exit."""
-    from pd.serve import run_one
+    from pd.flag_notes import flag_notes
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for dest in _PER_RANK_PORT_LISTS:
-        note = args.rank_ports(dest).note
-        if note:
-            logger.info("%s", note)
+    for note in flag_notes(args):  # once here: each server gets its rank's ports only
+        logger.info("%s", note)
     args = dataclasses.replace(
         args, ports=[port or pick_free_port(args.host) for port in args.ports]
     )
@@ -98,7 +91,7 @@ def run_api_servers(args: ServeArgs) -> int:
     servers = []
     for index, dp_rank in enumerate(args.dp_layout.ranks):
         process = context.Process(
-            target=run_one,
+            target=_serve_one,
             args=(server_args(args, index, rpc_port), launcher),
             name=f"pd-api-server-{dp_rank}",
             daemon=False,  # it starts its engine process
@@ -108,6 +101,14 @@ def run_api_servers(args: ServeArgs) -> int:
                     args.ports[index])  # fmt: skip
         servers.append((dp_rank, process))
     return _supervise(servers, launcher)
+
+
+def _serve_one(args: ServeArgs, launcher: Launcher) -> None:
+    """A spawned API server: its exit status is ``run_one``'s (a process target's return
+    value is dropped, which made a server that failed its start-up exit 0)."""
+    from pd.serve import run_one
+
+    sys.exit(run_one(args, launcher))
 
 
 def _supervise(servers: list, launcher: Launcher) -> int:  # type: ignore[type-arg]
@@ -177,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def multi_api_server_main(argv: list[str]) -> int:
+    return run_api_servers(parse_multi_api_server(argv))
+
+
+def parse_multi_api_server(argv: list[str]) -> ServeArgs:
+    """The instance's flags: ``--args`` with the servers' ports; exit 2 on error."""
     parser = build_parser()
     options = parser.parse_args(argv)
     if len(options.ports) != options.num_servers:
@@ -191,7 +197,7 @@ def multi_api_server_main(argv: list[str]) -> int:
         parser.error(f"--num-servers {options.num_servers} but this host runs {local} DP "
                      "rank(s) (--data-parallel-size, --data-parallel-size-local): one "
                      "server per DP rank")  # fmt: skip
-    return run_api_servers(args)
+    return args
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from pd.args_validation import (
     parse_protocols,
     parse_size,
 )
-from pd.dp_layout import DPLayout, RankPorts, rank_ports
+from pd.dp_layout import RANK_PORT_FLAGS, DPLayout, RankPorts, rank_ports
+from pd.mindie_config import apply_mindie_config
 
 if TYPE_CHECKING:
     from scheduler.config import SchedulerConfig
@@ -39,17 +40,14 @@ DEFAULT_PROTOCOLS = ("ipc", "tcp")
 DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PORT_LIST = "P1,P2,..."
-# Port lists read per DP rank (dp_layout.rank_ports): dest -> (flag, one port per GPU).
-_RANK_PORT_FLAGS = {
-    "engine_worker_queue_ports": ("--engine-worker-queue-port", False),
-    "cache_queue_ports": ("--cache-queue-port", False),
-    "pd_comm_ports": ("--pd-comm-port", False),
-    "rdma_comm_ports": ("--rdma-comm-ports", True),
-}
 
 # NOTE: these default to None in the parser so that "given explicitly" can be told
-# apart from "left out"; _resolve() fills in the real defaults afterwards.
-_SCHEDULER_DEFAULTS = {
+# apart from "left out" (a --mindie-config value may fill them); _resolve() fills in
+# the real defaults afterwards.
+_LEFT_OUT_DEFAULTS = {
+    "splitwise_role": "mixed",
+    "tensor_parallel_size": 1,
+    "data_parallel_size": 1,
     "scheduler_host": "127.0.0.1",
     "scheduler_port": 6379,
     "scheduler_db": 0,
@@ -131,7 +129,7 @@ class ServeArgs:
 
     def rank_ports(self, dest: str) -> RankPorts:
         """A port-list flag's ports for this process's DP ranks (``dp_layout.rank_ports``)."""
-        flag, per_gpu = _RANK_PORT_FLAGS[dest]
+        flag, per_gpu = RANK_PORT_FLAGS[dest]
         per_rank = self.tensor_parallel_size if per_gpu else 1
         return rank_ports(flag, getattr(self, dest), self.dp_layout, per_rank)
 
@@ -211,8 +209,13 @@ def _add_port_list(
 
 
 def _add_model_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--model", metavar="PATH", help="local HF checkpoint folder or .gguf file")
     group.add_argument(
-        "--model", required=True, metavar="PATH", help="local HF checkpoint folder or .gguf file"
+        "--mindie-config",
+        metavar="PATH",
+        help="a MindIE Server config.json: --model, --served-model-name, "
+        "--tensor-parallel-size, --data-parallel-size (MindIE's worldSize/tp/dp rules) and "
+        "--max-model-len from BackendConfig.ModelDeployConfig; a flag given too must agree",
     )
     group.add_argument(
         "--served-model-name",
@@ -322,15 +325,14 @@ def _add_parallel_flags(group: argparse._ArgumentGroup) -> None:
     _add_size(
         group,
         "--tensor-parallel-size",
-        "TP ranks per DP rank: the model sharded over this many devices (worker processes)",
-        default=1,
+        "TP ranks per DP rank: the model sharded over this many devices (worker processes) "
+        "(default: 1)",
     )
     _add_size(
         group,
         "--data-parallel-size",
         "DP ranks of this instance: engine cores with their own requests and KV cache, "
         "each with its TP group, on the next GPUs in order (default: 1)",
-        default=1,
     )
     group.add_argument(
         "--data-parallel-start-rank",
@@ -378,7 +380,6 @@ def _add_parallel_flags(group: argparse._ArgumentGroup) -> None:
 def _add_transfer_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--splitwise-role",
-        default="mixed",
         choices=("mixed", "prefill", "decode"),
         help="mixed runs whole requests (default: mixed)",
     )
@@ -454,8 +455,12 @@ def parse_args(argv: list[str] | None = None) -> ServeArgs:
     """Parse and check ``pd-serve`` flags (``sys.argv[1:]`` when None); exit 2 on error."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
-    given = frozenset(dest for dest, value in vars(namespace).items() if value is not None)
     try:
+        if namespace.mindie_config is not None:
+            apply_mindie_config(namespace)
+        if namespace.model is None:
+            parser.error("the following arguments are required: --model (or --mindie-config)")
+        given = frozenset(dest for dest, value in vars(namespace).items() if value is not None)
         args = _resolve(namespace)
         args.cluster_secret()  # unreadable or too short: refused now, by name
         check_combinations(args, given)
@@ -468,6 +473,7 @@ def parse_args(argv: list[str] | None = None) -> ServeArgs:
 def _resolve(ns: argparse.Namespace) -> ServeArgs:
     """Fill in defaults for flags left out; ``--port``/``--ports`` must agree."""
     values = dict(vars(ns))
+    del values["mindie_config"]  # read into the flags it sets
     port, ports = values.pop("port"), values["ports"]
     if ports is None:
         values["ports"] = [DEFAULT_PORT if port is None else port]
@@ -476,7 +482,7 @@ def _resolve(ns: argparse.Namespace) -> ServeArgs:
             f"--port {port} disagrees with --ports {','.join(map(str, ports))} "
             "(the first of --ports is the API port)"
         )
-    for dest in _RANK_PORT_FLAGS:
+    for dest in RANK_PORT_FLAGS:
         if values[dest] is None:
             values[dest] = [0]  # every rank's picked free
     if values["cache_transfer_protocols"] is None:
@@ -485,7 +491,7 @@ def _resolve(ns: argparse.Namespace) -> ServeArgs:
         values["async_scheduling"] = True
     if values["served_model_name"] is None:
         values["served_model_name"] = [ns.model]
-    for dest, default in _SCHEDULER_DEFAULTS.items():
+    for dest, default in _LEFT_OUT_DEFAULTS.items():
         if values[dest] is None:
             values[dest] = default
     return ServeArgs(**values)

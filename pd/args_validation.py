@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from pd.dp_layout import RANK_PORT_FLAGS
+
 if TYPE_CHECKING:
     from pd.args import ServeArgs
 
@@ -113,6 +115,8 @@ def check_combinations(args: ServeArgs, given: frozenset[str]) -> None:
     """Reject flag combinations that can never work; ``given`` holds the dests set explicitly."""
     _check_port_list_lengths(args, given)
     _check_no_port_reuse(args, given)
+    _check_blocks_hold_one_sequence(args)
+    _check_transfer_ports_have_a_role(args, given)
     is_split = args.splitwise_role in ("prefill", "decode")
     if is_split and args.scheduler_name == "local" and args.router is None:
         raise ValueError(
@@ -145,8 +149,7 @@ def _check_port_list_lengths(args: ServeArgs, given: frozenset[str]) -> None:
             f"--metrics-port is one port for {num_servers} API servers (--ports): give "
             "--metrics-ports, one per server"
         )
-    for dest in ("engine_worker_queue_ports", "cache_queue_ports", "pd_comm_ports",
-                 "rdma_comm_ports"):  # fmt: skip
+    for dest in RANK_PORT_FLAGS:
         args.rank_ports(dest)  # raises on a count that fits no reading
     if layout.spans_processes and not args.data_parallel_rpc_port:
         raise ValueError(
@@ -154,6 +157,40 @@ def _check_port_list_lengths(args: ServeArgs, given: frozenset[str]) -> None:
             f"{layout.size}: the others need a meeting point, --data-parallel-address and "
             "--data-parallel-rpc-port (DP rank 0's host and a free port there)"
         )
+
+
+def _check_blocks_hold_one_sequence(args: ServeArgs) -> None:
+    """The engine refuses at start-up a KV cache that cannot hold one --max-model-len
+    sequence; with both sizes given that is known now."""
+    blocks, length = args.num_gpu_blocks_override, args.max_model_len
+    if blocks is None or length is None or blocks * args.block_size >= length:
+        return
+    needed = -(-length // blocks)
+    raise ValueError(
+        f"--num-gpu-blocks-override {blocks} blocks of --block-size {args.block_size} tokens "
+        f"hold {blocks * args.block_size} tokens, fewer than one --max-model-len {length} "
+        f"sequence: give more blocks, or blocks of at least {needed} tokens (FastDeploy's "
+        "blocks are 64 tokens: --block-size 64)"
+    )
+
+
+def _check_transfer_ports_have_a_role(args: ServeArgs, given: frozenset[str]) -> None:
+    """A mixed instance runs whole requests: it serves no pd-comm and moves no KV. Ports
+    for those mean a prefill or decode instance was meant (a FastDeploy doc's decode
+    command loses its --splitwise-role to a missing line continuation)."""
+    if args.splitwise_role != "mixed":
+        return
+    dests = [dest for dest in ("pd_comm_ports", "rdma_comm_ports") if dest in given]
+    if not dests:
+        return
+    flags = " and ".join(RANK_PORT_FLAGS[dest][0] for dest in dests)
+    verb = "is" if len(dests) == 1 else "are"
+    role = "mixed (--splitwise-role mixed)"
+    if "splitwise_role" not in given:
+        role = "mixed: --splitwise-role is left out (did the command line end early?)"
+    raise ValueError(
+        f"{flags} {verb} for --splitwise-role prefill or decode; this instance is {role}"
+    )
 
 
 def _count(ports: list[int]) -> str:
@@ -182,12 +219,7 @@ def _listening_ports(args: ServeArgs, given: frozenset[str]) -> Iterator[tuple[s
     if args.metrics_port is not None:
         yield "--metrics-port", args.metrics_port
     yield from (("--metrics-ports", port) for port in args.metrics_ports or [])
-    for dest, flag in (
-        ("engine_worker_queue_ports", "--engine-worker-queue-port"),
-        ("cache_queue_ports", "--cache-queue-port"),
-        ("rdma_comm_ports", "--rdma-comm-ports"),
-        ("pd_comm_ports", "--pd-comm-port"),
-    ):
+    for dest, (flag, _) in RANK_PORT_FLAGS.items():
         for ports in args.rank_ports(dest).per_rank:
             yield from ((flag, port) for port in ports)
     if args.data_parallel_start_rank == 0:  # DP rank 0 hosts the DP group

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pd.args import pick_free_port
 from pd.cpu_threads import engine_thread_choice
-from pd.default_model import DEFAULT_MODEL_NAME, default_model_path
+from pd.default_model import DEFAULT_MODEL_NAME, default_model_path, tiny_model_path
 
 _READY_TIMEOUT_S = 600.0
 _STOP_TIMEOUT_S = 40.0
@@ -183,24 +183,13 @@ def _install_stop_handlers() -> list[int]:
 def _model_flags(model: str | None, passthrough: list[str]) -> list[str]:
     """The instances' --model (and, for the default model, --served-model-name) flags."""
     if model == "tiny":
-        return ["--model", str(_tiny_model())]
+        return ["--model", str(tiny_model_path())]
     if model is not None:
         return ["--model", model]
     flags = ["--model", str(default_model_path())]
     if "--served-model-name" not in passthrough:
         flags += ["--served-model-name", DEFAULT_MODEL_NAME]
     return flags
-
-
-def _tiny_model() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pd-serve"
-    path = cache / "tiny-llama"
-    if not (path / "config.json").exists():
-        from scripts.make_tiny_model import make_tiny_model
-
-        print(f"generating a tiny model in {path}", flush=True)
-        make_tiny_model(path, arch="llama")
-    return path
 
 
 def _start(role: str, port: int, common: list[str], log_path: Path) -> Instance:

@@ -44,9 +44,6 @@ def cluster_instance(args: ServeArgs, api_port: int) -> ClusterInstance:
         logger.info("KV transfer protocols offered: %s", ",".join(protocols))
     pd_comm = args.rank_ports("pd_comm_ports")
     rdma = args.rank_ports("rdma_comm_ports")
-    for note in (pd_comm.note, rdma.note):
-        if note:
-            logger.info("%s", note)
     model = args.served_model_name[0] if args.served_model_name else args.model
     settings = [
         RankSettings(

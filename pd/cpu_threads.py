@@ -12,7 +12,8 @@ decode step of a 30M-parameter model took ~600 ms instead of ~20 ms. So:
   idle (``OMP_WAIT_POLICY=PASSIVE``, set before torch loads OpenMP);
 - ``--engine-threads N`` wins, then ``OMP_NUM_THREADS``; a wait policy the user set
   (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``, ``KMP_BLOCKTIME``) is kept;
-- the offline ``LLM`` keeps torch's defaults (``torch.set_num_threads`` to change them).
+- the offline ``LLM`` keeps torch's defaults for an engine in its own process
+  (``torch.set_num_threads`` to change them); its DP engine processes choose as these.
 
 Standard library only at import: the engine process must set the wait policy before
 anything imports torch.

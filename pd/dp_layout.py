@@ -21,6 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The port lists read per DP rank: ServeArgs field -> (flag, one port per GPU, not per rank).
+RANK_PORT_FLAGS = {
+    "engine_worker_queue_ports": ("--engine-worker-queue-port", False),
+    "cache_queue_ports": ("--cache-queue-port", False),
+    "pd_comm_ports": ("--pd-comm-port", False),
+    "rdma_comm_ports": ("--rdma-comm-ports", True),
+}
+
 
 @dataclass(frozen=True)
 class DPLayout:

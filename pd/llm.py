@@ -2,33 +2,46 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import weakref
 from collections.abc import Sequence
 
-from engine.config import make_engine_config
 from engine.engine_core import EngineCore
 from engine.output_processor import OutputProcessor
 from engine.outputs import OutputKind, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import encode_chat, load_tokenizer
+from pd.offline.backend import start_backend
+from pd.offline.options import DataParallelPlacement, plain_dtype, queue_ports, scheduler_config
 
 PromptType = str | list[int] | dict
 
 
 class LLM:
-    """One engine in this process, for batch generation without a server.
+    """Batch generation without a server; arguments follow vLLM's ``LLM`` (and, for data
+    parallelism and the cluster scheduler, FastDeploy's). Sizes left as None are
+    derived from the model (``max_model_len``) and the device's memory (KV blocks).
 
-    Arguments follow vLLM's ``LLM``; sizes left as None are derived from the
-    model (``max_model_len``) and the device's memory (number of KV blocks).
-    On CPU it runs torch's threads as the caller left them (``torch.set_num_threads``,
-    ``OMP_NUM_THREADS``); ``pd-serve`` chooses its own (``pd.cpu_threads``).
+    - One DP rank (the default): one engine in this process. On CPU it runs torch's
+      threads as the caller left them (``torch.set_num_threads``, ``OMP_NUM_THREADS``).
+    - ``data_parallel_size=N``: an engine-core process per DP rank (each with its
+      ``tensor_parallel_size`` devices, the next ones in order); prompts go to the least
+      loaded rank, outputs come back in the caller's order. ``engine_worker_queue_port``
+      ("6077,6078", a list, or one to count up from) sets their channels' ports;
+      ``requests_per_rank`` says where requests went.
+    - ``data_parallel_rank=r`` (with ``data_parallel_size``, ``data_parallel_address``
+      and ``data_parallel_rpc_port``, the DP group's meeting point at DP rank 0): only
+      rank r, in this process (vLLM's one process per DP rank; examples/data_parallel.py).
+    - ``scheduler_name="splitwise"`` (``scheduler_host/port/topic/password/ttl``): the
+      DP ranks register in that Redis cluster (role mixed) and requests go through its
+      dispatcher, as an online instance's do; they may run on any rank of the topic.
+    - ``enable_expert_parallel``: an MoE model splits whole experts over the TP ranks
+      instead of each expert's width (engine/layers/fused_moe.py); dense models: no effect.
 
-    ``enable_expert_parallel`` splits an MoE model's whole experts over the TP ranks
-    instead of each expert's width (engine/layers/fused_moe.py).
-
-    ``tensor_parallel_size=N`` starts N-1 worker processes (spawned: a script that
+    Engine processes and ``tensor_parallel_size`` workers are spawned (a script that
     builds an ``LLM`` needs the ``if __name__ == "__main__":`` guard); ``shutdown()``
-    or a ``with`` block stops them, and they stop when this process exits.
+    or a ``with`` block stops them, as does the end of this process.
     """
 
     def __init__(
@@ -51,35 +64,72 @@ class LLM:
         enforce_eager: bool = False,
         async_scheduling: bool = True,
         tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        data_parallel_rank: int | None = None,
+        data_parallel_rank_local: int | None = None,
+        data_parallel_address: str = "127.0.0.1",
+        data_parallel_rpc_port: int = 0,
+        engine_worker_queue_port: str | int | list[int] | None = None,
         enable_expert_parallel: bool = False,
+        scheduler_name: str = "local",
+        scheduler_host: str = "127.0.0.1",
+        scheduler_port: int = 6379,
+        scheduler_topic: str = "default",
+        scheduler_password: str | None = None,
+        scheduler_ttl: float = 900,
+        scheduler_expire_period: int = 3000,
     ):
-        self.config = make_engine_config(
-            model,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            num_gpu_blocks_override=num_gpu_blocks_override,
-            block_size=block_size,
-            device=device,
-            seed=seed,
-            enable_prefix_caching=enable_prefix_caching,
-            gpu_memory_utilization=gpu_memory_utilization,
-            cpu_kv_cache_space_gib=cpu_kv_cache_space_gib,
-            load_format=load_format,
-            attention_backend=attention_backend,
-            enforce_eager=enforce_eager,
-            async_scheduling=async_scheduling,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_expert_parallel=enable_expert_parallel,
-        )
+        engine_options = {  # make_engine_config's keywords, the same for every DP rank
+            "model": model,
+            "dtype": plain_dtype(dtype),
+            "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "num_gpu_blocks_override": num_gpu_blocks_override,
+            "block_size": block_size,
+            "device": device,
+            "seed": seed,
+            "enable_prefix_caching": enable_prefix_caching,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "cpu_kv_cache_space_gib": cpu_kv_cache_space_gib,
+            "load_format": load_format,
+            "attention_backend": attention_backend,
+            "enforce_eager": enforce_eager,
+            "async_scheduling": async_scheduling,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enable_expert_parallel": enable_expert_parallel,
+        }
+        placement = DataParallelPlacement(
+            data_parallel_size, data_parallel_rank, data_parallel_rank_local,
+            data_parallel_address, data_parallel_rpc_port,
+        )  # fmt: skip
+        ports = queue_ports(engine_worker_queue_port, placement)
+        scheduler = scheduler_config(
+            scheduler_name, scheduler_host, scheduler_port, scheduler_topic, scheduler_password,
+            scheduler_ttl, scheduler_expire_period,
+        )  # fmt: skip
         self.tokenizer = load_tokenizer(tokenizer or model)
-        self.engine = EngineCore(self.config)
+        self.backend = start_backend(engine_options, placement, scheduler, ports)
+        self.config = self.backend.config  # the first DP rank's (all serve the same model)
+        # The engine core when it runs in this process, else None.
+        self.engine: EngineCore | None = getattr(self.backend, "engine", None)
+        # NOTE: stops the engine processes when this LLM is collected, or when this
+        # process exits without shutdown(): registered after they started, this exit
+        # hook runs before multiprocessing's, which would wait for them forever.
+        self._finalizer = weakref.finalize(self, self.backend.close)
+        atexit.register(self._finalizer)
         self._request_ids = itertools.count()
 
+    @property
+    def requests_per_rank(self) -> dict[str, int]:
+        """Engine requests (one per choice) each DP rank has taken, by rank name: "dp0",
+        "dp1", ...; with splitwise, the cluster's rank ids (maybe other instances')."""
+        return dict(self.backend.requests_per_rank)
+
     def shutdown(self) -> None:
-        """Stop the engine's worker processes (tensor parallelism); idempotent."""
-        self.engine.close()
+        """Stop the engine processes and workers this LLM started; idempotent."""
+        self._finalizer()
+        atexit.unregister(self._finalizer)
 
     def __enter__(self) -> LLM:
         return self
@@ -98,7 +148,7 @@ class LLM:
         params_list = self._params_for(prompt_list, sampling_params)
         encoded = [self._encode(p) for p in prompt_list]
         for _, token_ids in encoded:  # validate everything before anything is queued
-            self.engine.validate_prompt(token_ids)
+            self.backend.check_prompt(token_ids)
         return self._run(encoded, params_list)
 
     def chat(
@@ -158,27 +208,26 @@ class LLM:
                 children = processor.add_request(
                     request_id, text, token_ids, params, OutputKind.FINAL_ONLY
                 )
-                for index, child_id in enumerate(children):
-                    self.engine.add_request(child_id, token_ids, params.for_child(index))
-                    added.append(child_id)
+                added += children
+                self.backend.add(children, token_ids, params)
                 order.append(request_id)
             finished = self._drain(processor)
         except BaseException:
-            self.engine.abort_requests(added)  # nothing stays allocated after an error
-            self.engine.wait_in_flight()
+            self.backend.abort(added)  # nothing stays allocated after an error
+            self.backend.settle()
             raise
         return [finished[request_id] for request_id in order]
 
     def _drain(self, processor: OutputProcessor) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         while processor.has_unfinished():
-            processed = processor.process(self.engine.step())
+            processed = processor.process(self.backend.outputs())
             if processed.to_abort:
-                self.engine.abort_requests(processed.to_abort)
+                self.backend.abort(processed.to_abort)
             for output in processed.request_outputs:
                 if output.finished:
                     finished[output.request_id] = output
-        self.engine.wait_in_flight()  # rows of requests that ended while it ran
+        self.backend.settle()
         return finished
 
 

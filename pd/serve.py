@@ -27,6 +27,7 @@ from pd.args import ServeArgs, parse_args, pick_free_port
 from pd.cluster_instance import cluster_instance
 from pd.cluster_secret import engine_channel_key
 from pd.cpu_threads import apply_api_server_threads, engine_thread_choice
+from pd.flag_notes import flag_notes
 
 if TYPE_CHECKING:
     from pd.api_servers import Launcher
@@ -127,8 +128,6 @@ def start_engines(
 
     layout = args.dp_layout
     queue_ports = args.rank_ports("engine_worker_queue_ports")
-    if queue_ports.note:
-        logger.info("%s", queue_ports.note)
     threads = engine_thread_choice(
         args.engine_threads, num_engines=layout.local * args.tensor_parallel_size,
         num_api_servers=1,
@@ -163,9 +162,9 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
     from scheduler.redis_link import SchedulerUnavailable
 
     logger.info(apply_api_server_threads())
-    if args.enable_expert_parallel:
-        logger.info("--enable-expert-parallel: MoE layers split whole experts over the TP "
-                    "ranks; a dense model has none, so there it changes nothing")  # fmt: skip
+    if launcher is None:  # else the launcher said them, for every server
+        for note in flag_notes(args):
+            logger.info("%s", note)
     api_port = args.api_port or pick_free_port(args.host)
     instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
     channel_key = engine_channel_key(args.cluster_secret())

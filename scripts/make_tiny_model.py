@@ -193,6 +193,7 @@ def build_config(
     dtype: str,
     rope_scaling: str,
     tie_word_embeddings: bool,
+    max_position_embeddings: int = MAX_POSITION_EMBEDDINGS,
 ) -> dict[str, Any]:
     config: dict[str, Any] = {
         "architectures": [ARCH_CLASSES.get(arch)],
@@ -204,7 +205,7 @@ def build_config(
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "hidden_act": "silu",
-        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "max_position_embeddings": max_position_embeddings,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "rope_scaling": ROPE_SCALING_PARAMS[rope_scaling],
@@ -323,14 +324,16 @@ def write_weights(out_dir: Path, weights: dict[str, torch.Tensor], num_shards: i
     _write_json(out_dir / "model.safetensors.index.json", index)
 
 
-def tokenizer_config(specials: SpecialTokens) -> dict[str, Any]:
+def tokenizer_config(
+    specials: SpecialTokens, max_position_embeddings: int = MAX_POSITION_EMBEDDINGS
+) -> dict[str, Any]:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": specials.bos,
         "eos_token": END_OF_TEXT,
         "pad_token": END_OF_TEXT,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": MAX_POSITION_EMBEDDINGS,
+        "model_max_length": max_position_embeddings,
         "chat_template": CHAT_TEMPLATE,
     }
 
@@ -365,13 +368,19 @@ def make_tiny_model(
     rope_scaling: str = "none",
     tie_word_embeddings: bool = False,
     num_shards: int = 1,
+    max_position_embeddings: int = MAX_POSITION_EMBEDDINGS,
 ) -> Path:
-    """Write the tiny model into ``out_dir`` (created if missing); return its path."""
+    """Write the tiny model into ``out_dir`` (created if missing); return its path.
+    ``max_position_embeddings``: the context length it claims (the weights are the same
+    whatever it is; a long one lets a test keep a command line's --max-model-len)."""
     _validate(arch, dtype, rope_scaling, num_shards)
     tokenizer = train_tokenizer(arch)
     specials = special_tokens(arch, tokenizer)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    config = build_config(arch, vocab_size, specials, dtype, rope_scaling, tie_word_embeddings)
+    config = build_config(
+        arch, vocab_size, specials, dtype, rope_scaling, tie_word_embeddings,
+        max_position_embeddings,
+    )  # fmt: skip
     weights = build_weights(config, seed)
     if num_shards > len(weights):
         raise ValueError(f"num_shards must be <= {len(weights)} (the tensor count)")
@@ -382,7 +391,7 @@ def make_tiny_model(
     write_weights(out, weights, num_shards)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", generation_config(specials))
-    _write_json(out / "tokenizer_config.json", tokenizer_config(specials))
+    _write_json(out / "tokenizer_config.json", tokenizer_config(specials, max_position_embeddings))
     tokenizer.save(str(out / "tokenizer.json"), pretty=True)
     return out
 

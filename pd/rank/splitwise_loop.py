@@ -103,10 +103,11 @@ class SplitwiseLoop(EngineLoop):
                 settings.secret, engine.config.scheduler.max_model_len,
             )  # fmt: skip
             pd_comm_port = self.intake.port
+        data_parallel = engine.config.data_parallel
         record = pb.InstanceRecord(
             rank_id=self.rank_id, role=self.role, host=settings.host, model=settings.model,
-            dp_rank=0, dp_size=1, tp_size=tp_size, api_port=settings.api_port,
-            pd_comm_port=pd_comm_port, protocols=settings.protocols,
+            dp_rank=data_parallel.rank, dp_size=data_parallel.size, tp_size=tp_size,
+            api_port=settings.api_port, pd_comm_port=pd_comm_port, protocols=settings.protocols,
             rdma_comm_ports=settings.rdma_comm_ports, kv_layout=layout_to_proto(layout),
         )  # fmt: skip
         self.registry: RegistryReader | None = None

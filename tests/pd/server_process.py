@@ -102,6 +102,14 @@ def start_server(
         "--max-model-len", "256",
         *extra,
     ]  # fmt: skip
+    return start_command(command, log_path, port, env)
+
+
+def start_command(
+    command: list[str], log_path: Path, port: int, env: Mapping[str, str] | None = None
+) -> ServerProcess:
+    """Run ``command`` (a ``pd-serve`` whose API port is ``port``, or a launcher of
+    several) and wait until it says "pd-serve ready"."""
     log = log_path.open("w")
     full_env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)

@@ -195,6 +195,22 @@ INVALID = [
         "--splitwise-role decode with --scheduler-name local needs "
         "--scheduler-name splitwise or --router",
     ),
+    (
+        ["--num-gpu-blocks-override", "16", "--max-model-len", "512"],
+        "--num-gpu-blocks-override 16 blocks of --block-size 16 tokens hold 256 tokens, "
+        "fewer than one --max-model-len 512 sequence: give more blocks, or blocks of at "
+        "least 32 tokens",
+    ),
+    (
+        ["--pd-comm-port", "2334"],
+        "--pd-comm-port is for --splitwise-role prefill or decode; this instance is mixed: "
+        "--splitwise-role is left out (did the command line end early?)",
+    ),
+    (
+        ["--splitwise-role", "mixed", "--rdma-comm-ports", "7671"],
+        "--rdma-comm-ports is for --splitwise-role prefill or decode; this instance is mixed "
+        "(--splitwise-role mixed)",
+    ),
 ]
 
 

@@ -1,0 +1,70 @@
+"""The seed's offline splitwise ``LLM`` (FastDeploy's keywords) with a real redis-server:
+its two DP ranks register in the topic (role mixed), requests go through the cluster's
+dispatcher and come back on the LLM's own result channel, equal to DP=1's and in
+order; shutdown deregisters the ranks and stops their processes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from pd import LLM, SamplingParams
+from scheduler.redis_server import EmbeddedRedis
+from scheduler.registry import RegistryReader
+
+PROMPTS = [f"prompt number {i}: {'word ' * i}" for i in range(16)]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+SEEDED = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+OPTIONS = {"dtype": "float32", "max_model_len": 128, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with EmbeddedRedis() as server:
+        yield server
+
+
+def test_offline_splitwise_matches_dp1(tiny_model, redis_server):
+    model_dir = str(tiny_model("qwen2"))
+    with LLM(model=model_dir, **OPTIONS) as single:
+        expected = [o.outputs[0].token_ids for o in single.generate(PROMPTS, GREEDY)]
+        expected_choices = [c.token_ids for c in single.generate(PROMPTS[0], SEEDED)[0].outputs]
+    llm = LLM(
+        model=model_dir,
+        tensor_parallel_size=1,
+        data_parallel_size=2,
+        num_gpu_blocks_override=64,
+        engine_worker_queue_port="0,0",
+        enable_expert_parallel=True,
+        scheduler_name="splitwise",
+        scheduler_host="127.0.0.1",
+        scheduler_port=redis_server.port,
+        scheduler_topic=f"t{uuid.uuid4().hex[:8]}",
+        scheduler_ttl=60,
+        **OPTIONS,
+    )
+    registry = RegistryReader(llm.backend.scheduler)
+    with llm:
+        ranks = {rank.rank_id: rank.role for rank in registry.snapshot(max_age_s=0)}
+        instance = llm.backend.instance_id
+        assert ranks == {f"{instance}.dp0": "mixed", f"{instance}.dp1": "mixed"}
+
+        outputs = llm.generate(PROMPTS, GREEDY)
+        assert [o.prompt for o in outputs] == PROMPTS
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        counts = llm.requests_per_rank
+        assert set(counts) == set(ranks) and sum(counts.values()) == len(PROMPTS)
+        assert min(counts.values()) > 0  # the dispatcher's random pick among equals
+
+        choices = llm.generate(PROMPTS[0], SEEDED)[0].outputs
+        assert [c.token_ids for c in choices] == expected_choices
+
+        before = llm.requests_per_rank
+        with pytest.raises(ValueError, match=r"199 tokens.*max_model_len is 128"):
+            llm.generate([PROMPTS[0], list(range(1, 200))], GREEDY)
+        assert llm.requests_per_rank == before
+        processes = llm.backend.ranks.processes
+    assert not any(process.is_alive() for process in processes)
+    assert registry.snapshot(max_age_s=0) == []  # deregistered
+    registry.close()
