@@ -303,11 +303,12 @@ class EngineConfig:
                 f"tensor_parallel_size {tp} and the model's num_key_value_heads ({kv}): one "
                 "must divide the other"
             )
-        if model.moe is not None:  # the MoE group is the TP group (for now)
+        if model.moe is not None:  # the MoE group: every DP x TP rank of the instance
             moe = model.moe
             local_expert_shape(
-                moe.num_experts, moe.moe_intermediate_size, tp, self.enable_expert_parallel
-            )
+                moe.num_experts, moe.moe_intermediate_size, tp * self.data_parallel.size,
+                self.enable_expert_parallel,
+            )  # fmt: skip
             if moe.num_shared_experts and moe.shared_intermediate_size % tp:
                 raise ValueError(
                     f"tensor_parallel_size {tp} does not divide the model's shared experts' "

@@ -1,4 +1,5 @@
-"""The DP group: the engine cores of one instance's DP ranks, which may span hosts.
+"""The DP group: the engine cores of one instance's DP ranks, which may span hosts; and
+the MoE group over every DP x TP rank of the instance.
 
 DP ranks run their own requests and share no KV, so serving needs nothing from the
 group; it exists for what must agree across ranks. At start-up every rank proves it
@@ -91,3 +92,23 @@ def check_same_model(group: ParallelGroup, config: EngineConfig) -> None:
             f"{', '.join(map(str, differing))} differ from DP rank 0 (DP rank {group.rank} "
             f"serves {words})"
         )
+
+
+def spans_data_parallel(config: EngineConfig) -> bool:
+    """Whether the model's MoE layers form one group over all DP ranks (then the ranks
+    step in lockstep: DESIGN.md, "Parallelism inside an instance")."""
+    return config.model.moe is not None and config.data_parallel.size > 1
+
+
+def join_moe_group(config: EngineConfig, tp_rank: int, device: torch.device) -> ParallelGroup:
+    """This rank's place in the MoE group of all ``DP x TP`` ranks (rank ``dp_rank * tp +
+    tp_rank``), met at the DP group's store under its own prefix; NCCL on CUDA. Every
+    rank of every DP rank calls it while loading its model."""
+    dp, tp = config.data_parallel, config.tensor_parallel_size
+    size = dp.size * tp
+    store = dist.PrefixStore(
+        "moe/",
+        dist.TCPStore(dp.master_host, dp.master_port, is_master=False, timeout=JOIN_TIMEOUT),
+    )
+    address = GroupAddress(dp.master_host, dp.master_port, size)
+    return join_group(address, dp.rank * tp + tp_rank, device, store)

@@ -77,6 +77,35 @@ class ParallelGroup:
         self._backend.allgather([parts], [x.contiguous()]).wait()
         return torch.cat(parts, dim=-1)
 
+    def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Each rank's ``x`` (same shape) stacked along dim 0, in rank order."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
+        self._backend._allgather_base(out, x).wait()
+        return out
+
+    def reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of ``x`` ([size * n, ...]), rank r keeping rows r*n..r*n+n-1."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] // self.size, *x.shape[1:]))
+        self._backend._reduce_scatter_base(out, x).wait()
+        return out
+
+    def all_to_all_rows(
+        self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> torch.Tensor:
+        """Rows ``x`` (grouped by destination rank, ``send_counts[r]`` for rank r) sent
+        out; returns the rows every rank sent here, grouped by source rank."""
+        if self.size == 1:
+            return x
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        self._backend.alltoall_base(out, x.contiguous(), recv_counts, send_counts).wait()
+        return out
+
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s ``x`` into every rank's ``x`` (same shape and dtype), in place."""
         if self.size > 1:

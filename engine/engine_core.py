@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.data_parallel import join_data_parallel_group
+from engine.data_parallel import join_data_parallel_group, spans_data_parallel
 from engine.executor import make_executor
 from engine.kv_cache import allocate_kv_cache
 from engine.model_runner import KVAllocator
@@ -62,6 +62,10 @@ class EngineCore:
         self.config = config
         # First, before any weight loads: a rank that serves another model fails fast.
         self.dp_group = join_data_parallel_group(config)
+        # MoE layers over all DP ranks meet in collectives at every forward, so then the
+        # ranks step in lockstep: whenever any has work, each runs one forward per step,
+        # a dummy one (no rows) when it has nothing to run (see should_step).
+        self.lockstep = spans_data_parallel(config)
         self.executor = make_executor(config, allocate_kv or allocate_kv_cache)
         self.block_manager = BlockManager(
             self.executor.kv_layout.num_blocks,
@@ -161,6 +165,13 @@ class EngineCore:
         not count)."""
         return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
+    def should_step(self) -> bool:
+        """Whether the caller's loop should step now: when this rank has work or, in
+        lockstep, when any DP rank has. NOTE: in lockstep this is a collective: every
+        rank's loop calls it once per iteration and steps exactly when it says so."""
+        busy = self.has_unfinished()
+        return self.dp_group.any_busy(busy) if self.lockstep else busy
+
     def step(self, plan_kv_sends: KVSendPlanner | None = None) -> list[EngineCoreOutput]:
         if self.config.async_scheduling:
             if plan_kv_sends is not None:
@@ -200,6 +211,8 @@ class EngineCore:
         for seq in schedule.preempted:
             self._leave_workers(seq.request_id, preempted=True)
         if schedule.is_empty:
+            if self.lockstep:  # a dummy batch: no rows, no KV writes, no outputs
+                self.executor.submit(StepPlan())
             return None
         plan, rows = self._plan(schedule)
         if plan_kv_sends is not None:

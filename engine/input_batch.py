@@ -123,7 +123,7 @@ class InputBatch:
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(num_new, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
-        max_query_len = int(num_new.max())
+        max_query_len = int(num_new.max(initial=0))  # 0: a dummy batch (lockstep DP)
         if max_query_len == 1:
             token_rows, positions = rows, starts
         else:
@@ -134,7 +134,7 @@ class InputBatch:
         size = self.block_size
         slot_mapping = self.block_table[token_rows, positions // size].astype(np.int64) * size
         slot_mapping += positions % size
-        max_seq_len = int(seq_lens.max())
+        max_seq_len = int(seq_lens.max(initial=0))
         width = -(-max_seq_len // size)
         tables = self.block_table[rows, :width]
         logits_index = query_start_loc[1:][sampling_rows].astype(np.int64) - 1

@@ -18,6 +18,7 @@ from engine.attention.backend import select_backend
 from engine.config import EngineConfig, rank_device
 from engine.cublas_settings import prefer_single_kernel_gemms
 from engine.cuda_graphs import CudaGraphRunner, capture_sizes
+from engine.data_parallel import join_moe_group, spans_data_parallel
 from engine.distributed import ParallelGroup
 from engine.forward_context import AttentionMetadata, forward_context
 from engine.input_batch import InputBatch, StepInputs
@@ -85,10 +86,13 @@ class ModelRunner:
         model_config = self.config.model
         torch.manual_seed(self.config.seed)
         model_class = get_model_class(model_config.architecture)
-        # MoE models shard their experts over the TP group (``moe_group`` defaults to it).
-        moe_kwargs = (
-            {"expert_parallel": self.config.enable_expert_parallel} if model_config.moe else {}
-        )
+        # MoE models shard their experts over the TP group (``moe_group`` defaults to it),
+        # or over every DP x TP rank of the instance when there are several DP ranks.
+        moe_kwargs = {}
+        if model_config.moe is not None:
+            moe_kwargs["expert_parallel"] = self.config.enable_expert_parallel
+            if spans_data_parallel(self.config):
+                moe_kwargs["moe_group"] = join_moe_group(self.config, self.group.rank, self.device)
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(model_config.dtype)
         try:
@@ -99,15 +103,15 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous_dtype)
         if model_config.moe is not None and self.group.is_driver:
-            self._log_expert_layout(model_config.moe)
+            self._log_expert_layout(model_config.moe, moe_kwargs.get("moe_group", self.group))
         if self.config.load_format == "dummy":
             init_dummy_weights(model, self.config.seed)
         else:
             load_weights(model, model_config.path)
         return model.eval()
 
-    def _log_expert_layout(self, moe: MoeConfig) -> None:
-        ranks, experts, width = self.group.size, moe.num_experts, moe.moe_intermediate_size
+    def _log_expert_layout(self, moe: MoeConfig, moe_group: ParallelGroup) -> None:
+        ranks, experts, width = moe_group.size, moe.num_experts, moe.moe_intermediate_size
         if self.config.enable_expert_parallel:
             layout = f"{experts // ranks} whole experts of {experts} per rank"
         else:

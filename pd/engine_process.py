@@ -130,7 +130,7 @@ class EngineLoop:
                 self._drain_messages()
             self._admit()
             outputs = self.engine.abort_requests(self.scheduler.take_aborts())
-            if self.engine.has_unfinished():
+            if self.engine.should_step():  # in lockstep DP: when any DP rank has work
                 outputs += self.engine.step()
             for output in outputs:
                 self.scheduler.add_result(self.owner[output.request_id], output)

@@ -39,6 +39,8 @@ class Attention(nn.Module):
         ``positions`` [T] does that; q, k, v may be overwritten) -> [T, Hq * D]."""
         if self.kv_cache is None:
             raise RuntimeError("KV cache not bound to attention layer")
+        if q.shape[0] == 0:  # a dummy batch (lockstep DP): nothing to store or attend
+            return q.new_empty((0, self.num_heads * self.head_dim))
         meta = get_attention_metadata()
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         q = meta.backend.rotate_and_store(rotary_emb, positions, q, k, v, k_cache, v_cache, meta)

@@ -11,8 +11,9 @@ Two layouts over the ``moe_group`` of n ranks (rank r):
 - expert-parallel (``expert_parallel=True``): rank r holds whole experts
   r*E/n .. (r+1)*E/n - 1; each computes its experts' share of every token it sees.
 
-Either way the outputs are all-reduced over the group, so every rank of the group must
-run the same tokens (true of a TP group; a DP x TP group needs token dispatch first).
+When every rank of the group runs the same tokens (the group is a TP group) the outputs
+are all-reduced over it. When the group spans DP ranks, each with its own tokens, they
+travel to the experts and back (engine/layers/moe_dispatch.py).
 
 On CUDA the Triton grouped GEMM runs (engine/kernels/fused_moe.py): tokens sorted by
 expert, all experts in one launch per projection, nothing read back (so decode steps
@@ -59,11 +60,15 @@ class FusedMoE(nn.Module):
         intermediate_size: int,
         moe_group: ParallelGroup,
         expert_parallel: bool,
+        tp: ParallelGroup | None = None,
     ):
+        """``tp``: the TP group of this rank when ``moe_group`` spans several DP ranks
+        (its ranks run the same tokens; the DP ranks do not)."""
         super().__init__()
         self.num_experts = num_experts
         self.moe_group = moe_group
         self.expert_parallel = expert_parallel
+        self.tp = tp if tp is not None and tp.size < moe_group.size else None
         self.num_local_experts, self.local_intermediate_size = local_expert_shape(
             num_experts, intermediate_size, moe_group.size, expert_parallel
         )
@@ -141,17 +146,29 @@ class FusedMoE(nn.Module):
     ) -> torch.Tensor:
         """hidden [T, H]; the router's choice per token: topk_weights [T, K] (float32)
         and topk_ids [T, K] (global expert ids) -> sum of the chosen experts' outputs
-        times their weights [T, H], summed over the MoE group."""
+        times their weights [T, H], summed over the MoE group. T may be 0: a DP rank
+        with nothing to run still takes part in the group's collectives."""
+        if self.tp is not None:  # the group spans DP ranks: tokens go to the experts
+            from engine.layers import moe_dispatch
+
+            if self.expert_parallel:
+                return moe_dispatch.dispatch_to_experts(self, hidden, topk_weights, topk_ids)
+            return moe_dispatch.gather_to_experts(self, hidden, topk_weights, topk_ids)
+        return self.moe_group.all_reduce(self.local_experts(hidden, topk_weights, topk_ids))
+
+    def local_experts(
+        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """This rank's share of ``forward``: its experts (or slices of them), no
+        collective; ids of experts held elsewhere contribute nothing."""
         if can_run_triton(hidden):
             from engine.kernels import fused_moe  # NOTE: lazily: CPU-only installs lack triton
 
-            out = fused_moe.fused_experts(
+            return fused_moe.fused_experts(
                 hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
                 self.first_expert, holds_all_experts=not self.expert_parallel,
             )  # fmt: skip
-        else:
-            out = self.forward_torch(hidden, topk_weights, topk_ids)
-        return self.moe_group.all_reduce(out)
+        return self.forward_torch(hidden, topk_weights, topk_ids)
 
     def forward_torch(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor

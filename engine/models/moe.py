@@ -9,8 +9,9 @@ sparse MLP in the layers ``config.moe`` names, the others dense.
   router with a score-correction bias (``mlp.moe_statics.e_score_correction_bias``).
 
 The router math of each is in engine/moe_config.py. Routed experts are sharded over
-``moe_group`` (a TP group for now; tensor- or expert-parallel, engine/layers/fused_moe.py);
-shared experts and dense layers are sharded over the TP group like any MLP.
+``moe_group`` (the TP group, or every DP x TP rank of the instance; tensor- or
+expert-parallel, engine/layers/fused_moe.py); shared experts and dense layers are
+sharded over the TP group like any MLP.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class SparseMoeBlock(nn.Module):
         self.gate = TopKRouter(config.hidden_size, moe)
         self.experts = FusedMoE(
             moe.num_experts, config.hidden_size, moe.moe_intermediate_size, moe_group,
-            expert_parallel,
+            expert_parallel, tp,
         )  # fmt: skip
         self.shared_experts = (
             LlamaMLP(config, tp, moe.shared_intermediate_size) if moe.num_shared_experts else None

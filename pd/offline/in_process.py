@@ -28,6 +28,8 @@ class InProcessBackend:
             self.requests_per_rank[self.rank_name] += 1
 
     def outputs(self) -> list[EngineCoreOutput]:
+        if self.engine.lockstep and not self.engine.should_step():
+            return []
         return self.engine.step()
 
     def abort(self, child_ids: list[str]) -> None:
@@ -35,6 +37,10 @@ class InProcessBackend:
 
     def settle(self) -> None:
         self.engine.wait_in_flight()  # rows of requests that ended while it ran
+        # Lockstep DP (MoE over DP ranks run elsewhere): ours are done, but the other
+        # ranks' steps need this rank's dummy forwards until every rank is done.
+        while self.engine.lockstep and self.engine.should_step():
+            self.engine.step()
 
     def close(self) -> None:
         self.engine.close()

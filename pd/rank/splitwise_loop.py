@@ -133,7 +133,8 @@ class SplitwiseLoop(EngineLoop):
                 self._drain_messages()
                 self.calls.run_pending()
                 self._sync_with_scheduler()
-                if self.engine.has_unfinished():
+                stepping = self.engine.should_step()  # in lockstep DP: any DP rank busy
+                if stepping:
                     planner = self._plan_kv_sends if self.handoff is not None else None
                     for output in self.engine.step(planner):
                         self._on_output(output)
@@ -141,10 +142,18 @@ class SplitwiseLoop(EngineLoop):
                 self._maybe_send_stats()
                 if self.drain_deadline is not None:
                     self._check_drained()
-                if not (self.engine.has_unfinished() and not self.engine.stalled):
+                if self._may_idle(stepping):
                     self._idle()
         finally:
             self.close()
+
+    def _may_idle(self, stepping: bool) -> bool:
+        """Wait for work unless there is some to run: a lockstep rank whose DP group is
+        busy steps again at once (the others wait for it), else a rank idles when it
+        has nothing to run or nothing it can schedule now."""
+        if self.engine.lockstep:
+            return not stepping
+        return not (self.engine.has_unfinished() and not self.engine.stalled)
 
     def _sync_with_scheduler(self) -> None:
         try:
