@@ -71,6 +71,7 @@ def engine_kwargs(args: ServeArgs, local_index: int = 0, dp_master_port: int = 0
     """The engine config of the ``local_index``-th DP rank this process runs (plain
     values only: unpickling them in the engine process must not import torch)."""
     layout = args.dp_layout
+    host_index = args.data_parallel_local_offset + local_index  # GPUs come in this order
     data_parallel = {  # engine.config.DataParallelConfig's fields
         "rank": layout.start + local_index,
         "size": layout.size,
@@ -86,7 +87,7 @@ def engine_kwargs(args: ServeArgs, local_index: int = 0, dp_master_port: int = 0
         "num_gpu_blocks_override": args.num_gpu_blocks_override,
         "block_size": args.block_size,
         "device": args.device,
-        "device_offset": local_index * args.tensor_parallel_size,
+        "device_offset": host_index * args.tensor_parallel_size,
         "seed": args.seed,
         "enable_prefix_caching": args.enable_prefix_caching,
         "gpu_memory_utilization": args.gpu_memory_utilization,
