@@ -202,7 +202,11 @@ class ServerMetrics:
             self._tp_worker_up.labels(self.model_name, str(dp_rank), str(rank)).set(int(up))
 
     def set_dp_rank_up(self, dp_rank: int, up: bool) -> None:
+        """A rank that went down runs and holds nothing: its load gauges read 0 again
+        (not its last stats, which a sum over ranks would keep counting)."""
         self._dp_rank_up.labels(self.model_name, str(dp_rank)).set(int(up))
+        if not up:
+            self.set_engine_stats(dp_rank, 0, 0, 0, 0)
 
     def set_requests_taken(self, dp_rank: int, total: int) -> None:
         """The engine's running total (from its stats) into the per-rank counter."""

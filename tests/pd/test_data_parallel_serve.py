@@ -137,6 +137,10 @@ def test_a_killed_dp_rank_fails_its_requests_and_the_other_serves(model_dir, ref
         assert not thread.is_alive(), "the stream did not end after its engine died"
         assert errors and 0 < len(chunks) < 480
         assert f"engine process exited with code {-signal.SIGKILL}" in str(errors[0])
+        # Failed by its rank's death: an error, as when a lone engine dies, not an abort.
+        assert server.metric("pd:request_success_total", 'finished_reason="error"') == 1
+        assert server.metric("pd:request_success_total", 'finished_reason="abort"') == 0
+        assert rank_metric(server.root_url, "pd:num_requests_running", dead_rank) == 0
         # The other rank serves every later request; the dead one takes none.
         texts = prompts(8, seed=3)
         expected = LLM(model=str(model_dir), dtype="float32", max_model_len=512, device="cpu")
