@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -274,10 +275,13 @@ def _exit_reason(exitcode: int | None) -> str:
 
 
 def _stop_engines(engines: list[EngineProcess]) -> None:
+    """Wait for the engines to exit (one bound for all of them), then kill the rest."""
+    deadline = time.monotonic() + _ENGINE_STOP_TIMEOUT_S
+    for engine in engines:
+        engine.process.join(max(0.0, deadline - time.monotonic()))
     for engine in engines:
         if engine.process.is_alive():
-            engine.process.join(_ENGINE_STOP_TIMEOUT_S)
-        if engine.process.is_alive():
+            logger.warning("engine of DP rank %d did not stop in time; killing it", engine.dp_rank)
             engine.process.kill()
             engine.process.join()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -229,3 +230,36 @@ def test_dp_ranks_serving_different_models_refuse_to_start(tiny_model, tmp_path)
     assert codes == [1, 1]
     for log_path in logs:
         assert "the DP ranks do not serve the same model" in log_path.read_text()
+
+
+def test_a_dp_rank_failing_its_start_up_fails_the_instance_and_stops_the_others(
+    model_dir, tmp_path
+):
+    """DP rank 1 cannot bind its queue port: pd-serve exits 1 naming it, and DP rank 0's
+    engine (waiting for rank 1 in the DP group) does not outlive it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy_port = taken.getsockname()[1]
+        log_path = tmp_path / "fail.log"
+        command = [
+            sys.executable, "-m", "pd.serve", "--model", str(model_dir), "--host", "127.0.0.1",
+            "--port", str(pick_free_port()), "--device", "cpu", "--dtype", "float32",
+            "--max-model-len", "256", "--data-parallel-size", "3",
+            "--engine-worker-queue-port", f"0,0,{busy_port}",
+        ]  # fmt: skip
+        with log_path.open("w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = process.wait(120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    log = log_path.read_text()
+    assert code == 1, log
+    assert "start-up failed: the engine process of DP rank 2 exited during start-up" in log
+    pids = re.findall(r"engine core \(DP rank [01]\) pid (\d+)", log)
+    assert len(pids) == 2, log
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text(), f"engine {pid} lives"
