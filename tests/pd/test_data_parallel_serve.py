@@ -8,6 +8,7 @@ metrics; ranks serving different models refuse to start."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -263,3 +264,45 @@ def test_a_dp_rank_failing_its_start_up_fails_the_instance_and_stops_the_others(
     for pid in pids:
         status = Path(f"/proc/{pid}/status")
         assert not status.exists() or "zombie" in status.read_text(), f"engine {pid} lives"
+
+
+def test_engines_outlive_no_api_server_killed_while_they_start(model_dir, tmp_path):
+    """SIGKILL of pd-serve while its DP ranks load: each engine, once loaded, sees its API
+    server gone and exits (it looked for it only after loading, as a pid then: init's)."""
+    log_path = tmp_path / "killed.log"
+    command = [
+        sys.executable, "-m", "pd.serve", "--model", str(model_dir), "--host", "127.0.0.1",
+        "--port", str(pick_free_port()), "--device", "cpu", "--dtype", "float32",
+        "--max-model-len", "256", "--data-parallel-size", "2",
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while (
+            len(pids := re.findall(r"engine core \(DP rank \d\) pid (\d+)", log_path.read_text()))
+            < 2
+        ):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 30  # a tiny model loads in seconds
+        alive = list(pids)
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [pid for pid in pids if _running(int(pid))]
+        for pid in alive:  # left by the failure: stop them
+            os.kill(int(pid), signal.SIGKILL)
+        assert not alive, f"engines {alive} outlived their API server:\n{log_path.read_text()}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _running(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except FileNotFoundError:
+        return False
