@@ -19,7 +19,13 @@ import torch
 import torch.distributed as dist
 
 from engine.config import DataParallelConfig, EngineConfig
-from engine.distributed import JOIN_TIMEOUT, GroupAddress, ParallelGroup, join_group
+from engine.distributed import (
+    JOIN_TIMEOUT,
+    GroupAddress,
+    ParallelGroup,
+    join_group,
+    listening_store,
+)
 
 logger = logging.getLogger("engine.data_parallel")
 
@@ -56,20 +62,18 @@ def join_data_parallel_group(
     where = f"{dp.master_host}:{dp.master_port}"
     logger.info("DP rank %d of %d: joining the DP group at %s", dp.rank, dp.size, where)
     try:
-        store = dist.TCPStore(
-            dp.master_host,
-            dp.master_port,
-            dp.size,
-            is_master=dp.rank == 0,
-            timeout=timeout,
-            wait_for_workers=False,
-        )
-    except dist.DistError as error:
+        if dp.rank == 0:  # it hosts the store, on the DP address only
+            store = listening_store(dp.master_host, dp.master_port, dp.size, timeout)
+        else:
+            store = dist.TCPStore(
+                dp.master_host, dp.master_port, dp.size, is_master=False, timeout=timeout
+            )
+    except (OSError, dist.DistError) as error:
         what = "cannot host" if dp.rank == 0 else "found no"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataParallelJoinError(
             f"DP rank {dp.rank} {what} DP group at {where} (DP rank 0's "
-            f"--data-parallel-address and --data-parallel-rpc-port): "
-            f"{str(error).splitlines()[0]}"
+            f"--data-parallel-address and --data-parallel-rpc-port): {reason}"
         ) from None
     _wait_for_every_rank(store, dp, timeout)
     address = GroupAddress(dp.master_host, dp.master_port, dp.size)
