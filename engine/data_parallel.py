@@ -11,14 +11,28 @@ whatever the device: it carries a few integers per call.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from engine.config import EngineConfig
-from engine.distributed import JOIN_TIMEOUT, GroupAddress, ParallelGroup, join_group
+from engine.config import DataParallelConfig, EngineConfig
+from engine.distributed import (
+    JOIN_TIMEOUT,
+    GroupAddress,
+    ParallelGroup,
+    join_group,
+    listening_store,
+)
+
+logger = logging.getLogger("engine.data_parallel")
+
+
+class DataParallelJoinError(RuntimeError):
+    """The DP ranks did not all meet within the join timeout."""
 
 
 @dataclass
@@ -46,24 +60,58 @@ class DataParallelGroup:
         return bool(flag.item())
 
 
-def join_data_parallel_group(config: EngineConfig) -> DataParallelGroup:
-    """Meet the other DP ranks (at most ``JOIN_TIMEOUT``) and check that they serve the
-    same model; a lone rank returns at once."""
+def join_data_parallel_group(
+    config: EngineConfig, timeout: datetime.timedelta = JOIN_TIMEOUT
+) -> DataParallelGroup:
+    """Meet the other DP ranks (raising DataParallelJoinError, naming the missing ones,
+    when they are not all there within ``timeout``) and check that they serve the same
+    model; a lone rank returns at once."""
     dp = config.data_parallel
     if dp.size == 1:
         return DataParallelGroup(ParallelGroup.single())
-    store = dist.TCPStore(
-        dp.master_host,
-        dp.master_port,
-        dp.size,
-        is_master=dp.rank == 0,
-        timeout=JOIN_TIMEOUT,
-        wait_for_workers=False,
-    )
+    where = f"{dp.master_host}:{dp.master_port}"
+    logger.info("DP rank %d of %d: joining the DP group at %s", dp.rank, dp.size, where)
+    try:
+        if dp.rank == 0:  # it hosts the store, on the DP address only
+            store = listening_store(dp.master_host, dp.master_port, dp.size, timeout)
+        else:
+            store = dist.TCPStore(
+                dp.master_host, dp.master_port, dp.size, is_master=False, timeout=timeout
+            )
+    except (OSError, dist.DistError) as error:
+        what = "cannot host" if dp.rank == 0 else "found no"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataParallelJoinError(
+            f"DP rank {dp.rank} {what} DP group at {where} (DP rank 0's "
+            f"--data-parallel-address and --data-parallel-rpc-port): {reason}"
+        ) from None
+    _wait_for_every_rank(store, dp, timeout)
     address = GroupAddress(dp.master_host, dp.master_port, dp.size)
     group = join_group(address, dp.rank, torch.device("cpu"), store)
     check_same_model(group, config)
     return DataParallelGroup(group, store)
+
+
+def _wait_for_every_rank(
+    store: dist.TCPStore, dp: DataParallelConfig, timeout: datetime.timedelta
+) -> None:
+    """A barrier on the store, bounded by ``timeout``. NOTE: gloo's own rendezvous waits
+    for a missing rank as long as its collective timeout (10 minutes), in silence."""
+    keys = [f"pd/dp_joined/{rank}" for rank in range(dp.size)]
+    store.set(keys[dp.rank], "1")
+    try:
+        store.wait(keys, timeout)
+    except dist.DistError:
+        try:
+            missing = [rank for rank, key in enumerate(keys) if not store.check([key])]
+        except dist.DistError:  # DP rank 0, holding the store, is gone too
+            missing = [rank for rank in range(dp.size) if rank != dp.rank]
+        raise DataParallelJoinError(
+            f"DP rank {dp.rank}: DP rank(s) {', '.join(map(str, missing))} of {dp.size} did "
+            f"not join the DP group at {dp.master_host}:{dp.master_port} within "
+            f"{timeout.total_seconds():.0f} s (not started, failed, or given another "
+            "--data-parallel-address/--data-parallel-rpc-port)"
+        ) from None
 
 
 def serving_digest(config: EngineConfig) -> tuple[int, str]:

@@ -12,6 +12,8 @@ that build many) live in one process without stepping on each other.
 from __future__ import annotations
 
 import datetime
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -121,10 +123,32 @@ class ParallelGroup:
 
 def host_group_store(host: str, world_size: int) -> tuple[dist.TCPStore, GroupAddress]:
     """Rank 0's side: a TCP store on a free port, kept alive while the group lives."""
-    store = dist.TCPStore(
-        host, 0, world_size, is_master=True, timeout=JOIN_TIMEOUT, wait_for_workers=False
-    )
+    store = listening_store(host, 0, world_size, JOIN_TIMEOUT)
     return store, GroupAddress(host, store.port, world_size)
+
+
+def listening_store(
+    host: str, port: int, world_size: int, timeout: datetime.timedelta
+) -> dist.TCPStore:
+    """A master TCP store that listens on ``host`` only (``port`` 0: a free one). NOTE:
+    TCPStore binds every interface by itself; it is handed a socket bound here instead
+    (an internal port binds the address peers use, DESIGN "Trust inside the cluster").
+    Raises OSError when the address cannot be bound."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen()
+        port = listener.getsockname()[1]
+        fd = listener.detach()  # the store owns it from here
+    try:
+        return dist.TCPStore(
+            host, port, world_size, is_master=True, timeout=timeout,
+            wait_for_workers=False, master_listen_fd=fd,
+        )  # fmt: skip
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def join_group(

@@ -17,6 +17,7 @@ same frames). Extensions' notifications go to the executor's PULL socket.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import threading
 import time
@@ -52,7 +53,10 @@ def run_tp_worker(
         format=f"%(asctime)s tp-worker-{rank} %(message)s",
     )
     torch.set_num_threads(num_threads)
-    _exit_with_parent(os.getppid())
+    # NOTE: the engine's pid as spawn recorded it: os.getppid() here, after the imports,
+    # is init's when the engine died meanwhile, and the watch would never end.
+    parent = multiprocessing.parent_process()
+    _exit_with_parent(parent.pid if parent is not None and parent.pid else os.getppid())
     channel, control, notices = sockets
     context = zmq.Context()
     socket = _dealer(context, channel, rank)

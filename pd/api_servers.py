@@ -58,6 +58,7 @@ def server_args(args: ServeArgs, index: int, dp_rpc_port: int) -> ServeArgs:
         data_parallel_start_rank=dp_rank,
         data_parallel_size_local=1,
         data_parallel_rpc_port=dp_rpc_port,
+        data_parallel_local_offset=args.data_parallel_local_offset + index,  # its GPUs
         **ports,
     )
 

@@ -98,6 +98,10 @@ class ServeArgs:
     data_parallel_size_local: int | None = None  # None: from the start rank to the last
     data_parallel_address: str = "127.0.0.1"
     data_parallel_rpc_port: int = 0  # 0: picked free (only when this process runs every rank)
+    # Not a flag: the place of this process's first DP rank among the DP ranks of its
+    # host (their GPUs come in that order). The multi-API-server launcher sets it for
+    # each server it starts; a pd-serve started by hand runs its host's first ranks.
+    data_parallel_local_offset: int = 0
     enable_expert_parallel: bool = False
     engine_threads: int = 0
     splitwise_role: str = "mixed"

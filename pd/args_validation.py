@@ -13,12 +13,11 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from pd.dp_layout import RANK_PORT_FLAGS
+from pd.dp_layout import MAX_PORT, RANK_PORT_FLAGS
 
 if TYPE_CHECKING:
     from pd.args import ServeArgs
 
-MAX_PORT = 65535
 TRANSFER_PROTOCOLS = ("rdma", "ipc", "tcp")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 

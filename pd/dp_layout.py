@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_PORT = 65535
+
 # The port lists read per DP rank: ServeArgs field -> (flag, one port per GPU, not per rank).
 RANK_PORT_FLAGS = {
     "engine_worker_queue_ports": ("--engine-worker-queue-port", False),
@@ -68,6 +70,7 @@ def rank_ports(flag: str, ports: list[int], layout: DPLayout, per_rank: int = 1)
     or the TP size for a per-GPU list). Raises ValueError on a count that fits no
     reading."""
     total, local = layout.size * per_rank, layout.local * per_rank
+    unit = "GPU" if per_rank > 1 else "DP rank"
     first = layout.start * per_rank
     if len(ports) >= total:
         chosen, offset = ports, first
@@ -76,12 +79,16 @@ def rank_ports(flag: str, ports: list[int], layout: DPLayout, per_rank: int = 1)
     elif len(ports) == 1:
         base = ports[0]
         derived = [0 if base == 0 else base + first + i for i in range(local)]
+        if derived[-1] > MAX_PORT:
+            raise ValueError(
+                f"{flag} {base} counted up for {_plural(local, unit)} reaches "
+                f"{derived[-1]}, past {MAX_PORT}: give a lower port, or one per {unit}"
+            )
         note = None
         if base and local > 1:
             note = f"{flag} {base} for {local} ranks: {','.join(map(str, derived))}"
         return RankPorts(_split(derived, per_rank), note)
     else:
-        unit = "GPU" if per_rank > 1 else "DP rank"
         here = f", one per {unit} of this process ({local})" if local < total else ""
         raise ValueError(
             f"{flag} has {_plural(len(ports), 'port')}; give one per {unit} ({total})"

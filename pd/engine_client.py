@@ -263,10 +263,15 @@ class EngineClient:
         self._forget(request_id)
         if finished:
             return
-        reason = "abort" if self.dead_reason is None else "error"
+        # Its rank died (or every rank did): an error, not a client's abort.
+        rank_dead = entry.link is not None and entry.link.dead_reason is not None
+        failed = rank_dead or self.dead_reason is not None
         elapsed = time.monotonic() - entry.arrival
-        self.timings.on_finished(reason, elapsed, entry.num_prompt_tokens, entry.num_generated)
-        if submitted and self.dead_reason is None:
+        self.timings.on_finished(
+            "error" if failed else "abort", elapsed, entry.num_prompt_tokens,
+            entry.num_generated,
+        )  # fmt: skip
+        if submitted and not failed:
             self._abort(entry.child_ids, entry.link)
 
     def _forget(self, request_id: str) -> None:
@@ -290,7 +295,7 @@ class EngineClient:
                 continue
             if kind is Kind.OUTPUTS:
                 self._on_outputs(payload, link)
-            elif kind is Kind.STATS:
+            elif kind is Kind.STATS and link.dead_reason is None:
                 self.timings.on_kv_events(payload.kv_events)
                 self.timings.on_workers(link.dp_rank, payload.tp_workers_alive)
                 self.timings.on_requests_taken(link.dp_rank, payload.num_requests_taken)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import multiprocessing
 import os
 import signal
 import time
@@ -93,6 +94,14 @@ def run_engine_process(
         context.term()
 
 
+def _parent_pid() -> int:
+    """The pid of the process that started this one. NOTE: not os.getppid() when the loop
+    starts: after loading the model, by when an API server killed meanwhile has made us
+    init's child, and that pid would never change."""
+    parent = multiprocessing.parent_process()  # None when not started by multiprocessing
+    return parent.pid if parent is not None and parent.pid else os.getppid()
+
+
 def _exit_when_a_worker_dies(engine) -> None:  # type: ignore[no-untyped-def]
     """A dead TP worker ends this process at once (the executor has logged which rank
     and why): the API server then fails every request of this engine with an error,
@@ -113,7 +122,7 @@ class EngineLoop:
         # The channel key (pd/cluster_secret.py); None: any HELLO is accepted (tests).
         self.channel_key: bytes | None = None
         self.num_unauthenticated = 0
-        self._parent_pid = os.getppid()
+        self._parent_pid = _parent_pid()
         self._last_stats = 0.0
         config = engine.config
         self.info = EngineInfo(

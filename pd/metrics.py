@@ -78,6 +78,7 @@ class ServerMetrics:
             ["model_name", "dp_rank", "tp_rank"],
             registry=self.registry,
         )
+        self._num_tp_workers: dict[int, int] = {}  # per DP rank, from its last stats
 
     def _make_counters(self) -> None:
         def counter(name: str, doc: str) -> Counter:
@@ -198,11 +199,18 @@ class ServerMetrics:
         self._kv_usage.labels(*labels).set(min(max(usage, 0.0), 1.0))
 
     def set_tp_workers(self, dp_rank: int, alive: list[bool]) -> None:
+        self._num_tp_workers[dp_rank] = len(alive)
         for rank, up in enumerate(alive):
             self._tp_worker_up.labels(self.model_name, str(dp_rank), str(rank)).set(int(up))
 
     def set_dp_rank_up(self, dp_rank: int, up: bool) -> None:
+        """A rank that went down runs and holds nothing: its load gauges read 0 again (not
+        its last stats, which a sum over ranks would keep counting), and its TP workers,
+        which exit with it, are down."""
         self._dp_rank_up.labels(self.model_name, str(dp_rank)).set(int(up))
+        if not up:
+            self.set_engine_stats(dp_rank, 0, 0, 0, 0)
+            self.set_tp_workers(dp_rank, [False] * self._num_tp_workers.get(dp_rank, 0))
 
     def set_requests_taken(self, dp_rank: int, total: int) -> None:
         """The engine's running total (from its stats) into the per-rank counter."""

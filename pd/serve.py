@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,7 @@ def engine_kwargs(args: ServeArgs, local_index: int = 0, dp_master_port: int = 0
     """The engine config of the ``local_index``-th DP rank this process runs (plain
     values only: unpickling them in the engine process must not import torch)."""
     layout = args.dp_layout
+    host_index = args.data_parallel_local_offset + local_index  # GPUs come in this order
     data_parallel = {  # engine.config.DataParallelConfig's fields
         "rank": layout.start + local_index,
         "size": layout.size,
@@ -86,7 +88,7 @@ def engine_kwargs(args: ServeArgs, local_index: int = 0, dp_master_port: int = 0
         "num_gpu_blocks_override": args.num_gpu_blocks_override,
         "block_size": args.block_size,
         "device": args.device,
-        "device_offset": local_index * args.tensor_parallel_size,
+        "device_offset": host_index * args.tensor_parallel_size,
         "seed": args.seed,
         "enable_prefix_caching": args.enable_prefix_caching,
         "gpu_memory_utilization": args.gpu_memory_utilization,
@@ -274,10 +276,13 @@ def _exit_reason(exitcode: int | None) -> str:
 
 
 def _stop_engines(engines: list[EngineProcess]) -> None:
+    """Wait for the engines to exit (one bound for all of them), then kill the rest."""
+    deadline = time.monotonic() + _ENGINE_STOP_TIMEOUT_S
+    for engine in engines:
+        engine.process.join(max(0.0, deadline - time.monotonic()))
     for engine in engines:
         if engine.process.is_alive():
-            engine.process.join(_ENGINE_STOP_TIMEOUT_S)
-        if engine.process.is_alive():
+            logger.warning("engine of DP rank %d did not stop in time; killing it", engine.dp_rank)
             engine.process.kill()
             engine.process.join()
 

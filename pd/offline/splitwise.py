@@ -49,6 +49,9 @@ class SplitwiseBackend:
         self.config = next(iter(configs.values()))
         self.scheduler = scheduler
         self.instance_id = f"offline-{uuid.uuid4().hex[:12]}"
+        # NOTE: the LLM numbers its requests from 0 and so does every other LLM; ranks
+        # key requests by id across the topic, so the wire id carries this instance's.
+        self._wire_prefix = f"{self.instance_id}-"
         secret = load_cluster_secret(None)  # PD_CLUSTER_SECRET, as pd-serve reads it
         host = advertised_host("0.0.0.0")
         settings = [
@@ -93,7 +96,7 @@ class SplitwiseBackend:
         for index, child_id in enumerate(child_ids):
             self.frontend.submit(
                 pb.DispatchedRequest(
-                    request_id=child_id,
+                    request_id=self._wire_prefix + child_id,
                     prompt_token_ids=prompt_token_ids,
                     sampling=params_to_proto(params.for_child(index)),
                 )
@@ -119,21 +122,24 @@ class SplitwiseBackend:
             return [self._output(entry) for entries in batches for entry in entries]
 
     def _output(self, entry: pb.ResultEntry) -> EngineCoreOutput:
+        request_id = entry.request_id.removeprefix(self._wire_prefix)
         if entry.finish_reason == "error":
-            raise RequestFailed(f"request {entry.request_id} failed: {entry.error}")
-        if entry.request_id not in self._started:
-            self._started.add(entry.request_id)
+            raise RequestFailed(f"request {request_id} failed: {entry.error}")
+        if request_id not in self._started:
+            self._started.add(request_id)
             name = entry.rank_id or "?"
             self.requests_per_rank[name] = self.requests_per_rank.get(name, 0) + 1
         if entry.finish_reason:
-            self._started.discard(entry.request_id)
-        return entry_to_output(entry)
+            self._started.discard(request_id)
+        output = entry_to_output(entry)
+        output.request_id = request_id
+        return output
 
     def abort(self, child_ids: list[str]) -> None:
         for child_id in child_ids:
             self._started.discard(child_id)
             try:
-                self.frontend.abort(child_id)
+                self.frontend.abort(self._wire_prefix + child_id)
             except SchedulerUnavailable as e:  # its rank finishes it; the results are dropped
                 logger.warning("abort of %s not delivered: %s", child_id, e)
 

@@ -184,6 +184,10 @@ INVALID = [
         ["--data-parallel-size", "4", "--data-parallel-start-rank", "2"],
         "the others need a meeting point, --data-parallel-address and --data-parallel-rpc-port",
     ),
+    (
+        ["--data-parallel-size", "2", "--engine-worker-queue-port", "65535"],
+        "--engine-worker-queue-port 65535 counted up for 2 DP ranks reaches 65536, past 65535",
+    ),
     (["--port", "8001", "--ports", "8002"], "--port 8001 disagrees with --ports 8002"),
     (["--metrics-port", "8000"], "port 8000 is used by --port and --metrics-port"),
     (

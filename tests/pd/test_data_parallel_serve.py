@@ -8,8 +8,10 @@ metrics; ranks serving different models refuse to start."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -137,6 +139,10 @@ def test_a_killed_dp_rank_fails_its_requests_and_the_other_serves(model_dir, ref
         assert not thread.is_alive(), "the stream did not end after its engine died"
         assert errors and 0 < len(chunks) < 480
         assert f"engine process exited with code {-signal.SIGKILL}" in str(errors[0])
+        # Failed by its rank's death: an error, as when a lone engine dies, not an abort.
+        assert server.metric("pd:request_success_total", 'finished_reason="error"') == 1
+        assert server.metric("pd:request_success_total", 'finished_reason="abort"') == 0
+        assert rank_metric(server.root_url, "pd:num_requests_running", dead_rank) == 0
         # The other rank serves every later request; the dead one takes none.
         texts = prompts(8, seed=3)
         expected = LLM(model=str(model_dir), dtype="float32", max_model_len=512, device="cpu")
@@ -225,3 +231,78 @@ def test_dp_ranks_serving_different_models_refuse_to_start(tiny_model, tmp_path)
     assert codes == [1, 1]
     for log_path in logs:
         assert "the DP ranks do not serve the same model" in log_path.read_text()
+
+
+def test_a_dp_rank_failing_its_start_up_fails_the_instance_and_stops_the_others(
+    model_dir, tmp_path
+):
+    """DP rank 1 cannot bind its queue port: pd-serve exits 1 naming it, and DP rank 0's
+    engine (waiting for rank 1 in the DP group) does not outlive it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy_port = taken.getsockname()[1]
+        log_path = tmp_path / "fail.log"
+        command = [
+            sys.executable, "-m", "pd.serve", "--model", str(model_dir), "--host", "127.0.0.1",
+            "--port", str(pick_free_port()), "--device", "cpu", "--dtype", "float32",
+            "--max-model-len", "256", "--data-parallel-size", "3",
+            "--engine-worker-queue-port", f"0,0,{busy_port}",
+        ]  # fmt: skip
+        with log_path.open("w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = process.wait(120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    log = log_path.read_text()
+    assert code == 1, log
+    assert "start-up failed: the engine process of DP rank 2 exited during start-up" in log
+    pids = re.findall(r"engine core \(DP rank [01]\) pid (\d+)", log)
+    assert len(pids) == 2, log
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text(), f"engine {pid} lives"
+
+
+def test_engines_outlive_no_api_server_killed_while_they_start(model_dir, tmp_path):
+    """SIGKILL of pd-serve while its DP ranks load: each engine, once loaded, sees its API
+    server gone and exits (it looked for it only after loading, as a pid then: init's)."""
+    log_path = tmp_path / "killed.log"
+    command = [
+        sys.executable, "-m", "pd.serve", "--model", str(model_dir), "--host", "127.0.0.1",
+        "--port", str(pick_free_port()), "--device", "cpu", "--dtype", "float32",
+        "--max-model-len", "256", "--data-parallel-size", "2",
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while (
+            len(pids := re.findall(r"engine core \(DP rank \d\) pid (\d+)", log_path.read_text()))
+            < 2
+        ):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 30  # a tiny model loads in seconds
+        alive = list(pids)
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [pid for pid in pids if _running(int(pid))]
+        for pid in alive:  # left by the failure: stop them
+            os.kill(int(pid), signal.SIGKILL)
+        assert not alive, f"engines {alive} outlived their API server:\n{log_path.read_text()}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _running(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except FileNotFoundError:
+        return False

@@ -109,6 +109,11 @@ def test_per_dp_rank_series():
     assert value(metrics, "pd:dp_rank_requests_total", dp_rank="3") == 1
     assert value(metrics, "pd:dp_rank_requests_total", dp_rank="2") == 0
     assert value(metrics, "pd:dp_rank_up", dp_rank="2") == 0
+    metrics.set_tp_workers(3, [True, True])
+    metrics.set_dp_rank_up(3, False)  # its last stats no longer count
+    assert value(metrics, "pd:tp_worker_up", dp_rank="3", tp_rank="1") == 0
+    assert value(metrics, "pd:num_requests_running", dp_rank="3") == 0
+    assert value(metrics, "pd:kv_cache_usage_perc", dp_rank="3") == 0
 
 
 def test_registries_are_separate_from_each_other_and_the_global_one():

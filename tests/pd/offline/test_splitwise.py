@@ -5,6 +5,7 @@ order; shutdown deregisters the ranks and stops their processes."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -68,3 +69,41 @@ def test_offline_splitwise_matches_dp1(tiny_model, redis_server):
     assert not any(process.is_alive() for process in processes)
     assert registry.snapshot(max_age_s=0) == []  # deregistered
     registry.close()
+
+
+def test_two_offline_llms_share_a_topic_without_mixing_requests(tiny_model, redis_server):
+    """Each LLM numbers its requests from 0, as vLLM's does; in one topic, either's
+    request may run on the other's rank, next to that LLM's request of the same number.
+    Each must get its own tokens (and finish)."""
+    model_dir = str(tiny_model("qwen2"))
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompt_sets = [PROMPTS[:8], PROMPTS[8:]]
+    with LLM(model=model_dir, **OPTIONS) as single:
+        expected = [[o.outputs[0].token_ids for o in single.generate(p, params)]
+                    for p in prompt_sets]  # fmt: skip
+    topic = f"t{uuid.uuid4().hex[:8]}"
+    cluster = {"scheduler_name": "splitwise", "scheduler_port": redis_server.port,
+               "scheduler_topic": topic, "scheduler_ttl": 10}  # fmt: skip
+    llms = [LLM(model=model_dir, num_gpu_blocks_override=64, **cluster, **OPTIONS)
+            for _ in prompt_sets]  # fmt: skip
+    try:
+        got: list[object] = [None, None]
+
+        def generate(index: int) -> None:
+            try:
+                outputs = llms[index].generate(prompt_sets[index], params)
+                got[index] = [o.outputs[0].token_ids for o in outputs]
+            except Exception as error:  # reported below
+                got[index] = error
+
+        threads = [threading.Thread(target=generate, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert got == expected
+        ranks = [set(llm.requests_per_rank) for llm in llms]
+        assert ranks[0] | ranks[1] == {f"{llm.backend.instance_id}.dp0" for llm in llms}
+    finally:
+        for llm in llms:
+            llm.shutdown()
