@@ -75,6 +75,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sequences: dict[str, Sequence] = {}  # every request holding state, parked too
         self.num_requests_taken = 0  # added or adopted since start (per-rank load metric)
+        self.num_dummy_steps = 0  # lockstep forwards with nothing of this rank's to run
         self.num_parked = 0
         self.stalled = False  # the last step found nothing it could schedule
         self._arrivals = itertools.count()
@@ -213,6 +214,7 @@ class EngineCore:
         if schedule.is_empty:
             if self.lockstep:  # a dummy batch: no rows, no KV writes, no outputs
                 self.executor.submit(StepPlan())
+                self.num_dummy_steps += 1
             return None
         plan, rows = self._plan(schedule)
         if plan_kv_sends is not None:
@@ -234,6 +236,10 @@ class EngineCore:
                 f"scheduler made no progress with {self.scheduler.num_unfinished} "
                 f"unfinished requests and {self.block_manager.num_free_blocks} free blocks"
             )
+
+    def expert_token_counts(self) -> list[int]:
+        """Tokens this DP rank routed to each expert since start (MoE models; else [])."""
+        return self.executor.worker.runner.expert_token_counts()
 
     def close(self) -> None:
         """Stop the workers this engine started (TP worker processes)."""

@@ -110,6 +110,12 @@ class ModelRunner:
             load_weights(model, model_config.path)
         return model.eval()
 
+    def expert_token_counts(self) -> list[int]:
+        """Tokens routed to each expert since start, summed over the MoE layers (this
+        DP rank's tokens); empty for a dense model. Waits for the device's queued work."""
+        counts = [m.expert_tokens for m in self.model.modules() if hasattr(m, "expert_tokens")]
+        return torch.stack(counts).sum(0).tolist() if counts else []
+
     def _log_expert_layout(self, moe: MoeConfig, moe_group: ParallelGroup) -> None:
         ranks, experts, width = moe_group.size, moe.num_experts, moe.moe_intermediate_size
         if self.config.enable_expert_parallel:

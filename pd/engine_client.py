@@ -82,8 +82,9 @@ class RequestTimings:
     on_stats: Callable[[int, int, int, int, int], None] = lambda *args: None
     on_kv_events: Callable[[list], None] = lambda events: None
     on_workers: Callable[[int, list[bool]], None] = lambda dp_rank, alive: None
-    # (dp_rank, requests its engine has taken since it started)
-    on_requests_taken: Callable[[int, int], None] = lambda dp_rank, total: None
+    # (dp_rank, requests taken, dummy steps, tokens per expert), each since the engine
+    # started
+    on_engine_totals: Callable[[int, int, int, list[int]], None] = lambda *args: None
     on_rank_up: Callable[[int, bool], None] = lambda dp_rank, up: None
 
 
@@ -298,7 +299,10 @@ class EngineClient:
             elif kind is Kind.STATS and link.dead_reason is None:
                 self.timings.on_kv_events(payload.kv_events)
                 self.timings.on_workers(link.dp_rank, payload.tp_workers_alive)
-                self.timings.on_requests_taken(link.dp_rank, payload.num_requests_taken)
+                self.timings.on_engine_totals(
+                    link.dp_rank, payload.num_requests_taken, payload.num_dummy_steps,
+                    payload.expert_tokens,
+                )  # fmt: skip
                 self.timings.on_stats(
                     link.dp_rank,
                     payload.num_running,

@@ -55,6 +55,8 @@ class EngineStats:
     # same blocks (one block manager per DP rank), so KV use is the same on each.
     tp_workers_alive: list = field(default_factory=lambda: [True])
     num_requests_taken: int = 0  # since the engine started (EngineCore.num_requests_taken)
+    num_dummy_steps: int = 0  # lockstep DP forwards with nothing to run, since start
+    expert_tokens: list = field(default_factory=list)  # per expert, since start (MoE only)
 
 
 KV_EVENT_KINDS = ("transfer", "transfer_failed", "reserve_refused", "redispatched")

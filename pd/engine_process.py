@@ -40,6 +40,7 @@ logger = logging.getLogger("pd.engine")
 
 _IDLE_POLL_MS = 50
 WORKER_DIED_EXIT_CODE = 70  # a TP worker of this engine died
+GROUP_LOST_EXIT_CODE = 71  # lockstep DP: another DP rank of the MoE group is gone
 _STATS_INTERVAL_S = 0.1
 
 
@@ -74,8 +75,6 @@ def run_engine_process(
             _exit_when_a_worker_dies(engine)
             logger.info("model loaded; serving on %s", address)
             loop = EngineLoop(engine, socket)
-            loop.channel_key = channel_key
-            loop.run()
         else:
             from pd.rank.splitwise_loop import SplitwiseLoop
             from pd.rank.transfer_setup import KVPool
@@ -85,8 +84,8 @@ def run_engine_process(
             _exit_when_a_worker_dies(engine)
             logger.info("model loaded; %s rank %s", settings.role, settings.rank_id)
             loop = SplitwiseLoop(engine, socket, settings)
-            loop.channel_key = channel_key
-            loop.run()
+        loop.channel_key = channel_key
+        _run_in_group(loop, engine)
     finally:
         if engine is not None:
             engine.close()  # TP workers and the transfer engines
@@ -100,6 +99,21 @@ def _parent_pid() -> int:
     init's child, and that pid would never change."""
     parent = multiprocessing.parent_process()  # None when not started by multiprocessing
     return parent.pid if parent is not None and parent.pid else os.getppid()
+
+
+def _run_in_group(loop, engine) -> None:  # type: ignore[no-untyped-def]
+    """Run the loop. In lockstep DP every step meets the other DP ranks in collectives,
+    so a rank that dies makes this one's next collective fail (gloo notices the closed
+    socket at once; NCCL within its timeout): that ends this rank too, with its own exit
+    code, and its API server fails its requests naming the cause."""
+    try:
+        loop.run()
+    except RuntimeError as error:
+        if not engine.lockstep:
+            raise
+        logger.error("a DP rank of this MoE group is gone; stopping: %s", error)
+        engine.close()
+        os._exit(GROUP_LOST_EXIT_CODE)
 
 
 def _exit_when_a_worker_dies(engine) -> None:  # type: ignore[no-untyped-def]
@@ -252,10 +266,19 @@ class EngineLoop:
             kv_events=self._kv_events(),
             tp_workers_alive=self.engine.executor.workers_alive(),
             num_requests_taken=self.engine.num_requests_taken,
+            num_dummy_steps=self.engine.num_dummy_steps,
+            expert_tokens=self._expert_tokens(),
         )
         for identity in self.clients:
             self._send(identity, Kind.STATS, stats)
         return True
+
+    def _expert_tokens(self) -> list[int]:
+        """MoE routing counts, read between steps (a sync with the device every stats
+        interval, only for MoE models)."""
+        if self.engine.config.model.moe is None:
+            return []
+        return self.engine.expert_token_counts()
 
     def _kv_events(self) -> list:
         return []  # a local instance moves no KV

@@ -101,7 +101,29 @@ class ServerMetrics:
             ["model_name", "dp_rank"],
             registry=self.registry,
         )
-        self._taken_so_far: dict[int, int] = {}
+        self._dummy_steps = Counter(
+            "pd:dp_dummy_steps_total",
+            "Lockstep DP (MoE over DP ranks): forwards a DP rank ran with nothing of its "
+            "own, so that its group's collectives match.",
+            ["model_name", "dp_rank"],
+            registry=self.registry,
+        )
+        self._expert_tokens = Counter(
+            "pd:moe_expert_tokens_total",
+            "Tokens each DP rank routed to each expert, summed over the MoE layers.",
+            ["model_name", "dp_rank", "expert"],
+            registry=self.registry,
+        )
+        self._expert_imbalance = Gauge(
+            "pd:moe_expert_imbalance",
+            "Tokens of the busiest expert over the mean of all experts (1.0: even), over "
+            "this API server's DP ranks since start.",
+            ["model_name"],
+            registry=self.registry,
+        )
+        # Running totals from the engines' stats, as last counted: key -> total
+        self._totals: dict[tuple, int] = {}
+        self._expert_totals: dict[int, list[int]] = {}  # dp rank -> per expert
 
     def _make_histograms(self) -> None:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -212,12 +234,29 @@ class ServerMetrics:
             self.set_engine_stats(dp_rank, 0, 0, 0, 0)
             self.set_tp_workers(dp_rank, [False] * self._num_tp_workers.get(dp_rank, 0))
 
-    def set_requests_taken(self, dp_rank: int, total: int) -> None:
-        """The engine's running total (from its stats) into the per-rank counter."""
-        delta = total - self._taken_so_far.get(dp_rank, 0)
+    def set_engine_totals(
+        self, dp_rank: int, requests_taken: int, dummy_steps: int, expert_tokens: list[int]
+    ) -> None:
+        """The running totals an engine reports with its stats, into counters."""
+        rank = str(dp_rank)
+        self._add_total(self._taken, (self.model_name, rank), requests_taken)
+        self._add_total(self._dummy_steps, (self.model_name, rank), dummy_steps)
+        for expert, total in enumerate(expert_tokens):
+            self._add_total(self._expert_tokens, (self.model_name, rank, str(expert)), total)
+        if expert_tokens:
+            self._expert_totals[dp_rank] = list(expert_tokens)
+            per_expert = [sum(c) for c in zip(*self._expert_totals.values(), strict=True)]
+            mean = sum(per_expert) / len(per_expert)
+            self._expert_imbalance.labels(self.model_name).set(
+                max(per_expert) / mean if mean else 1.0
+            )
+
+    def _add_total(self, counter: Counter, labels: tuple[str, ...], total: int) -> None:
+        key = (counter._name, *labels)
+        delta = total - self._totals.get(key, 0)
         if delta > 0:
-            self._taken.labels(self.model_name, str(dp_rank)).inc(delta)
-            self._taken_so_far[dp_rank] = total
+            counter.labels(*labels).inc(delta)
+            self._totals[key] = total
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

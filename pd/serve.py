@@ -268,8 +268,13 @@ async def _watch(engines: list[EngineProcess], client, servers: list, launcher: 
 
 
 def _exit_reason(exitcode: int | None) -> str:
-    from pd.engine_process import WORKER_DIED_EXIT_CODE
+    from pd.engine_process import GROUP_LOST_EXIT_CODE, WORKER_DIED_EXIT_CODE
 
+    if exitcode == GROUP_LOST_EXIT_CODE:
+        return (
+            "another DP rank of its MoE group died (the ranks of an expert group step "
+            "together; see the engine's log)"
+        )
     if exitcode == WORKER_DIED_EXIT_CODE:
         return "a tensor-parallel worker of the engine died (see the engine's log)"
     return f"engine process exited with code {exitcode}"

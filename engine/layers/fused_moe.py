@@ -84,6 +84,11 @@ class FusedMoE(nn.Module):
         )
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        # Tokens routed to each (global) expert from this rank's tokens since start; on
+        # the device, read only when the engine reports its stats.
+        self.register_buffer(
+            "expert_tokens", torch.zeros(num_experts, dtype=torch.int64), persistent=False
+        )
         self._loaded: set[tuple[int, str]] = set()  # (local expert, shard) loaded so far
 
     # -- loading ---------------------------------------------------------------------
@@ -148,6 +153,8 @@ class FusedMoE(nn.Module):
         and topk_ids [T, K] (global expert ids) -> sum of the chosen experts' outputs
         times their weights [T, H], summed over the MoE group. T may be 0: a DP rank
         with nothing to run still takes part in the group's collectives."""
+        ids = topk_ids.reshape(-1).long()  # NOTE: not bincount, which syncs on CUDA
+        self.expert_tokens.scatter_add_(0, ids, torch.ones_like(ids))
         if self.tp is not None:  # the group spans DP ranks: tokens go to the experts
             from engine.layers import moe_dispatch
 

@@ -57,6 +57,6 @@ class ServerState:
             on_stats=self.metrics.set_engine_stats,
             on_kv_events=self.metrics.observe_kv_events,
             on_workers=self.metrics.set_tp_workers,
-            on_requests_taken=self.metrics.set_requests_taken,
+            on_engine_totals=self.metrics.set_engine_totals,
             on_rank_up=self.metrics.set_dp_rank_up,
         )

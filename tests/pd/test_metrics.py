@@ -101,8 +101,8 @@ def test_per_dp_rank_series():
     metrics = ServerMetrics("m", dp_ranks=(2, 3))
     assert value(metrics, "pd:num_requests_running", dp_rank="3") == 0
     metrics.set_engine_stats(3, running=4, waiting=0, free_blocks=1, total_blocks=4)
-    metrics.set_requests_taken(3, 1)
-    metrics.set_requests_taken(3, 1)  # a running total: counted once
+    metrics.set_engine_totals(3, 1, 0, [])
+    metrics.set_engine_totals(3, 1, 0, [])  # running totals: counted once
     metrics.set_dp_rank_up(2, False)
     assert value(metrics, "pd:num_requests_running", dp_rank="2") == 0
     assert value(metrics, "pd:num_requests_running", dp_rank="3") == 4
@@ -131,3 +131,14 @@ def test_metrics_app_serves_the_exposition():
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     assert 'pd:time_to_first_token_seconds_count{model_name="m"} 1.0' in response.text
+
+
+def test_lockstep_and_expert_totals():
+    metrics = ServerMetrics("m", dp_ranks=(0, 1))
+    metrics.set_engine_totals(0, 2, 0, [6, 2, 0, 0])
+    metrics.set_engine_totals(1, 0, 5, [0, 0, 0, 0])  # idle: dummy steps only
+    metrics.set_engine_totals(0, 2, 0, [6, 2, 0, 0])
+    assert value(metrics, "pd:dp_dummy_steps_total", dp_rank="1") == 5
+    assert value(metrics, "pd:moe_expert_tokens_total", dp_rank="0", expert="0") == 6
+    assert value(metrics, "pd:moe_expert_tokens_total", dp_rank="0", expert="1") == 2
+    assert value(metrics, "pd:moe_expert_imbalance") == 3.0  # 6 over a mean of 2
