@@ -107,3 +107,28 @@ def test_two_offline_llms_share_a_topic_without_mixing_requests(tiny_model, redi
     finally:
         for llm in llms:
             llm.shutdown()
+
+
+def test_the_seeds_offline_snippet_on_a_tiny_ernie_moe(tiny_model, redis_server):
+    """Seed 002's offline example as typed (model path and sizes aside): ERNIE-4.5-MoE,
+    DP 2 with expert parallelism (the MoE group spans both ranks, which step in
+    lockstep), registered in Redis; greedy tokens equal the single-rank LLM's."""
+    model_dir = str(tiny_model("ernie4_5_moe"))
+    with LLM(model=model_dir, **OPTIONS) as single:
+        expected = [o.outputs[0].token_ids for o in single.generate(PROMPTS[:6], GREEDY)]
+    with LLM(
+        model=model_dir,
+        tensor_parallel_size=1,
+        data_parallel_size=2,
+        max_model_len=128,
+        num_gpu_blocks_override=64,
+        engine_worker_queue_port="0,0",
+        enable_expert_parallel=True,
+        scheduler_name="splitwise",
+        scheduler_host="127.0.0.1",
+        scheduler_topic=f"t{uuid.uuid4().hex[:8]}",
+        scheduler_port=redis_server.port,
+        dtype="float32",
+    ) as llm:
+        outputs = llm.generate(PROMPTS[:6], GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
