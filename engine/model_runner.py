@@ -66,6 +66,9 @@ class ModelRunner:
             self.device.type == "cuda"
             and not config.enforce_eager
             and self.backend.supports_cuda_graphs
+            # NOTE: MoE over DP ranks exchanges token counts on the host at every layer
+            # (variable all_to_all splits), which a graph cannot replay: eager steps.
+            and not spans_data_parallel(config)
         ):
             self.graph_sizes = capture_sizes(config.scheduler.max_num_seqs)
         self.layout = self._kv_layout(self._num_blocks())
