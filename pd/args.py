@@ -368,8 +368,9 @@ def _add_parallel_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--enable-expert-parallel",
         action="store_true",
-        help="MoE models: split whole experts over the ranks (for now the TP ranks of "
-        "each DP rank) instead of each expert's width; dense models: no effect",
+        help="MoE models: split whole experts over every DP x TP rank (tokens travel to "
+        "their experts) instead of each expert's width; the DP ranks of an MoE model "
+        "step in lockstep either way; dense models: no effect",
     )
     group.add_argument(
         "--engine-threads",

@@ -21,8 +21,8 @@ def flag_notes(args: ServeArgs) -> list[str]:
     notes = [note for dest in RANK_PORT_FLAGS if (note := args.rank_ports(dest).note)]
     if args.enable_expert_parallel:
         notes.append(
-            "--enable-expert-parallel: MoE layers split whole experts over the TP ranks; "
-            "a dense model has none, so there it changes nothing"
+            "--enable-expert-parallel: MoE layers split whole experts over every DP x TP "
+            "rank; a dense model has none, so there it changes nothing"
         )
     if any(args.cache_queue_ports):
         notes.append(

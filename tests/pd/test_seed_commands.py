@@ -54,8 +54,8 @@ from tests.pd.server_process import ServerProcess, start_command
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPERT_PARALLEL_NOTE = (
-    "--enable-expert-parallel: MoE layers split whole experts over the TP ranks; a dense "
-    "model has none, so there it changes nothing"
+    "--enable-expert-parallel: MoE layers split whole experts over every DP x TP rank; "
+    "a dense model has none, so there it changes nothing"
 )
 CACHE_QUEUE_NOTE = "--cache-queue-port: nothing listens there"
 BLOCKS_ERROR = (
