@@ -228,7 +228,11 @@ def _listening_ports(args: ServeArgs, given: frozenset[str]) -> Iterator[tuple[s
 def check_supported(args: ServeArgs, given: frozenset[str]) -> None:
     """Reject features whose implementation lands in a later issue (never ignore them)."""
     unsupported = [
-        (args.router is not None, "registering with pd-router", "--router"),
+        (
+            args.router is not None and args.splitwise_role != "mixed",
+            "prefill/decode instances behind pd-router",
+            f"--router with --splitwise-role {args.splitwise_role}",
+        ),
     ]
     for is_used, what, flag in unsupported:
         if is_used:

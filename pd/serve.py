@@ -200,14 +200,43 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     watcher = asyncio.create_task(_watch(engines, client, servers, launcher))
+    beats = _register_with_router(args, api_port, state, dp_ranks[0], servers)
     try:
         await asyncio.gather(*(server.serve() for server in servers))
     finally:
         watcher.cancel()
+        if beats is not None:
+            beats.cancel()
         await client.shutdown()
         _stop_engines(engines)
     # A DP rank that died is a failure to report, even when the others drained cleanly.
     return 1 if any(link.dead_reason for link in client.links) else 0
+
+
+def _register_with_router(
+    args: ServeArgs, api_port: int, state, dp_rank: int, servers: list
+) -> asyncio.Task | None:  # type: ignore[no-untyped-def]
+    """With --router: register once every server listens, then heartbeat (with the
+    load: requests open here) until stopped."""
+    if args.router is None:
+        return None
+    from pd.cluster_instance import advertised_host
+    from pd.router.wire import Registration
+    from pd.router_registration import RouterRegistration, model_digest
+
+    host = advertised_host(args.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{api_port}"
+    digest = model_digest(args.model)
+
+    def record() -> Registration:
+        return Registration(
+            role=args.splitwise_role, url=url, model_names=state.model_names,
+            dp_rank=dp_rank, model_digest=digest, max_model_len=state.max_model_len,
+            num_open=len(state.engine.streams), num_waiting=state.engine.num_not_started,
+        )  # fmt: skip
+
+    registration = RouterRegistration(args.router, record, args.cluster_secret())
+    return asyncio.create_task(registration.run(lambda: all(s.started for s in servers)))
 
 
 def _make_servers(args: ServeArgs, port: int, app, state, uvicorn) -> list:

@@ -1,0 +1,3 @@
+from pd.router.main import main
+
+main()

@@ -1,0 +1,54 @@
+"""Start ``pd-router`` (also ``python -m pd.router``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pd.router.config import RouterConfig, parse_router_args
+
+logger = logging.getLogger("pd.router")
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_router_args(sys.argv[1:] if argv is None else argv)
+    sys.exit(run_router(config))
+
+
+def run_router(config: RouterConfig) -> int:
+    import uvicorn
+
+    from pd.router.app import Router, build_router_app
+
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per probe
+    if config.cluster_secret is None:
+        logger.warning("no cluster secret (--cluster-secret-file, PD_CLUSTER_SECRET): any "
+                       "process that reaches this port can register an instance")  # fmt: skip
+    app = build_router_app(Router(config))
+    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port,
+                                    log_level=config.log_level, access_log=False)  # fmt: skip
+    server = uvicorn.Server(uvicorn_config)
+    logger.info("policy %s; OpenAI API on http://%s:%d/v1", config.policy, config.host,
+                config.port)  # fmt: skip
+    _announce_when_started(server, config)
+    server.run()
+    return 0
+
+
+def _announce_when_started(server, config: RouterConfig) -> None:  # type: ignore[no-untyped-def]
+    """Print "pd-router ready" once uvicorn listens (launchers and tests wait for it)."""
+    startup = server.startup
+
+    async def startup_then_announce(sockets=None):  # type: ignore[no-untyped-def]
+        await startup(sockets=sockets)
+        if server.started:
+            print(f"pd-router ready: http://{config.host}:{config.port}/v1", flush=True)
+
+    server.startup = startup_then_announce
+
+
+if __name__ == "__main__":
+    main()

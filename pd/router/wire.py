@@ -1,0 +1,41 @@
+"""What an instance and the router say to each other, written down once (both sides
+import it): the registration an API server sends at start-up and as its heartbeat, and
+the router's answer. JSON over HTTP, like the rest of the router's surface.
+
+    POST /router/register   Authorization: Bearer <bearer_token(secret, "router")>
+    {"role": "mixed", "url": "http://10.0.0.5:8000", "model_names": ["m"], "dp_rank": 0,
+     "model_digest": "3f0c...", "max_model_len": 4096, "num_open": 3, "num_waiting": 1}
+    -> 200 {"heartbeat_s": 1.0}  (send it again that often)
+    -> 401 without the cluster secret's token, 409 when it conflicts with what the
+       router serves, 400 when malformed.
+
+The heartbeat is the registration itself, so a restarted router learns every instance
+back on their next heartbeat.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REGISTER_PATH = "/router/register"
+TOKEN_PURPOSE = "router"  # the cluster secret's derived key for registration
+ROLES = ("mixed", "prefill", "decode")
+
+
+class Registration(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["mixed", "prefill", "decode"]
+    url: str = Field(pattern=r"^https?://[^/\s]+$")  # the API server's root, no path
+    model_names: list[str] = Field(min_length=1)
+    dp_rank: int = Field(ge=0)
+    model_digest: str = Field(min_length=1, max_length=128)
+    max_model_len: int = Field(ge=0)
+    num_open: int = Field(ge=0)  # requests open at this API server
+    num_waiting: int = Field(ge=0)  # of those, not started yet
+
+
+class RegistrationReply(BaseModel):
+    heartbeat_s: float
