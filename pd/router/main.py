@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from pd.router.config import RouterConfig, parse_router_args
@@ -34,6 +35,10 @@ def run_router(config: RouterConfig) -> int:
     logger.info("policy %s; OpenAI API on http://%s:%d/v1", config.policy, config.host,
                 config.port)  # fmt: skip
     _announce_when_started(server, config)
+    # NOTE: uvicorn captures SIGINT/SIGTERM while serving, then raises them again once
+    # it has shut down; no-op handlers make that a clean exit 0 (as pd-serve does).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     server.run()
     return 0
 

@@ -106,10 +106,14 @@ def start_server(
 
 
 def start_command(
-    command: list[str], log_path: Path, port: int, env: Mapping[str, str] | None = None
+    command: list[str],
+    log_path: Path,
+    port: int,
+    env: Mapping[str, str] | None = None,
+    ready_text: str = "pd-serve ready",
 ) -> ServerProcess:
     """Run ``command`` (a ``pd-serve`` whose API port is ``port``, or a launcher of
-    several) and wait until it says "pd-serve ready"."""
+    several, or a ``pd-router``) and wait until it says ``ready_text``."""
     log = log_path.open("w")
     full_env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
@@ -117,8 +121,8 @@ def start_command(
     deadline = time.monotonic() + _READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"pd-serve exited with {process.returncode}:\n{server.log()}")
-        if "pd-serve ready" in server.log():
+            raise RuntimeError(f"{command[2]} exited with {process.returncode}:\n{server.log()}")
+        if ready_text in server.log():
             return server
         time.sleep(0.2)
     server.stop()
