@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pd.router.registry import Registry, RegistrationRefused
+from pd.router.registry import RegistrationRefused, Registry
 from pd.router.wire import Registration
 
 

@@ -23,7 +23,8 @@ SECRET = "router-test-secret-0123456789"
 
 def record(url: str, digest: str = "d1", role: str = "mixed") -> dict:
     return {"role": role, "url": url, "model_names": ["m"], "dp_rank": 0,
-            "model_digest": digest, "max_model_len": 256, "num_open": 0, "num_waiting": 0}  # fmt: skip
+            "model_digest": digest, "max_model_len": 256, "num_open": 0,
+            "num_waiting": 0}  # fmt: skip
 
 
 def register(root_url: str, body: dict, token: str | None) -> httpx.Response:
