@@ -228,7 +228,10 @@ def test_model_is_required(capsys):
 
 
 NOT_SUPPORTED = [
-    (["--router", "10.0.0.1:30000"], "registering with pd-router (--router)"),
+    (
+        ["--router", "10.0.0.1:30000", "--splitwise-role", "prefill"],
+        "prefill/decode instances behind pd-router (--router with --splitwise-role prefill)",
+    ),
 ]
 
 

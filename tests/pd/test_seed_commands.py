@@ -17,7 +17,7 @@ looseness means here is decided in README.md, "FastDeploy's command lines":
   time, naming ``--block-size 64`` (which the start test adds);
 - the decode command's broken line continuation: a shell runs it without
   ``--splitwise-role decode``; the transfer ports it still has are then refused;
-- ``--router``: refused as not supported yet (the router issue).
+- ``--router``: every API server registers its own DP rank with ``pd-router``.
 """
 
 from __future__ import annotations
@@ -125,11 +125,12 @@ def test_both_docs_multi_api_server_commands_are_the_same_instance():
     assert same[0] == same[1]
 
 
-def test_router_variant_stays_refused_until_the_router_issue(capsys):
+def test_router_variant_registers_every_server_with_the_router(capsys):
     argv = doc_argv(MULTI_API_SERVER_ROUTER)
     assert error_line(capsys, parse_multi_api_server, argv) == BLOCKS_ERROR
-    line = error_line(capsys, parse_multi_api_server, argv + FASTDEPLOY_BLOCKS)
-    assert line == "pd-serve: error: not supported yet: registering with pd-router (--router)"
+    args = parse_multi_api_server(argv + FASTDEPLOY_BLOCKS)
+    assert args.router == ("0.0.0.0", 30000)
+    assert all(server_args(args, i, 1).router == args.router for i in range(len(args.ports)))
 
 
 def test_prefill_dp4_reads_its_loose_port_lists():
