@@ -4,7 +4,10 @@ Starts an embedded Redis (unless ``--scheduler-host/--scheduler-port`` name one)
 ``--prefill N`` prefill and ``--decode M`` decode instances of ``pd-serve`` (or
 ``--mixed K`` mixed ones) on one model — SmolLM2-135M-Instruct (``pd.default_model``)
 when ``--model`` is left out, a generated tiny one with ``--model tiny`` — waits until
-every instance is ready, and prints the OpenAI base URL. ``--ask``
+every instance is ready, and prints the OpenAI base URL. With ``--router`` it starts
+``pd-router`` on ``--port`` instead of Redis, and ``--mixed N`` instances that register
+with it (no Redis; prefill/decode pairs through the router are not supported yet); the
+base URL is then the router's. ``--ask``
 sends one chat request and prints the answer (``--once``: then stop). Ctrl-C or SIGTERM
 stops the instances (each drains), then Redis. An instance that dies is restarted on
 its port (at most ``--max-restarts`` times each, with a growing pause, every restart
@@ -14,6 +17,7 @@ share the machine's cores: each engine gets ``--engine-threads`` of an even shar
 unless the flag or ``OMP_NUM_THREADS`` is given.
 
     pd-serve cluster --prefill 1 --decode 1 --ask "Hello"
+    pd-serve cluster --router --mixed 2 --router-policy least_load
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Instance:
     log_path: Path
     command: list[str] | None = None
     num_restarts: int = 0
+    ready_text: str = "pd-serve ready"
 
     @property
     def base_url(self) -> str:
@@ -65,11 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="HF checkpoint folder or .gguf file; 'tiny': a generated tiny model "
         f"(default: SmolLM2-135M-Instruct, served as {DEFAULT_MODEL_NAME})",
     )
-    parser.add_argument("--prefill", type=int, default=1, metavar="N", help="(default: 1)")
-    parser.add_argument("--decode", type=int, default=1, metavar="N", help="(default: 1)")
+    parser.add_argument("--prefill", type=int, metavar="N", help="(default: 1; 0 with --router)")
+    parser.add_argument("--decode", type=int, metavar="N", help="(default: 1; 0 with --router)")
     parser.add_argument("--mixed", type=int, default=0, metavar="N", help="(default: 0)")
     parser.add_argument(
         "--port", type=int, default=8000, help="first API port; the rest follow (0: free ports)"
+    )
+    parser.add_argument(
+        "--router",
+        action="store_true",
+        help="start pd-router on --port in front of the instances (no Redis)",
+    )
+    parser.add_argument(
+        "--router-policy",
+        default="round_robin",
+        metavar="NAME",
+        help="the router's --policy (default: round_robin)",
     )
     parser.add_argument("--scheduler-host", help="use this Redis instead of an embedded one")
     parser.add_argument("--scheduler-port", type=int)
@@ -86,10 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
-    if args.prefill < 0 or args.decode < 0 or args.mixed < 0:
-        sys.exit("pd-serve cluster: instance counts must be >= 0")
-    if args.mixed == 0 and (args.prefill == 0 or args.decode == 0):
-        sys.exit("pd-serve cluster: needs --prefill >= 1 and --decode >= 1 (or --mixed >= 1)")
+    _check_counts(args)
     stop = _install_stop_handlers()
     from cache_transfer.shm_pools import remove_stale_pools
 
@@ -99,12 +112,61 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
         model_flags = _model_flags(args.model, passthrough)
-    except ValueError as error:
-        sys.exit(f"pd-serve cluster: {error}")
-    try:
         secret_flags, secret = _cluster_secret(passthrough, log_dir)
     except ValueError as error:
         sys.exit(f"pd-serve cluster: {error}")
+    redis_server = None
+    instances: list[Instance] = []
+    try:
+        if args.router:
+            router_port = args.port or pick_free_port()
+            instances.append(_start_router(args, router_port, secret_flags, passthrough, log_dir))
+            scheduler_flags = ["--router", f"127.0.0.1:{router_port}"]
+        else:
+            redis_server, scheduler_flags = _start_scheduler(args, secret)
+        common = [*model_flags, "--host", "127.0.0.1", *scheduler_flags, *secret_flags,
+                  *passthrough]  # fmt: skip
+        roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["mixed"] * args.mixed
+        common += _engine_threads_args(len(roles), passthrough)
+        first_port = args.port + len(instances) if args.port else 0
+        for index, role in enumerate(roles):
+            api_port = first_port + index if first_port else pick_free_port()
+            instances.append(_start(role, api_port, common, log_dir / f"{role}-{index}.log"))
+        if not _wait_ready(instances, stop):
+            return 1
+        if args.router and not _wait_registered(instances, stop):
+            return 1
+        base_url = _announce(instances, roles, log_dir)
+        if args.ask is not None:
+            print(_ask(base_url, args.ask), flush=True)
+            if args.once:
+                return 0
+        return _watch(instances, stop, args.max_restarts)
+    finally:
+        _stop_all(instances)
+        if redis_server is not None:
+            redis_server.close()
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Resolve the default instance counts; exit with a message on impossible ones."""
+    default = 0 if args.router else 1
+    args.prefill = default if args.prefill is None else args.prefill
+    args.decode = default if args.decode is None else args.decode
+    if args.prefill < 0 or args.decode < 0 or args.mixed < 0:
+        sys.exit("pd-serve cluster: instance counts must be >= 0")
+    if args.router and (args.prefill or args.decode):
+        sys.exit("pd-serve cluster: not supported yet: prefill/decode instances behind "
+                 "pd-router (use --mixed N with --router)")  # fmt: skip
+    if args.router and args.mixed == 0:
+        sys.exit("pd-serve cluster: --router needs --mixed >= 1")
+    if args.mixed == 0 and (args.prefill == 0 or args.decode == 0):
+        sys.exit("pd-serve cluster: needs --prefill >= 1 and --decode >= 1 (or --mixed >= 1)")
+
+
+def _start_scheduler(args: argparse.Namespace, secret: bytes):  # type: ignore[no-untyped-def]
+    """The embedded Redis (None when --scheduler-host/--scheduler-port name one) and the
+    instances' scheduler flags."""
     redis_server = None
     if args.scheduler_host is None and args.scheduler_port is None:
         from pd.cluster_secret import redis_password
@@ -114,33 +176,71 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embedded Redis on {redis_server.url}", flush=True)
     host = args.scheduler_host or "127.0.0.1"
     port = args.scheduler_port or (redis_server.port if redis_server else 6379)
-    common = [
-        *model_flags, "--host", "127.0.0.1", "--scheduler-name", "splitwise",
-        "--scheduler-host", host, "--scheduler-port", str(port),
-        "--scheduler-topic", args.scheduler_topic, *secret_flags, *passthrough,
+    flags = [
+        "--scheduler-name", "splitwise", "--scheduler-host", host,
+        "--scheduler-port", str(port), "--scheduler-topic", args.scheduler_topic,
     ]  # fmt: skip
-    roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["mixed"] * args.mixed
-    common += _engine_threads_args(len(roles), passthrough)
-    instances: list[Instance] = []
-    try:
-        for index, role in enumerate(roles):
-            api_port = args.port + index if args.port else pick_free_port()
-            instances.append(_start(role, api_port, common, log_dir / f"{role}-{index}.log"))
-        if not _wait_ready(instances, stop):
-            return 1
-        print(f"cluster ready ({', '.join(roles)}; logs in {log_dir})", flush=True)
-        for instance in instances:
-            print(f"  {instance.role:8s} {instance.base_url}", flush=True)
-        print(f"OpenAI base URL: {instances[0].base_url}", flush=True)
-        if args.ask is not None:
-            print(_ask(instances[0].base_url, args.ask), flush=True)
-            if args.once:
-                return 0
-        return _watch(instances, stop, args.max_restarts)
-    finally:
-        _stop_all(instances)
-        if redis_server is not None:
-            redis_server.close()
+    return redis_server, flags
+
+
+def _start_router(
+    args: argparse.Namespace,
+    port: int,
+    secret_flags: list[str],
+    passthrough: list[str],
+    log_dir: Path,
+) -> Instance:
+    """pd-router on ``port``, with the instances' cluster secret (and --api-key: the
+    router's own and the one it presents to the instances)."""
+    command = [sys.executable, "-m", "pd.router", "--host", "127.0.0.1", "--port", str(port),
+               "--policy", args.router_policy, *secret_flags]  # fmt: skip
+    command += _flag_values(passthrough, "--cluster-secret-file")
+    api_key = _flag_values(passthrough, "--api-key")
+    if api_key:
+        command += [*api_key, "--instance-api-key", api_key[1]]
+    log_path = log_dir / "router.log"
+    return Instance("router", port, _spawn(command, log_path, "w"), log_path, command,
+                    ready_text="pd-router ready")  # fmt: skip
+
+
+def _flag_values(argv: list[str], flag: str) -> list[str]:
+    """``[flag, value]`` when ``argv`` gives ``flag`` (as ``flag value`` or ``flag=value``)."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return [flag, argv[i + 1]]
+        if arg.startswith(flag + "="):
+            return [flag, arg.split("=", 1)[1]]
+    return []
+
+
+def _wait_registered(instances: list[Instance], stop: list[int]) -> bool:
+    """Until the router (the first of ``instances``) lists every other one as up."""
+    import httpx
+
+    router, expected = instances[0], {f"http://127.0.0.1:{i.port}" for i in instances[1:]}
+    headers = {}
+    if api_key := _flag_values(router.command or [], "--api-key"):
+        headers["authorization"] = f"Bearer {api_key[1]}"
+    deadline = time.monotonic() + 60
+    while not stop and time.monotonic() < deadline:
+        reply = httpx.get(f"http://127.0.0.1:{router.port}/router/instances", headers=headers,
+                          timeout=10)  # fmt: skip
+        up = {r["url"] for r in reply.json()["instances"] if r["is_up"]}
+        if expected <= up:
+            return True
+        time.sleep(0.2)
+    print(f"the instances did not all register with the router:\n{router.log_tail()}",
+          file=sys.stderr)  # fmt: skip
+    return False
+
+
+def _announce(instances: list[Instance], roles: list[str], log_dir: Path) -> str:
+    """Print who serves where; the OpenAI base URL (the router's when there is one)."""
+    print(f"cluster ready ({', '.join(roles)}; logs in {log_dir})", flush=True)
+    for instance in instances:
+        print(f"  {instance.role:8s} {instance.base_url}", flush=True)
+    print(f"OpenAI base URL: {instances[0].base_url}", flush=True)
+    return instances[0].base_url
 
 
 def _cluster_secret(passthrough: list[str], log_dir: Path) -> tuple[list[str], bytes]:
@@ -218,7 +318,7 @@ def _wait_ready(instances: list[Instance], stop: list[int]) -> bool:
             if instance.process.poll() is not None:
                 _report_exit(instance, "")
                 return False
-            if "pd-serve ready" in instance.log_path.read_text(errors="replace"):
+            if instance.ready_text in instance.log_path.read_text(errors="replace"):
                 pending.remove(instance)
         if time.monotonic() > deadline:
             print(f"instances not ready after {_READY_TIMEOUT_S:.0f} s", file=sys.stderr)

@@ -1,8 +1,10 @@
-"""``pd-serve cluster`` as a user runs it: one command starts Redis and the instances,
-answers a request, and stops everything on Ctrl-C (SIGINT) with exit 0."""
+"""``pd-serve cluster`` as a user runs it: one command starts Redis (or, with
+``--router``, pd-router) and the instances, answers a request, and stops everything on
+Ctrl-C (SIGINT) with exit 0."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -109,3 +112,50 @@ def test_a_killed_instance_is_restarted_and_leaves_no_shared_memory_pool(tiny_mo
         launcher.send_signal(signal.SIGINT)
         code = launcher.wait(60)
     assert code == 0, launcher.stdout.read()
+
+
+def test_cluster_with_router_serves_through_it_without_redis(tiny_model, tmp_path):
+    command = [
+        sys.executable, "-m", "pd.serve", "cluster", "--router", "--mixed", "2",
+        "--router-policy", "least_load", "--model", str(tiny_model("qwen2")), "--port", "0",
+        "--log-dir", str(tmp_path), "--ask", "Hello", "--device", "cpu", "--max-model-len",
+        "256",
+    ]  # fmt: skip
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while not any(line.startswith("Ctrl-C stops") for line in lines):
+        assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)
+        lines.append(launcher.stdout.readline())
+    output = "".join(lines)
+    assert "cluster ready (mixed, mixed" in output and "embedded Redis" not in output
+    assert "\nA: " in output
+    router_line = next(line for line in lines if line.strip().startswith("router"))
+    base_url = next(line.split()[-1] for line in lines if line.startswith("OpenAI base URL"))
+    assert base_url == router_line.split()[-1]
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0)
+
+    async def ask_many() -> list[int]:
+        model = (await client.models.list()).data[0].id
+        replies = await asyncio.gather(*(
+            client.completions.create(model=model, prompt=f"Hi {i}", max_tokens=4)
+            for i in range(8)
+        ))  # fmt: skip
+        await client.close()
+        return [reply.usage.completion_tokens for reply in replies]
+
+    assert asyncio.run(ask_many()) == [4] * 8
+    metrics = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    ok = [line for line in metrics.splitlines()
+          if line.startswith("pd:router_requests_total{") and 'outcome="ok"' in line]  # fmt: skip
+    taken = [float(line.rsplit(" ", 1)[1]) for line in ok]
+    assert len(taken) == 2 and sum(taken) == 9  # --ask and 8 more, over both instances
+    children = _children(launcher.pid)
+    assert len(children) == 3  # the router and two instances
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(60) == 0, launcher.stdout.read()
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the launcher"
