@@ -41,10 +41,12 @@ class Router:
     def __init__(self, config: RouterConfig, rng: random.Random | None = None):
         self.config = config
         self.registry = Registry(config.instance_timeout_s, config.forget_after_s)
-        self.policy: Policy = make_policy(
-            config.policy, rng, max_load_gap=config.cache_aware_max_load_gap,
-            min_prefix_chars=config.cache_aware_min_prefix_chars,
-        ) if config.policy == "cache_aware" else make_policy(config.policy, rng)  # fmt: skip
+        thresholds = {
+            "max_load_gap": config.cache_aware_max_load_gap,
+            "min_prefix_chars": config.cache_aware_min_prefix_chars,
+        }
+        options = thresholds if config.policy == "cache_aware" else {}
+        self.policy: Policy = make_policy(config.policy, rng, **options)
         self.metrics = RouterMetrics()
         self.client: httpx.AsyncClient | None = None
         self._was_up: dict[str, bool] = {}

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -48,33 +49,65 @@ async def relay(upstream: httpx.Response, instance: str, raw: Request, on_done: 
     """The response to send back for ``upstream`` (already past its status line);
     ``on_done`` hears how it ended."""
     content_type = upstream.headers.get("content-type", "application/json")
-    outcome = "ok" if upstream.status_code < 400 else "error_status"
+    answer = _Answer(upstream, on_done, "ok" if upstream.status_code < 400 else "error_status")
     if upstream.status_code == 200 and content_type.startswith("text/event-stream"):
-        events = _relay_events(upstream, instance, outcome, on_done)
-        return StreamingResponse(events, media_type=content_type)
+        return _EventStream(answer, _relay_events(answer, instance), media_type=content_type)
     try:
         body = await unless_disconnected(raw, upstream.aread())
     except httpx.HTTPError as error:
-        outcome = "broken"
+        answer.outcome = "broken"
         raise APIError(502, _failed_message(instance, error), type="server_error",
                        code="instance_failed") from error  # fmt: skip
     except APIError:  # the client went away
-        outcome = "ok"
+        answer.outcome = "aborted"
         raise
     finally:
-        await upstream.aclose()
-        on_done(outcome)
+        await answer.close()
     return Response(body, status_code=upstream.status_code, media_type=content_type)
 
 
-async def _relay_events(
-    upstream: httpx.Response, instance: str, outcome: str, on_done: OnDone
-) -> AsyncIterator[bytes]:
+class _Answer:
+    """An instance's answer being relayed; closed once, whichever way it ends."""
+
+    def __init__(self, upstream: httpx.Response, on_done: OnDone, outcome: str):
+        self.upstream = upstream
+        self.on_done = on_done
+        self.outcome = outcome
+        self.is_closed = False
+
+    async def close(self) -> None:
+        if self.is_closed:
+            return
+        self.is_closed = True
+        try:
+            await self.upstream.aclose()
+        finally:
+            self.on_done(self.outcome)
+
+
+class _EventStream(StreamingResponse):
+    """Closes the answer however the response ends, even when the client leaves before
+    the first event (the event generator then never runs, nor its ``finally``)."""
+
+    def __init__(self, answer: _Answer, events: AsyncIterator[bytes], media_type: str):
+        super().__init__(events, media_type=media_type)
+        self.answer = answer
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.answer.is_closed:  # the client left: the request is aborted
+                self.answer.outcome = "aborted"
+                await self.answer.close()
+
+
+async def _relay_events(answer: _Answer, instance: str) -> AsyncIterator[bytes]:
     """The instance's server-sent events, whole ones only: a stream cut mid-event ends
     after the last complete event with an error event instead of a torn line."""
     pending = b""
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in answer.upstream.aiter_raw():
             pending += chunk
             end = pending.rfind(b"\n\n")
             if end >= 0:
@@ -83,15 +116,17 @@ async def _relay_events(
         if pending:
             yield pending
     except httpx.HTTPError as error:
-        outcome = "broken"
+        answer.outcome = "broken"
         body = {"error": {"message": _failed_message(instance, error), "type": "server_error",
                           "code": "instance_failed"}}  # fmt: skip
         yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+    except (asyncio.CancelledError, GeneratorExit):
+        answer.outcome = "aborted"  # the client left
+        raise
     finally:
-        # NOTE: also reached when the client disconnects (Starlette cancels this
-        # generator): closing the upstream stream makes the instance abort the request.
-        await upstream.aclose()
-        on_done(outcome)
+        # NOTE: closing the upstream stream makes the instance abort the request when the
+        # client left before the end.
+        await answer.close()
 
 
 def _failed_message(instance: str, error: Exception) -> str:

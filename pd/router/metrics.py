@@ -11,7 +11,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-OUTCOMES = ("ok", "error_status", "unreachable", "broken")
+OUTCOMES = ("ok", "error_status", "unreachable", "broken", "aborted")
 
 
 class RouterMetrics:
@@ -21,7 +21,8 @@ class RouterMetrics:
         self.requests = Counter(
             "pd:router_requests", "Requests forwarded to an instance, by how they ended: ok, "
             "error_status (the instance answered 4xx/5xx), unreachable (never reached it), "
-            "broken (it failed while answering)", [*labels, "outcome"], registry=self.registry,
+            "broken (it failed while answering), aborted (the client left first)",
+            [*labels, "outcome"], registry=self.registry,
         )  # fmt: skip
         self.in_flight = Gauge("pd:router_in_flight", "Requests open on an instance",
                                labels, registry=self.registry)  # fmt: skip

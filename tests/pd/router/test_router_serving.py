@@ -116,6 +116,7 @@ def test_a_client_that_goes_away_aborts_its_request_on_the_instance(cluster):
               for s in servers) == aborted_before:  # fmt: skip
         assert time.monotonic() < deadline, "the instance did not abort the request"
         time.sleep(0.2)
+    assert sum(requests_by_instance(router, "aborted").values()) == 1
 
 
 def test_an_instance_that_stops_answering_is_dropped_and_taken_back(cluster):
