@@ -1,7 +1,8 @@
 """An API server's registration with ``pd-router`` (``pd-serve --router HOST:PORT``).
 
 Once the server listens it registers (role, URL, model names, DP rank, a digest of the
-model, its load) and repeats that as its heartbeat, as often as the router asks. A
+model, its load) and repeats that as its heartbeat, as often as the router asks; when it
+starts to stop (drain), a last beat tells the router to send it nothing new. A
 router that is down or restarting is retried on every beat, so a restarted router
 learns this server back within a beat. With a cluster secret the registration carries
 its derived token (``pd/router/wire.py``); a router that refuses us is logged, once
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from pd.router.wire import REGISTER_PATH, TOKEN_PURPOSE, Registration
 logger = logging.getLogger("pd.serve")
 
 _DEFAULT_HEARTBEAT_S = 1.0
+_POLL_S = 0.1
 # The files whose bytes say which model (weights' index, config, tokenizer) is served.
 _IDENTITY_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json",
                    "generation_config.json")  # fmt: skip
@@ -68,18 +71,24 @@ class RouterRegistration:
         self.heartbeat_s = _DEFAULT_HEARTBEAT_S
         self._last_outcome: str | None = None
 
-    async def run(self, is_listening: Callable[[], bool]) -> None:
-        """Beat until cancelled, from the moment ``is_listening()``."""
+    async def run(self, is_listening: Callable[[], bool], is_stopping: Callable[[], bool]) -> None:
+        """Beat from the moment ``is_listening()``; once ``is_stopping()``, send a last
+        beat that says so (the router then sends nothing new) and return."""
         while not is_listening():
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(_POLL_S)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per beat
         async with httpx.AsyncClient(timeout=5.0) as client:
-            while True:
+            while not is_stopping():
                 await self.beat(client)
-                await asyncio.sleep(self.heartbeat_s)
+                next_beat = time.monotonic() + self.heartbeat_s
+                while time.monotonic() < next_beat and not is_stopping():
+                    await asyncio.sleep(_POLL_S)
+            await self.beat(client, is_draining=True)
 
-    async def beat(self, client: httpx.AsyncClient) -> None:
+    async def beat(self, client: httpx.AsyncClient, is_draining: bool = False) -> None:
         record = self.registration()
+        if is_draining:
+            record = record.model_copy(update={"is_draining": True})
         try:
             reply = await client.post(self.url, content=record.model_dump_json(),
                                       headers=self.headers)  # fmt: skip
@@ -93,6 +102,9 @@ class RouterRegistration:
             self._tell(f"refused {reply.status_code}", message, logging.ERROR)
             return
         self.heartbeat_s = float(reply.json().get("heartbeat_s", _DEFAULT_HEARTBEAT_S))
+        if is_draining:
+            logger.info("told router %s that %s is stopping", self.url, record.url)
+            return
         self._tell("registered", f"registered {record.url} (DP rank {record.dp_rank}) with router "
                    f"{self.url}", logging.INFO)  # fmt: skip
 

@@ -15,6 +15,7 @@ nothing), and once every rank is dead the server exits 1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ logger = logging.getLogger("pd.serve")
 _READY_TIMEOUT_S = 1800.0  # model loading can be slow on big checkpoints
 _DRAIN_TIMEOUT_S = 30
 _ENGINE_STOP_TIMEOUT_S = 10.0
+_LAST_BEAT_TIMEOUT_S = 2.0  # for telling pd-router that we stop
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,8 +207,9 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
         await asyncio.gather(*(server.serve() for server in servers))
     finally:
         watcher.cancel()
-        if beats is not None:
-            beats.cancel()
+        if beats is not None:  # it tells the router we stop, then returns
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(beats, timeout=_LAST_BEAT_TIMEOUT_S)
         await client.shutdown()
         _stop_engines(engines)
     # A DP rank that died is a failure to report, even when the others drained cleanly.
@@ -236,7 +239,9 @@ def _register_with_router(
         )  # fmt: skip
 
     registration = RouterRegistration(args.router, record, args.cluster_secret())
-    return asyncio.create_task(registration.run(lambda: all(s.started for s in servers)))
+    return asyncio.create_task(registration.run(
+        lambda: all(s.started for s in servers), lambda: any(s.should_exit for s in servers)
+    ))  # fmt: skip
 
 
 def _make_servers(args: ServeArgs, port: int, app, state, uvicorn) -> list:

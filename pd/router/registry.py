@@ -1,7 +1,8 @@
 """The instances the router knows: who they are, whether they serve now, their load.
 
-An instance is *up* while its heartbeats are fresh (the last within ``timeout_s``) and
-its last health probe (or forwarded request) did not fail. Only up instances are
+An instance is *up* while its heartbeats are fresh (the last within ``timeout_s``), its
+last health probe (or forwarded request) did not fail, and it has not said it is
+stopping (draining). Only up instances are
 picked. One silent for ``forget_after_s`` is forgotten; one that comes back (a
 heartbeat, a good probe) is up again.
 
@@ -76,11 +77,12 @@ class Registry:
         return False
 
     def is_up(self, record: InstanceRecord, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        return record.failure is None and now - record.last_heartbeat <= self.timeout_s
+        return self.down_reason(record, now) is None
 
     def down_reason(self, record: InstanceRecord, now: float | None = None) -> str | None:
         now = time.monotonic() if now is None else now
+        if record.registration.is_draining:
+            return "draining: it is stopping"
         if now - record.last_heartbeat > self.timeout_s:
             return f"no heartbeat for {now - record.last_heartbeat:.1f} s"
         return record.failure

@@ -10,7 +10,7 @@ the router's answer. JSON over HTTP, like the rest of the router's surface.
        router serves, 400 when malformed.
 
 The heartbeat is the registration itself, so a restarted router learns every instance
-back on their next heartbeat.
+back on their next heartbeat. A stopping instance sends a last one with ``is_draining``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Registration(BaseModel):
     max_model_len: int = Field(ge=0)
     num_open: int = Field(ge=0)  # requests open at this API server
     num_waiting: int = Field(ge=0)  # of those, not started yet
+    is_draining: bool = False  # stopping: it finishes what it has and takes nothing new
 
 
 class RegistrationReply(BaseModel):

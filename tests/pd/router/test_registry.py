@@ -68,3 +68,12 @@ def test_malformed_registrations_are_refused():
         registration("http://a:1", role="leader")
     with pytest.raises(ValueError):
         Registration.model_validate({**registration("http://a:1").model_dump(), "extra": 1})
+
+
+def test_a_draining_instance_is_not_picked():
+    registry = Registry(timeout_s=5, forget_after_s=60)
+    registry.register(registration("http://a:1"), now=0.0)
+    registry.register(registration("http://a:1", is_draining=True), now=1.0)
+    record = registry.records["http://a:1"]
+    assert registry.serving("m", "mixed", now=1.0) == []
+    assert registry.down_reason(record, now=9.0) == "draining: it is stopping"

@@ -1,6 +1,7 @@
 """Registration of a multi-API-server instance (``--ports``: one API server per DP rank)
-with a router that requires the cluster secret, and the cache_aware policy over its
-two servers (real processes, the official openai client)."""
+with a router that requires the cluster secret, the cache_aware policy over its two
+servers, and their last beat when they stop (real processes, the official openai
+client)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def test_dp_rank_servers_register_and_cache_aware_keeps_a_prefix(tiny_model, tmp
         counts = requests_by_instance(router)
         assert sorted(counts.values()) == [4], counts  # one server took them all
         assert "registered http://127.0.0.1" in server.log()
+        assert server.stop() == 0, server.log()
+        stopped = instances(router)
+        assert [stopped[url]["down_reason"] for url in urls] == ["draining: it is stopping"] * 2
     finally:
         if server is not None:
             assert server.stop() == 0, server.log()
