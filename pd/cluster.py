@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pd.args import pick_free_port
+from pd.cluster_router import flag_values, router_command, wait_registered
 from pd.cpu_threads import engine_thread_choice
 from pd.default_model import DEFAULT_MODEL_NAME, default_model_path, tiny_model_path
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         base_url = _announce(instances, roles, log_dir)
         if args.ask is not None:
-            print(_ask(base_url, args.ask), flush=True)
+            print(_ask(base_url, args.ask, flag_values(passthrough, "--api-key")), flush=True)
             if args.once:
                 return 0
         return _watch(instances, stop, args.max_restarts)
@@ -190,45 +191,19 @@ def _start_router(
     passthrough: list[str],
     log_dir: Path,
 ) -> Instance:
-    """pd-router on ``port``, with the instances' cluster secret (and --api-key: the
-    router's own and the one it presents to the instances)."""
-    command = [sys.executable, "-m", "pd.router", "--host", "127.0.0.1", "--port", str(port),
-               "--policy", args.router_policy, *secret_flags]  # fmt: skip
-    command += _flag_values(passthrough, "--cluster-secret-file")
-    api_key = _flag_values(passthrough, "--api-key")
-    if api_key:
-        command += [*api_key, "--instance-api-key", api_key[1]]
+    command = router_command(port, args.router_policy, secret_flags, passthrough)
     log_path = log_dir / "router.log"
     return Instance("router", port, _spawn(command, log_path, "w"), log_path, command,
                     ready_text="pd-router ready")  # fmt: skip
 
 
-def _flag_values(argv: list[str], flag: str) -> list[str]:
-    """``[flag, value]`` when ``argv`` gives ``flag`` (as ``flag value`` or ``flag=value``)."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return [flag, argv[i + 1]]
-        if arg.startswith(flag + "="):
-            return [flag, arg.split("=", 1)[1]]
-    return []
-
-
 def _wait_registered(instances: list[Instance], stop: list[int]) -> bool:
     """Until the router (the first of ``instances``) lists every other one as up."""
-    import httpx
-
-    router, expected = instances[0], {f"http://127.0.0.1:{i.port}" for i in instances[1:]}
-    headers = {}
-    if api_key := _flag_values(router.command or [], "--api-key"):
-        headers["authorization"] = f"Bearer {api_key[1]}"
-    deadline = time.monotonic() + 60
-    while not stop and time.monotonic() < deadline:
-        reply = httpx.get(f"http://127.0.0.1:{router.port}/router/instances", headers=headers,
-                          timeout=10)  # fmt: skip
-        up = {r["url"] for r in reply.json()["instances"] if r["is_up"]}
-        if expected <= up:
-            return True
-        time.sleep(0.2)
+    router = instances[0]
+    urls = {f"http://127.0.0.1:{i.port}" for i in instances[1:]}
+    api_key = flag_values(router.command or [], "--api-key")
+    if wait_registered(router.port, urls, api_key[1] if api_key else None, stop):
+        return True
     print(f"the instances did not all register with the router:\n{router.log_tail()}",
           file=sys.stderr)  # fmt: skip
     return False
@@ -327,16 +302,21 @@ def _wait_ready(instances: list[Instance], stop: list[int]) -> bool:
     return True
 
 
-def _ask(base_url: str, text: str) -> str:
+def _ask(base_url: str, text: str, api_key_flag: list[str]) -> str:
+    """One chat request (``api_key_flag``: ``["--api-key", KEY]`` when the instances
+    have one)."""
     import httpx
 
+    headers = {"authorization": f"Bearer {api_key_flag[1]}"} if api_key_flag else {}
     body = {
-        "model": httpx.get(f"{base_url}/models", timeout=30).json()["data"][0]["id"],
+        "model": httpx.get(f"{base_url}/models", headers=headers, timeout=30).json()["data"][0][
+            "id"
+        ],
         "messages": [{"role": "user", "content": text}],
         "max_tokens": 32,
         "temperature": 0,
     }
-    reply = httpx.post(f"{base_url}/chat/completions", json=body, timeout=120)
+    reply = httpx.post(f"{base_url}/chat/completions", json=body, headers=headers, timeout=120)
     if reply.status_code != 200:
         return f"the cluster answered {reply.status_code}: {reply.text}"
     answer = reply.json()

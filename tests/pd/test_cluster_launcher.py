@@ -119,7 +119,7 @@ def test_cluster_with_router_serves_through_it_without_redis(tiny_model, tmp_pat
         sys.executable, "-m", "pd.serve", "cluster", "--router", "--mixed", "2",
         "--router-policy", "least_load", "--model", str(tiny_model("qwen2")), "--port", "0",
         "--log-dir", str(tmp_path), "--ask", "Hello", "--device", "cpu", "--max-model-len",
-        "256",
+        "256", "--api-key", "cluster-key",  # the router's, and the instances'
     ]  # fmt: skip
     launcher = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -136,7 +136,7 @@ def test_cluster_with_router_serves_through_it_without_redis(tiny_model, tmp_pat
     router_line = next(line for line in lines if line.strip().startswith("router"))
     base_url = next(line.split()[-1] for line in lines if line.startswith("OpenAI base URL"))
     assert base_url == router_line.split()[-1]
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="cluster-key", max_retries=0)
 
     async def ask_many() -> list[int]:
         model = (await client.models.list()).data[0].id
@@ -148,7 +148,8 @@ def test_cluster_with_router_serves_through_it_without_redis(tiny_model, tmp_pat
         return [reply.usage.completion_tokens for reply in replies]
 
     assert asyncio.run(ask_many()) == [4] * 8
-    metrics = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    metrics = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10,
+                        headers={"authorization": "Bearer cluster-key"}).text  # fmt: skip
     ok = [line for line in metrics.splitlines()
           if line.startswith("pd:router_requests_total{") and 'outcome="ok"' in line]  # fmt: skip
     taken = [float(line.rsplit(" ", 1)[1]) for line in ok]
