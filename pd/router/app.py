@@ -62,13 +62,13 @@ class Router:
     def refresh(self) -> None:
         """Forget silent instances, log who went down or came back, update gauges."""
         now = time.monotonic()
-        for url in self.registry.forget_silent(now):
-            logger.warning("forgot %s: silent for %.0f s", url, self.config.forget_after_s)
-            self._was_up.pop(url, None)
+        for gone in self.registry.forget_silent(now):
+            logger.warning("forgot %s: silent for %.0f s", gone.url, self.config.forget_after_s)
+            self._was_up.pop(gone.url, None)
             with contextlib.suppress(KeyError):
-                self.metrics.forget(url, "mixed")
+                self.metrics.forget(gone.url, gone.role)
             if isinstance(self.policy, CacheAware):
-                self.policy.forget(url)
+                self.policy.forget(gone.url)
         for record in self.registry.records.values():
             is_up = self.registry.is_up(record, now)
             was_up = self._was_up.get(record.url)
@@ -82,11 +82,12 @@ class Router:
 
     async def probe(self, record: InstanceRecord) -> None:
         """GET the instance's /health: a failure keeps it from being picked until a
-        later probe succeeds."""
+        later probe succeeds. NOTE: a busy instance may answer slowly; only silence for
+        as long as a missed heartbeat counts as failing."""
         assert self.client is not None
         try:
             reply = await self.client.get(f"{record.url}/health",
-                                          timeout=self.config.health_interval_s)  # fmt: skip
+                                          timeout=self.config.instance_timeout_s)  # fmt: skip
             record.failure = None if reply.status_code == 200 else (
                 f"/health answered {reply.status_code}: {reply.text[:200]}"
             )  # fmt: skip

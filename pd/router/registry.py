@@ -100,13 +100,10 @@ class Registry:
     def model_names(self, now: float | None = None) -> list[str]:
         return sorted({name for r in self.up(now) for name in r.registration.model_names})
 
-    def forget_silent(self, now: float | None = None) -> list[str]:
-        """Forget instances silent for forget_after_s; their URLs."""
+    def forget_silent(self, now: float | None = None) -> list[InstanceRecord]:
+        """Forget the instances silent for forget_after_s; their records."""
         now = time.monotonic() if now is None else now
-        gone = [
-            url for url, r in self.records.items()
-            if now - r.last_heartbeat > self.forget_after_s
-        ]  # fmt: skip
-        for url in gone:
-            del self.records[url]
+        gone = [r for r in self.records.values() if now - r.last_heartbeat > self.forget_after_s]
+        for record in gone:
+            del self.records[record.url]
         return gone

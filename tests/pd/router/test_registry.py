@@ -35,7 +35,7 @@ def test_silent_instances_are_forgotten():
     registry = Registry(timeout_s=5, forget_after_s=60)
     registry.register(registration("http://a:1"), now=0.0)
     registry.register(registration("http://b:1"), now=30.0)
-    assert registry.forget_silent(now=61.0) == ["http://a:1"]
+    assert [record.url for record in registry.forget_silent(now=61.0)] == ["http://a:1"]
     assert list(registry.records) == ["http://b:1"]
 
 
