@@ -103,6 +103,33 @@ def engine_kwargs(args: ServeArgs, local_index: int = 0, dp_master_port: int = 0
     }
 
 
+def gpu_shortage(args: ServeArgs) -> str | None:
+    """Why this process's DP ranks cannot all have their GPUs, or None (on the CPU too):
+    said before any engine starts, rather than as a CUDA error from one of them."""
+    import torch
+
+    from engine.config import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:  # cuda asked for, none here
+        return str(error)
+    if not device.startswith("cuda"):
+        return None
+    first = torch.device(device).index or 0
+    last = first + (args.data_parallel_local_offset + args.dp_layout.local) * (
+        args.tensor_parallel_size
+    )
+    available = torch.cuda.device_count()
+    if last <= available:
+        return None
+    return (
+        f"{args.dp_layout.local} DP rank(s) x --tensor-parallel-size "
+        f"{args.tensor_parallel_size} from {device} need GPUs {first}..{last - 1}; this host "
+        f"has {available} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})"
+    )
+
+
 @dataclass
 class EngineProcess:
     """The engine-core process of one DP rank."""
@@ -167,6 +194,10 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
     if launcher is None:  # else the launcher said them, for every server
         for note in flag_notes(args):
             logger.info("%s", note)
+    shortage = gpu_shortage(args)
+    if shortage is not None:
+        logger.error("start-up failed: %s", shortage)
+        return 1
     api_port = args.api_port or pick_free_port(args.host)
     instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
     channel_key = engine_channel_key(args.cluster_secret())
