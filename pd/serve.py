@@ -270,21 +270,25 @@ def _server(uvicorn, app, host: str, port: int, log_level: str):
 
 async def _watch(engines: list[EngineProcess], client, servers: list, launcher: Launcher | None):  # type: ignore[no-untyped-def]
     """Say when every server listens; fail a DP rank's requests when its engine process
-    dies; stop every server when one stops (a signal reaches one of them), when every
-    engine is dead, or when the launcher is gone."""
-    announced = False
+    dies, also while the servers drain; stop every server when one stops (a signal
+    reaches one of them), when every engine is dead, or when the launcher is gone. Runs
+    until the servers are done (``serve`` cancels it)."""
+    announced = orphaned = False
     links = {link.dp_rank: link for link in client.links}
-    while not any(server.should_exit for server in servers):
+    while True:
         for engine in engines:
             link = links[engine.dp_rank]
             if link.dead_reason is None and not engine.process.is_alive():
                 client.mark_rank_dead(link, _exit_reason(engine.process.exitcode))
-        if client.dead_reason is not None:
-            break
-        if launcher is not None and os.getppid() != launcher.pid:
+        stop = client.dead_reason is not None or any(s.should_exit for s in servers)
+        if launcher is not None and os.getppid() != launcher.pid and not orphaned:
             logger.error("the process that started this API server is gone; stopping")
-            break
-        if not announced and all(server.started for server in servers):
+            orphaned = True
+        stop = stop or orphaned
+        if stop:
+            for server in servers:
+                server.should_exit = True
+        elif not announced and all(server.started for server in servers):
             config = servers[0].config
             url = f"http://{config.host}:{config.port}/v1"
             if launcher is None:
@@ -294,8 +298,6 @@ async def _watch(engines: list[EngineProcess], client, servers: list, launcher: 
                 launcher.ready.put((engines[0].dp_rank, url))
             announced = True
         await asyncio.sleep(0.2)
-    for server in servers:
-        server.should_exit = True
 
 
 def _exit_reason(exitcode: int | None) -> str:
