@@ -105,6 +105,33 @@ def engine_kwargs(args: ServeArgs, local_index: int = 0, dp_master_port: int = 0
     }
 
 
+def gpu_shortage(args: ServeArgs) -> str | None:
+    """Why this process's DP ranks cannot all have their GPUs, or None (on the CPU too):
+    said before any engine starts, rather than as a CUDA error from one of them."""
+    import torch
+
+    from engine.config import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:  # cuda asked for, none here
+        return str(error)
+    if not device.startswith("cuda"):
+        return None
+    first = torch.device(device).index or 0
+    last = first + (args.data_parallel_local_offset + args.dp_layout.local) * (
+        args.tensor_parallel_size
+    )
+    available = torch.cuda.device_count()
+    if last <= available:
+        return None
+    return (
+        f"{args.dp_layout.local} DP rank(s) x --tensor-parallel-size "
+        f"{args.tensor_parallel_size} from {device} need GPUs {first}..{last - 1}; this host "
+        f"has {available} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})"
+    )
+
+
 @dataclass
 class EngineProcess:
     """The engine-core process of one DP rank."""
@@ -169,6 +196,10 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
     if launcher is None:  # else the launcher said them, for every server
         for note in flag_notes(args):
             logger.info("%s", note)
+    shortage = gpu_shortage(args)
+    if shortage is not None:
+        logger.error("start-up failed: %s", shortage)
+        return 1
     api_port = args.api_port or pick_free_port(args.host)
     instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
     channel_key = engine_channel_key(args.cluster_secret())
@@ -273,21 +304,25 @@ def _server(uvicorn, app, host: str, port: int, log_level: str):
 
 async def _watch(engines: list[EngineProcess], client, servers: list, launcher: Launcher | None):  # type: ignore[no-untyped-def]
     """Say when every server listens; fail a DP rank's requests when its engine process
-    dies; stop every server when one stops (a signal reaches one of them), when every
-    engine is dead, or when the launcher is gone."""
-    announced = False
+    dies, also while the servers drain; stop every server when one stops (a signal
+    reaches one of them), when every engine is dead, or when the launcher is gone. Runs
+    until the servers are done (``serve`` cancels it)."""
+    announced = orphaned = False
     links = {link.dp_rank: link for link in client.links}
-    while not any(server.should_exit for server in servers):
+    while True:
         for engine in engines:
             link = links[engine.dp_rank]
             if link.dead_reason is None and not engine.process.is_alive():
                 client.mark_rank_dead(link, _exit_reason(engine.process.exitcode))
-        if client.dead_reason is not None:
-            break
-        if launcher is not None and os.getppid() != launcher.pid:
+        stop = client.dead_reason is not None or any(s.should_exit for s in servers)
+        if launcher is not None and os.getppid() != launcher.pid and not orphaned:
             logger.error("the process that started this API server is gone; stopping")
-            break
-        if not announced and all(server.started for server in servers):
+            orphaned = True
+        stop = stop or orphaned
+        if stop:
+            for server in servers:
+                server.should_exit = True
+        elif not announced and all(server.started for server in servers):
             config = servers[0].config
             url = f"http://{config.host}:{config.port}/v1"
             if launcher is None:
@@ -297,8 +332,6 @@ async def _watch(engines: list[EngineProcess], client, servers: list, launcher: 
                 launcher.ready.put((engines[0].dp_rank, url))
             announced = True
         await asyncio.sleep(0.2)
-    for server in servers:
-        server.should_exit = True
 
 
 def _exit_reason(exitcode: int | None) -> str:

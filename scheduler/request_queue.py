@@ -143,12 +143,22 @@ class RankInbox:
             self._link.call(lambda r: r.lrem(self.proc_key, 1, entry))
             return None
         age_s = (now_ms() - request.enqueued_at_ms) / 1000
-        if age_s > self.config.ttl_s:
+        message = None
+        if request.request_id in self._entries:
+            # Another owner's request under an id this rank already holds: refused to its
+            # owner; the one held runs on (keyed by id, both would corrupt each other).
+            self.num_malformed += 1
+            message = (
+                f"request id {request.request_id} is already held by {self.rank_id}: "
+                "request ids must be unique in the topic"
+            )
+        elif age_s > self.config.ttl_s:
             self.num_expired += 1
             message = (
                 f"request {request.request_id} waited {age_s:.0f} s in the queue of "
                 f"{self.rank_id}, longer than --scheduler-ttl {self.config.ttl_s:g} s"
             )
+        if message is not None:
             self._link.call(
                 lambda r: fail_taken(
                     r, self.keys, self.proc_key, entry, request, message, self._ttl_ms, self.rank_id

@@ -65,7 +65,6 @@ LAYOUTS = {
     "1P1D-tcp": ([("prefill",), ("decode",)], ["--cache-transfer-protocol", "tcp"]),
     "2P2D-ipc": ([("prefill",), ("prefill",), ("decode",), ("decode",)], []),
     "mixed": ([("mixed",)], []),
-    "mixed-dp2": ([("mixed", "--data-parallel-size", "2")], []),  # two ranks, one instance
     # Each TP rank writes its heads into the decode TP rank(s) that need them.
     "1P1D-tp2-ipc": ([("prefill", *TP2), ("decode", *TP2)], []),
     "1P1D-tp2-tcp": ([("prefill", *TP2), ("decode", *TP2)], ["--cache-transfer-protocol", "tcp"]),

@@ -83,6 +83,25 @@ def test_requests_queued_longer_than_the_ttl_fail_to_their_owner(
     assert lengths(client, keys) == (0, 1)
 
 
+def test_a_second_request_under_a_held_id_fails_to_its_owner(
+    config: SchedulerConfig, redis_server: EmbeddedRedis
+) -> None:
+    """Ranks key requests by id: a peer sending an id the rank already holds (another
+    owner's, say) is refused to that peer, and the request held runs on."""
+    link, keys = RedisLink(config, "test"), Keys(config.topic)
+    client = redis.Redis(port=redis_server.port)
+    enqueue(link, keys, request("same", owner="api0"))
+    enqueue(link, keys, request("same", owner="api1"))
+    inbox = RankInbox(config, "r0")
+    taken = inbox.take(10)
+    assert [(r.request_id, r.owner) for r in taken] == [("same", "api0")]
+    (raw,) = client.lrange(keys.results("api1"), 0, -1)
+    (entry,) = parse(pb.ResultBatch, raw).entries
+    assert entry.finish_reason == "error" and "already held by r0" in entry.error
+    assert client.llen(keys.results("api0")) == 0
+    assert lengths(client, keys) == (0, 1)
+
+
 def test_withdraw_before_take_and_abort_after(config: SchedulerConfig) -> None:
     link, keys = RedisLink(config, "test"), Keys(config.topic)
     entry_a = enqueue(link, keys, request("a"))
