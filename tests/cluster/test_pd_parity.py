@@ -69,9 +69,8 @@ LAYOUTS = {
     "1P1D-tp2-ipc": ([("prefill", *TP2), ("decode", *TP2)], []),
     "1P1D-tp2-tcp": ([("prefill", *TP2), ("decode", *TP2)], ["--cache-transfer-protocol", "tcp"]),
     "1P1D-tp2to1-ipc": ([("prefill", *TP2), ("decode",)], []),
-    "1P1D-tp2to1-tcp": ([("prefill", *TP2), ("decode",)], ["--cache-transfer-protocol", "tcp"]),
-    "1P1D-tp1to2-ipc": ([("prefill",), ("decode", *TP2)], []),
     "1P1D-tp1to2-tcp": ([("prefill",), ("decode", *TP2)], ["--cache-transfer-protocol", "tcp"]),
+    # (TP 2 -> 1 over tcp: test_unequal_tp_over_tcp_with_the_cluster_secret below)
 }
 
 

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 CAPITAL = "What is the capital of France?"
 
 
-@pytest.mark.parametrize("protocol", ["ipc", "tcp"])
+# ipc only: tcp moves the same blocks (tests/cluster/test_pd_parity.py runs both on the
+# tiny model), and CI's 20 minutes on 2 cores cannot hold a second real-model cluster.
+@pytest.mark.parametrize("protocol", ["ipc"])
 def test_default_model_answers_as_offline(protocol: str, tmp_path: Path):
     smollm2_path()  # skips where the model is not installed
     expected = [text for _, text in offline_answers()]

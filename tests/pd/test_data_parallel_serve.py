@@ -2,8 +2,8 @@
 client): two DP ranks behind one API server answer 32 concurrent requests with the
 offline engine's greedy tokens, spread over both ranks; a killed DP rank fails its own
 requests with a clear error while the other keeps serving; one API server per DP rank
-(``--ports`` and ``pd-serve multi-api-server``) answers on each port with its own
-metrics; ranks serving different models refuse to start."""
+(``--ports``; ``pd-serve multi-api-server`` in tests/pd/test_seed_commands.py) answers
+on each port with its own metrics; ranks serving different models refuse to start."""
 
 from __future__ import annotations
 
@@ -174,37 +174,6 @@ def test_one_api_server_per_dp_rank_with_ports(model_dir, reference, tmp_path):
         for dp_rank, metrics_port in enumerate((metrics_a, metrics_b)):
             root = f"http://127.0.0.1:{metrics_port}"
             wait_rank_metric(root, "pd:dp_rank_requests_total", dp_rank, 4)
-    finally:
-        assert server.stop() == 0, server.log()
-
-
-@pytest.mark.slow
-def test_multi_api_server_command(model_dir, reference, tmp_path):
-    """FastDeploy's shape: ``python -m pd.multi_api_server --num-servers N --ports ...
-    --metrics-ports ... --args <pd-serve flags>``."""
-    ports = [pick_free_port() for _ in range(4)]
-    log_path = tmp_path / "multi.log"
-    command = [
-        sys.executable, "-m", "pd.multi_api_server", "--num-servers", "2",
-        "--ports", f"{ports[0]},{ports[1]}", "--metrics-ports", f"{ports[2]},{ports[3]}",
-        "--args", "--model", str(model_dir), "--host", "127.0.0.1", "--device", "cpu",
-        "--dtype", "float32", "--max-model-len", "256", "--data-parallel-size", "2",
-        "--engine-worker-queue-port", f"{pick_free_port()}",
-    ]  # fmt: skip
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(process, ports[0], log_path)
-    try:
-        deadline = time.monotonic() + 120
-        while "pd-serve ready" not in server.log():
-            assert process.poll() is None and time.monotonic() < deadline, server.log()
-            time.sleep(0.2)
-        urls = [f"http://127.0.0.1:{port}/v1" for port in ports[:2]]
-        texts = prompts(4)
-        assert asyncio.run(complete_all(urls, texts)) == [reference[p] for p in texts]
-        for dp_rank, metrics_port in enumerate(ports[2:]):
-            root = f"http://127.0.0.1:{metrics_port}"
-            wait_rank_metric(root, "pd:dp_rank_up", dp_rank, 1.0)
     finally:
         assert server.stop() == 0, server.log()
 
