@@ -30,22 +30,28 @@ def prompts(count: int = 32, seed: int = 0) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def reference(model_dir) -> dict[str, str]:
+def offline_reference(model_dir) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """prompt -> the offline engine's greedy text, for every prompt of ``prompts()``."""
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=256, device="cpu")
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     texts = prompts()
     return {p: o.outputs[0].text for p, o in zip(texts, llm.generate(texts, params), strict=True)}
 
 
-async def complete_all(base_urls: list[str], texts: list[str]) -> list[str]:
+@pytest.fixture(scope="module")
+def reference(model_dir) -> dict[str, str]:
+    return offline_reference(model_dir)
+
+
+async def complete_all(base_urls: list[str], texts: list[str], model: str = "tiny") -> list[str]:
+    """Every prompt at once, spread over ``base_urls`` in turn."""
     clients = [
         openai.AsyncOpenAI(base_url=u, api_key="x", max_retries=0, timeout=60) for u in base_urls
     ]
 
     async def one(i: int, prompt: str) -> str:
         reply = await clients[i % len(clients)].completions.create(
-            model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+            model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
             extra_body={"ignore_eos": True},
         )  # fmt: skip
         assert reply.choices[0].finish_reason == "length"

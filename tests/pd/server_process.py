@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -127,3 +128,41 @@ def start_command(
         time.sleep(0.2)
     server.stop()
     raise TimeoutError(f"pd-serve was not ready in {_READY_TIMEOUT_S} s:\n{server.log()}")
+
+
+@dataclass
+class BackgroundStream:
+    """A long streamed completion on a thread, for tests that kill something under it:
+    ``chunks`` it received, ``errors`` it ended with."""
+
+    thread: threading.Thread
+    chunks: list[str]
+    errors: list[BaseException]
+
+    def wait_end(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the stream did not end"
+
+
+def stream_in_background(client, model: str, prompt: str, max_tokens: int) -> BackgroundStream:  # type: ignore[no-untyped-def]
+    """Start a greedy ``ignore_eos`` stream and return once its first chunk arrived (or
+    after 30 s)."""
+    chunks: list[str] = []
+    errors: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            for chunk in client.completions.create(
+                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            ):  # fmt: skip
+                chunks.append(chunk.choices[0].text)
+        except Exception as error:  # the failure is what the caller checks
+            errors.append(error)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not chunks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return BackgroundStream(thread, chunks, errors)

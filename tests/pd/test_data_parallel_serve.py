@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,8 +23,9 @@ import pytest
 
 from pd import LLM, SamplingParams
 from pd.args import pick_free_port
-from tests.cluster.test_pd_parity import prompts
-from tests.pd.server_process import ServerProcess, start_server
+from tests.cluster.test_pd_parity import complete_all as parity_complete_all
+from tests.cluster.test_pd_parity import offline_reference, prompts
+from tests.pd.server_process import ServerProcess, start_server, stream_in_background
 
 MAX_TOKENS = 12
 
@@ -37,30 +37,12 @@ def model_dir(tiny_model) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model_dir) -> dict[str, str]:
-    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=256, device="cpu")
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    texts = prompts()
-    return {p: o.outputs[0].text for p, o in zip(texts, llm.generate(texts, params), strict=True)}
+    return offline_reference(model_dir)
 
 
 async def complete_all(base_urls: list[str], texts: list[str]) -> list[str]:
-    """Every prompt at once, spread over ``base_urls`` in turn."""
-    clients = [
-        openai.AsyncOpenAI(base_url=u, api_key="x", max_retries=0, timeout=60) for u in base_urls
-    ]
-
-    async def one(i: int, prompt: str) -> str:
-        reply = await clients[i % len(clients)].completions.create(
-            model=str(model_name(base_urls[0])), prompt=prompt, max_tokens=MAX_TOKENS,
-            temperature=0, extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        return reply.choices[0].text
-
-    try:
-        return await asyncio.gather(*(one(i, p) for i, p in enumerate(texts)))
-    finally:
-        for client in clients:
-            await client.close()
+    """Every prompt at once over ``base_urls``, asking for the model they serve."""
+    return await parity_complete_all(base_urls, texts, model_name(base_urls[0]))
 
 
 def model_name(base_url: str) -> str:
@@ -110,24 +92,8 @@ def test_a_killed_dp_rank_fails_its_requests_and_the_other_serves(model_dir, ref
     try:
         client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
-        chunks: list[str] = []
-        errors: list[BaseException] = []
-
-        def stream() -> None:
-            try:
-                for chunk in client.completions.create(
-                    model=model, prompt="Crash", max_tokens=480, temperature=0, stream=True,
-                    extra_body={"ignore_eos": True},
-                ):  # fmt: skip
-                    chunks.append(chunk.choices[0].text)
-            except Exception as error:  # the failure is what we check
-                errors.append(error)
-
-        thread = threading.Thread(target=stream)
-        thread.start()
+        stream = stream_in_background(client, model, "Crash", 480)
         deadline = time.monotonic() + 30
-        while not chunks and time.monotonic() < deadline:
-            time.sleep(0.01)
         busy: list[int] = []
         while not busy and time.monotonic() < deadline:  # stats come every 100 ms
             busy = [r for r in (0, 1) if rank_metric(server.root_url, "pd:num_requests_running", r)]
@@ -135,10 +101,9 @@ def test_a_killed_dp_rank_fails_its_requests_and_the_other_serves(model_dir, ref
         dead_rank = busy[0]
         engine_pid = engine_pids(server)[dead_rank]
         subprocess.run(["kill", "-9", str(engine_pid)], check=True)
-        thread.join(15)
-        assert not thread.is_alive(), "the stream did not end after its engine died"
-        assert errors and 0 < len(chunks) < 480
-        assert f"engine process exited with code {-signal.SIGKILL}" in str(errors[0])
+        stream.wait_end(15)
+        assert stream.errors and 0 < len(stream.chunks) < 480
+        assert f"engine process exited with code {-signal.SIGKILL}" in str(stream.errors[0])
         # Failed by its rank's death: an error, as when a lone engine dies, not an abort.
         assert server.metric("pd:request_success_total", 'finished_reason="error"') == 1
         assert server.metric("pd:request_success_total", 'finished_reason="abort"') == 0

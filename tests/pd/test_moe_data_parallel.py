@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 
 from pd import LLM
 from tests.pd.hf_reference import hf_greedy
-from tests.pd.server_process import start_server
+from tests.pd.server_process import start_server, stream_in_background
 from tests.pd.test_moe_models import stress_prompts
 from tests.pd.test_tensor_parallel import GREEDY, MAX_NEW, PROMPTS
 
@@ -110,34 +109,16 @@ def test_serve_dp2_expert_parallel_lockstep_then_a_killed_rank(tiny_model, tmp_p
         assert dummy[idle[0]] >= MAX_NEW - 1  # the idle rank ran every step with the busy one
 
         # A long stream on the busy rank; killing the idle rank ends it.
-        chunks: list[str] = []
-        errors: list[BaseException] = []
-
-        def stream() -> None:
-            try:
-                for chunk in client.completions.create(
-                    model=model, prompt=PROMPTS[0], max_tokens=480, temperature=0,
-                    stream=True, extra_body={"ignore_eos": True},
-                ):  # fmt: skip
-                    chunks.append(chunk.choices[0].text)
-            except Exception as error:  # the failure is what we check
-                errors.append(error)
-
-        thread = threading.Thread(target=stream)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not chunks and time.monotonic() < deadline:
-            time.sleep(0.01)
+        stream = stream_in_background(client, model, PROMPTS[0], 480)
         running = rank_values(server.root_url, "pd:num_requests_running")
         busy = [rank for rank, count in running.items() if count]
         victim = next(r for r in ("0", "1") if r not in busy)
         engine_pid = engine_pids(server.log())[int(victim)]
         killed_at = time.monotonic()
         subprocess.run(["kill", "-9", str(engine_pid)], check=True)
-        thread.join(30)
-        assert not thread.is_alive(), "the stream did not end after its group lost a rank"
+        stream.wait_end(30)
         assert time.monotonic() - killed_at < 20
-        assert errors and "another DP rank of its MoE group died" in str(errors[0])
+        assert stream.errors and "another DP rank of its MoE group died" in str(stream.errors[0])
         assert server.process.wait(30) == 1
         assert "a DP rank of this MoE group is gone" in server.log()
     finally:

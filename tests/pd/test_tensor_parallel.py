@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import openai
@@ -17,7 +15,12 @@ import pytest
 from engine.tokenizer import load_tokenizer
 from pd import LLM, SamplingParams
 from tests.pd.hf_reference import hf_greedy
-from tests.pd.server_process import ServerProcess, spawned_children, start_server
+from tests.pd.server_process import (
+    ServerProcess,
+    spawned_children,
+    start_server,
+    stream_in_background,
+)
 
 MAX_NEW = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -135,29 +138,11 @@ def test_serve_tp2_matches_hf_then_a_killed_worker_ends_the_instance(tiny_model,
         engine_pid = server.engine_pid()
         workers = spawned_children(engine_pid)
         assert len(workers) == 1
-        chunks: list[str] = []
-        errors: list[BaseException] = []
-
-        def stream() -> None:
-            try:
-                for chunk in client.completions.create(
-                    model=model, prompt="Crash", max_tokens=480, temperature=0, stream=True,
-                    extra_body={"ignore_eos": True},
-                ):  # fmt: skip
-                    chunks.append(chunk.choices[0].text)
-            except Exception as error:  # the failure is what we check
-                errors.append(error)
-
-        thread = threading.Thread(target=stream)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not chunks and time.monotonic() < deadline:
-            time.sleep(0.01)
+        stream = stream_in_background(client, model, "Crash", 480)
         os.kill(workers[0], signal.SIGKILL)
-        thread.join(15)
-        assert not thread.is_alive(), "the stream did not end after its worker died"
-        assert errors, "the stream ended without an error"
-        assert 0 < len(chunks) < 480
+        stream.wait_end(15)
+        assert stream.errors, "the stream ended without an error"
+        assert 0 < len(stream.chunks) < 480
         assert server.process.wait(15) != 0
         log = server.log()
         assert f"TP worker 1 (pid {workers[0]}) exited with code -9" in log
