@@ -11,17 +11,33 @@ the router's answer. JSON over HTTP, like the rest of the router's surface.
 
 The heartbeat is the registration itself, so a restarted router learns every instance
 back on their next heartbeat. A stopping instance sends a last one with ``is_draining``.
+
+Prefill/decode pairs (``pd-router --splitwise``, no Redis). A prefill or decode
+instance also lists its engine ranks (``pd_ranks``: each a base64 ``pd.cluster.
+InstanceRecord``, one per DP rank behind the API server: pd-comm address, transfer
+protocols, KV layout). The router picks a prefill instance and a decode instance per
+request, picks one of the decode instance's ranks, and forwards the request to the
+prefill instance with that rank's record in ``x-pd-decode-rank`` and, when the cluster
+has a secret, ``x-pd-pair-token: <bearer_token(secret, "router-pair")>``. The prefill
+instance refuses a pairing without the token (401) or with a record that is not a
+decode rank's (400); it reserves, writes the KV and commits on that decode rank as in
+the Redis path, and streams the answer back to the router.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 REGISTER_PATH = "/router/register"
 TOKEN_PURPOSE = "router"  # the cluster secret's derived key for registration
 ROLES = ("mixed", "prefill", "decode")
+DECODE_RANK_HEADER = "x-pd-decode-rank"  # base64 InstanceRecord of the paired decode rank
+PAIR_TOKEN_HEADER = "x-pd-pair-token"
+PAIR_TOKEN_PURPOSE = "router-pair"  # the cluster secret's derived key for pairings
+MAX_PD_RANKS = 256
+MAX_RECORD_CHARS = 8192  # one base64 InstanceRecord
 
 
 class Registration(BaseModel):
@@ -36,6 +52,10 @@ class Registration(BaseModel):
     num_open: int = Field(ge=0)  # requests open at this API server
     num_waiting: int = Field(ge=0)  # of those, not started yet
     is_draining: bool = False  # stopping: it finishes what it has and takes nothing new
+    # prefill/decode instances: one base64 InstanceRecord per engine rank (see above)
+    pd_ranks: list[Annotated[str, Field(max_length=MAX_RECORD_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_PD_RANKS
+    )
 
 
 class RegistrationReply(BaseModel):
