@@ -5,7 +5,9 @@ prefill rank uses (DESIGN.md "The splitwise request path", steps 3-5).
     Reserve(id, tokens, fingerprint, proto) -> blocks + endpoint, under a lease
     ...writes KV into those blocks over the transfer backend...
     Commit(id, first token, request)     -> the engine adopts the request and its blocks
-    Abort(id)                            -> blocks released (any time before Commit)
+    Abort(id)                            -> blocks released (any time before Commit);
+                                            paired by the router, also the committed
+                                            request stopped (its owner's abort)
 
 Every client call has a deadline; failures raise ``PdCommError`` naming the peer,
 the call and the gRPC status.
@@ -96,12 +98,14 @@ class PdCommService(pb_grpc.PdCommServicer):
         lease_s: float = 10.0,
         max_num_tokens: int = 1 << 20,
         max_peer_fraction: float = 0.75,
+        on_abort: Callable[[str], None] | None = None,
     ):
         self.rank_id = rank_id
         self.fingerprint = fingerprint
         self.allocator = allocator
         self.engines = engines
         self.on_commit = on_commit
+        self.on_abort = on_abort  # also told of every Abort (a committed request's owner)
         self.max_num_tokens = max_num_tokens  # a prompt longer than this is never served
         self.reservations = Reservations(
             allocator, lease_s, on_end=self._revoke, max_peer_fraction=max_peer_fraction
@@ -191,7 +195,10 @@ class PdCommService(pb_grpc.PdCommServicer):
         return pb.CommitReply(ok=True)
 
     def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
-        return pb.AbortReply(released=self.reservations.release(request.request_id))
+        released = self.reservations.release(request.request_id)
+        if self.on_abort is not None and check_request_id(request.request_id) is None:
+            self.on_abort(request.request_id)
+        return pb.AbortReply(released=released)
 
     def Health(self, request: pb.HealthRequest, context) -> pb.HealthReply:
         return pb.HealthReply(

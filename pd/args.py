@@ -5,8 +5,7 @@ lines work here. This module imports only the standard library: ``pd-serve
 --help`` must not wait for torch.
 
 Every error exits with status 2 and one line on stderr (``pd-serve: error: ...``):
-first malformed values, then combinations that can never work, then features
-that land in a later issue ("not supported yet: ...").
+first malformed values, then combinations that can never work.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from typing import TYPE_CHECKING, NoReturn
 
 from pd.args_validation import (
     check_combinations,
-    check_supported,
     parse_device,
     parse_fraction,
     parse_host_port,
@@ -130,6 +128,12 @@ class ServeArgs:
             self.data_parallel_size, self.data_parallel_start_rank, local,
             self.tensor_parallel_size,
         )  # fmt: skip
+
+    @property
+    def paired_by_router(self) -> bool:
+        """A prefill or decode instance behind ``pd-router --splitwise``: the router
+        pairs its requests, no Redis."""
+        return self.router is not None and self.splitwise_role != "mixed"
 
     def rank_ports(self, dest: str) -> RankPorts:
         """A port-list flag's ports for this process's DP ranks (``dp_layout.rank_ports``)."""
@@ -469,7 +473,6 @@ def parse_args(argv: list[str] | None = None) -> ServeArgs:
         args = _resolve(namespace)
         args.cluster_secret()  # unreadable or too short: refused now, by name
         check_combinations(args, given)
-        check_supported(args, given)
     except ValueError as exc:
         parser.error(str(exc))
     return args

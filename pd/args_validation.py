@@ -123,6 +123,12 @@ def check_combinations(args: ServeArgs, given: frozenset[str]) -> None:
             "--scheduler-name splitwise or --router (a local scheduler cannot reach "
             "the other role)"
         )
+    if args.paired_by_router and args.scheduler_name == "splitwise":
+        raise ValueError(
+            f"--router with --splitwise-role {args.splitwise_role} pairs prefill and decode "
+            "through pd-router --splitwise, without Redis: leave out --scheduler-name "
+            "splitwise (or leave out --router to pair through Redis)"
+        )
     if is_split and args.async_scheduling and "async_scheduling" in given:
         raise ValueError(
             f"--async-scheduling is for mixed instances: a {args.splitwise_role} rank shares "
@@ -223,17 +229,3 @@ def _listening_ports(args: ServeArgs, given: frozenset[str]) -> Iterator[tuple[s
             yield from ((flag, port) for port in ports)
     if args.data_parallel_start_rank == 0:  # DP rank 0 hosts the DP group
         yield "--data-parallel-rpc-port", args.data_parallel_rpc_port
-
-
-def check_supported(args: ServeArgs, given: frozenset[str]) -> None:
-    """Reject features whose implementation lands in a later issue (never ignore them)."""
-    unsupported = [
-        (
-            args.router is not None and args.splitwise_role != "mixed",
-            "prefill/decode instances behind pd-router",
-            f"--router with --splitwise-role {args.splitwise_role}",
-        ),
-    ]
-    for is_used, what, flag in unsupported:
-        if is_used:
-            raise ValueError(f"not supported yet: {what} ({flag})")

@@ -57,6 +57,7 @@ def cluster_instance(args: ServeArgs, api_port: int) -> ClusterInstance:
             pd_comm_port=pd_comm.per_rank[index][0],
             rdma_comm_ports=rdma.per_rank[index],
             secret=args.cluster_secret(),
+            paired_by_router=args.paired_by_router,
         )
         for index, dp_rank in enumerate(args.dp_layout.ranks)
     ]

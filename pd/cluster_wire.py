@@ -4,6 +4,8 @@ Every conversion here round-trips; tests/pd/test_cluster_wire.py holds them to i
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from engine.kv_cache import KVCacheLayout
@@ -49,12 +51,17 @@ def params_from_proto(message: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def check_dispatched(request: pb.DispatchedRequest, engine) -> SamplingParams:  # type: ignore[no-untyped-def]
+def check_dispatched(
+    request: pb.DispatchedRequest,
+    engine,
+    owner_pattern: re.Pattern = ID_PATTERN,  # type: ignore[no-untyped-def]
+) -> SamplingParams:
     """A request from another process, checked as the API server checks a client's: the
-    prompt (length, token ids below the vocabulary), its sampling values (ValueError
+    owner (an API server id over Redis, a result address when paired by the router),
+    the prompt (length, token ids below the vocabulary), its sampling values (ValueError
     naming the field); returns the sampling parameters."""
-    if not ID_PATTERN.fullmatch(request.owner):
-        raise ValueError("owner must be an API server id (1-128 of A-Z a-z 0-9 . _ -)")
+    if not owner_pattern.fullmatch(request.owner):
+        raise ValueError(f"owner {request.owner[:80]!r} is not an API server id or address")
     engine.validate_prompt(list(request.prompt_token_ids))
     params = params_from_proto(request.sampling)
     if params.n != 1:

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import zmq
@@ -58,6 +58,14 @@ class ClusterUnavailable(RuntimeError):
 
 class RequestFailed(RuntimeError):
     """The cluster ended the request with an error (e.g. the rank running it died)."""
+
+
+class RouteRefused(ValueError):
+    """What a request says about its route (e.g. a router's pairing) is refused."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -169,6 +177,11 @@ class EngineClient:
         """Return once a request could be placed (a cluster's ranks registered), or after
         a bound; local engines always can."""
 
+    def route_for(self, headers: Mapping[str, str]) -> object | None:
+        """What the request's HTTP headers say about where it runs (a router's pairing),
+        checked; RouteRefused when they are not acceptable. Local engines need nothing."""
+        return None
+
     @property
     def last_stats_at(self) -> float | None:
         """When the freshest live rank last reported (None before any did)."""
@@ -210,9 +223,10 @@ class EngineClient:
         params: SamplingParams,
         stream: bool,
         max_not_started: int | None = None,
+        route: object | None = None,
     ) -> RequestStream:
         """Admit and submit a request; iterate the returned stream for its outputs
-        (deltas when ``stream``, else one final output).
+        (deltas when ``stream``, else one final output); ``route``: from ``route_for``.
 
         NOTE: synchronous on purpose: the waiting bound is checked and the request
         registered with no await in between, so simultaneous arrivals cannot all
@@ -234,7 +248,7 @@ class EngineClient:
             self.child_to_parent[child_id] = request_id
         handle = RequestStream(self, request_id, entry)
         try:
-            self._submit(entry, prompt_token_ids, params)
+            self._submit(entry, prompt_token_ids, params, route)
         except BaseException:
             handle.release(submitted=False)
             raise
@@ -244,7 +258,13 @@ class EngineClient:
         """The DP rank a new request runs on."""
         return self.pick_link()
 
-    def _submit(self, entry: RequestEntry, prompt_token_ids: list[int], params: SamplingParams):
+    def _submit(
+        self,
+        entry: RequestEntry,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        route: object | None,
+    ) -> None:
         """Send the children of a request to its rank (all or, raising, none)."""
         assert entry.link is not None
         frames = [
@@ -344,6 +364,20 @@ class EngineClient:
                 self.timings.on_inter_token(now - entry.last_token_time)
             entry.last_token_time = now
             entry.num_generated += len(output.new_token_ids)
+
+    def _on_cluster_results(self, entries: list) -> None:
+        """Results of ranks elsewhere in the cluster (``pd.cluster.ResultEntry``s, in
+        order): an error fails its request, the rest are outputs."""
+        from pd.cluster_wire import entry_to_output  # imports torch: cluster servers only
+
+        outputs = []
+        for entry in entries:
+            if entry.finish_reason == "error":
+                self._fail(entry.request_id, RequestFailed(entry.error))
+            else:
+                outputs.append(entry_to_output(entry))
+        if outputs:
+            self._on_outputs(outputs, None)
 
     def _on_rejected(self, child_id: str, message: str) -> None:
         self._fail(child_id, RequestRejected(message))

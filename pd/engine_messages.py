@@ -40,6 +40,9 @@ class EngineInfo:
     num_blocks: int
     block_size: int
     vocab_size: int
+    # A prefill or decode rank's serialized pd.cluster.InstanceRecord (what a router
+    # needs to pair it); empty for a local rank
+    rank_record: bytes = b""
 
 
 @dataclass
@@ -62,11 +65,21 @@ class EngineStats:
 KV_EVENT_KINDS = ("transfer", "transfer_failed", "reserve_refused", "redispatched")
 
 
+@dataclass(frozen=True)
+class Pairing:
+    """A request paired by pd-router --splitwise: the decode rank to hand its KV to
+    (a serialized pd.cluster.InstanceRecord) and the result address its tokens go to."""
+
+    decode_record: bytes
+    owner: str
+
+
 @dataclass
 class AddRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    pairing: Pairing | None = None
 
 
 class MalformedMessage(ValueError):
@@ -74,6 +87,7 @@ class MalformedMessage(ValueError):
 
 
 MAX_FRAME_BYTES = 64 << 20  # an ADD of the longest prompt is far below this
+MAX_RECORD_BYTES = 8192  # a decode rank's InstanceRecord in a pairing
 
 
 def hello_token(channel_key: bytes, identity: bytes) -> str:
@@ -117,11 +131,22 @@ def _check_token_ids(value: Any) -> list[int]:
     return value
 
 
+def _pairing(value: Any) -> Pairing | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], bytes)
+            and len(value[0]) <= MAX_RECORD_BYTES):  # fmt: skip
+        raise MalformedMessage("a pairing is [decode record bytes, owner address]")
+    return Pairing(value[0], _check_id(value[1], "owner"))
+
+
 def _to_wire(kind: Kind, payload: Any) -> Any:
     if kind in (Kind.READY, Kind.STATS):
         return dataclasses.astuple(payload)
     if kind is Kind.ADD:
-        return [payload.request_id, payload.prompt_token_ids, payload.params.to_wire()]
+        pairing = payload.pairing
+        return [payload.request_id, payload.prompt_token_ids, payload.params.to_wire(),
+                None if pairing is None else [pairing.decode_record, pairing.owner]]  # fmt: skip
     if kind is Kind.OUTPUTS:
         return [_output_to_wire(o) for o in payload]
     return payload
@@ -133,12 +158,12 @@ def _from_wire(kind: Kind, payload: Any) -> Any:
     if kind is Kind.STATS:
         return EngineStats(*payload)
     if kind is Kind.ADD:
-        request_id, token_ids, params = payload
+        request_id, token_ids, params, pairing = payload
         if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
             raise MalformedMessage("params must be a map of sampling fields")
         return AddRequest(
             _check_id(request_id, "request_id"), _check_token_ids(token_ids),
-            SamplingParams.from_wire(params),
+            SamplingParams.from_wire(params), _pairing(pairing),
         )  # fmt: skip
     if kind is Kind.HELLO:
         if payload is not None and not (isinstance(payload, str) and len(payload) <= 128):

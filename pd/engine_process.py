@@ -221,9 +221,7 @@ class EngineLoop:
         elif kind is Kind.ADD:
             self._add_from_api(identity, payload)
         elif kind is Kind.ABORT:
-            for identity, request_id in self.scheduler.abort(payload):  # never admitted
-                aborted = EngineCoreOutput(request_id, [], finish_reason="abort")
-                self._send(identity, Kind.OUTPUTS, [aborted])
+            self._abort_from_api(payload)
         elif kind is Kind.SHUTDOWN:
             self._on_shutdown()
 
@@ -241,6 +239,11 @@ class EngineLoop:
             self.scheduler.put(request.request_id, identity, request, num_tokens)
         except ValueError as error:
             self._send_rejected(identity, request.request_id, str(error))
+
+    def _abort_from_api(self, request_ids: list[str]) -> None:
+        for identity, request_id in self.scheduler.abort(request_ids):  # never admitted
+            aborted = EngineCoreOutput(request_id, [], finish_reason="abort")
+            self._send(identity, Kind.OUTPUTS, [aborted])
 
     def _send_rejected(self, identity: bytes, request_id: str, message: str) -> None:
         self._send(identity, Kind.REJECTED, [request_id, message])

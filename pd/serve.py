@@ -15,6 +15,7 @@ nothing), and once every rank is dead the server exits 1.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import multiprocessing
@@ -189,7 +190,7 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
     from engine.tokenizer import load_tokenizer
     from pd.api.server import build_app
     from pd.api.state import ServerState
-    from pd.engine_client import EngineClient, EngineDeadError
+    from pd.engine_client import EngineDeadError
     from scheduler.redis_link import SchedulerUnavailable
 
     logger.info(apply_api_server_threads())
@@ -201,22 +202,15 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
         logger.error("start-up failed: %s", shortage)
         return 1
     api_port = args.api_port or pick_free_port(args.host)
-    instance = cluster_instance(args, api_port) if args.scheduler_name == "splitwise" else None
+    in_cluster = args.scheduler_name == "splitwise" or args.paired_by_router
+    instance = cluster_instance(args, api_port) if in_cluster else None
     channel_key = engine_channel_key(args.cluster_secret())
     engines = start_engines(args, instance.rank_settings if instance else None, channel_key)
     addresses = [engine.address for engine in engines]
     dp_ranks = [engine.dp_rank for engine in engines]
     try:
         state = ServerState.create(args, load_tokenizer(args.model))
-        if instance is None:
-            client = EngineClient(addresses, state.tokenizer, state.timings(), dp_ranks)
-        else:
-            from pd.splitwise_client import SplitwiseEngineClient
-
-            client = SplitwiseEngineClient(
-                addresses, state.tokenizer, state.timings(), args.scheduler_config(),
-                instance.api_id, dp_ranks,
-            )  # fmt: skip
+        client = _engine_client(args, instance, addresses, dp_ranks, state)
         client.channel_key = channel_key
         state.engine = client
         alive = [engine.process.is_alive for engine in engines]
@@ -247,6 +241,32 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
     return 1 if any(link.dead_reason for link in client.links) else 0
 
 
+def _engine_client(args: ServeArgs, instance, addresses: list[str], dp_ranks: list[int], state):  # type: ignore[no-untyped-def]
+    """How this API server reaches its engines and the cluster: local engines; a
+    Redis cluster (splitwise); a router's pairings (a prefill instance behind pd-router
+    --splitwise). A decode instance behind the router serves no client itself: its
+    ranks take requests from prefill ranks, so its engines are only watched."""
+    from pd.engine_client import EngineClient
+
+    timings = state.timings()
+    if instance is None or (args.paired_by_router and args.splitwise_role == "decode"):
+        return EngineClient(addresses, state.tokenizer, timings, dp_ranks)
+    if args.paired_by_router:
+        from pd.cluster_instance import advertised_host
+        from pd.paired_client import PairedEngineClient
+
+        silence_s = 3 * args.scheduler_config().expire_period_s
+        return PairedEngineClient(
+            addresses, state.tokenizer, timings, dp_ranks, args.host,
+            advertised_host(args.host), args.cluster_secret(), silence_s,
+        )  # fmt: skip
+    from pd.splitwise_client import SplitwiseEngineClient
+
+    return SplitwiseEngineClient(
+        addresses, state.tokenizer, timings, args.scheduler_config(), instance.api_id, dp_ranks
+    )
+
+
 def _register_with_router(
     args: ServeArgs, api_port: int, state, dp_rank: int, servers: list
 ) -> asyncio.Task | None:  # type: ignore[no-untyped-def]
@@ -261,12 +281,16 @@ def _register_with_router(
     host = advertised_host(args.host)
     url = f"http://{f'[{host}]' if ':' in host else host}:{api_port}"
     digest = model_digest(args.model)
+    # Prefill and decode ranks: what the router pairs requests with (pd/router/wire.py)
+    pd_ranks = [base64.b64encode(link.info.rank_record).decode() for link in state.engine.links
+                if link.info is not None and link.info.rank_record]  # fmt: skip
 
     def record() -> Registration:
         return Registration(
             role=args.splitwise_role, url=url, model_names=state.model_names,
             dp_rank=dp_rank, model_digest=digest, max_model_len=state.max_model_len,
             num_open=len(state.engine.streams), num_waiting=state.engine.num_not_started,
+            pd_ranks=pd_ranks,
         )  # fmt: skip
 
     registration = RouterRegistration(args.router, record, args.cluster_secret())

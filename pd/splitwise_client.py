@@ -15,13 +15,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.sampling_params import SamplingParams
-from pd.cluster_wire import entry_to_output, params_to_proto
+from pd.cluster_wire import params_to_proto
 from pd.engine_client import (
     ClusterUnavailable,
     EngineClient,
     EngineInfo,
     RequestEntry,
-    RequestFailed,
     RequestTimings,
 )
 from pd.engine_link import EngineLink
@@ -86,7 +85,13 @@ class SplitwiseEngineClient(EngineClient):
         """Placed by the cluster's dispatcher, on any instance's rank."""
         return None
 
-    def _submit(self, entry: RequestEntry, prompt_token_ids: list[int], params: SamplingParams):
+    def _submit(
+        self,
+        entry: RequestEntry,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        route: object | None,
+    ) -> None:
         """Queue each child on a prefill rank (one Redis round trip each)."""
         assert self.frontend is not None
         child_ids = entry.child_ids
@@ -121,17 +126,7 @@ class SplitwiseEngineClient(EngineClient):
     def _on_results(self, request_id: str, entries: list[pb.ResultEntry]) -> None:
         """The result reader's thread: hand the entries to the event loop."""
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, entries)
-
-    def _deliver(self, entries: list[pb.ResultEntry]) -> None:
-        outputs = []
-        for entry in entries:
-            if entry.finish_reason == "error":
-                self._fail(entry.request_id, RequestFailed(entry.error))
-            else:
-                outputs.append(entry_to_output(entry))
-        if outputs:
-            self._on_outputs(outputs, None)
+            self._loop.call_soon_threadsafe(self._on_cluster_results, entries)
 
     async def shutdown(self) -> None:
         if self.frontend is not None:

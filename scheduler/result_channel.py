@@ -2,10 +2,7 @@
 
 Ranks batch what one engine step produced for one API server into one ResultBatch (one
 RPUSH per API server per step, all in one pipeline). The reader hands each request's
-entries to its sink in token order: ``ResultEntry.index`` is the position of the entry's
-first token, so the first token (written by a prefill rank) and the rest (written by a
-decode rank) are put back in order even when the two writes race. Entries for requests
-the reader does not expect (finished, aborted, never ours) are discarded.
+entries to its sink in token order (``scheduler/result_order.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import redis
 
@@ -23,6 +19,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.keys import Keys
 from scheduler.records import MalformedRecord, encode, parse
 from scheduler.redis_link import RedisLink, SchedulerUnavailable
+from scheduler.result_order import ResultOrder
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +54,6 @@ class ResultWriter:
         self._pending.clear()
 
 
-@dataclass
-class _Expected:
-    next_index: int = 0
-    early: dict[int, pb.ResultEntry] = field(default_factory=dict)  # index -> entry
-
-
 class ResultReader:
     """An API server's side: a daemon thread drains ``T:res:<api id>`` (BLPOP, then up
     to DRAIN_BATCH more per round trip) and routes entries to ``sink``."""
@@ -74,24 +65,27 @@ class ResultReader:
         self.poll_s = poll_s
         self._link = RedisLink(config, f"results[{api_id}]", socket_timeout_s=poll_s + 5)
         self._lock = threading.Lock()
-        self._expected: dict[str, _Expected] = {}
+        self._order = ResultOrder()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"results-{api_id}", daemon=True)
-        self.num_discarded = 0
         self.num_malformed = 0
 
     def expect(self, request_id: str) -> None:
         with self._lock:
-            self._expected[request_id] = _Expected()
+            self._order.expect(request_id)
 
     def forget(self, request_id: str) -> None:
         """Stop routing a request (finished or aborted); its late entries are discarded."""
         with self._lock:
-            self._expected.pop(request_id, None)
+            self._order.forget(request_id)
 
     @property
     def num_expected(self) -> int:
-        return len(self._expected)
+        return len(self._order)
+
+    @property
+    def num_discarded(self) -> int:
+        return self._order.num_discarded
 
     def start(self) -> ResultReader:
         self._thread.start()
@@ -136,30 +130,7 @@ class ResultReader:
         ready: dict[str, list[pb.ResultEntry]] = defaultdict(list)
         with self._lock:
             for entry in batch.entries:
-                ready[entry.request_id] += self._in_order(entry)
+                ready[entry.request_id] += self._order.accept(entry)
         for request_id, entries in ready.items():
             if entries:
                 self.sink(request_id, entries)
-
-    def _in_order(self, entry: pb.ResultEntry) -> list[pb.ResultEntry]:
-        """The entries of ``entry``'s request that are now deliverable (caller holds the lock)."""
-        expected = self._expected.get(entry.request_id)
-        if expected is None:
-            self.num_discarded += 1
-            return []
-        if entry.finish_reason == "error":  # the request is over whatever came before
-            del self._expected[entry.request_id]
-            return [entry]
-        if entry.index < expected.next_index:
-            self.num_discarded += 1  # a duplicate
-            return []
-        expected.early[entry.index] = entry
-        ready = []
-        while expected.next_index in expected.early:
-            entry = expected.early.pop(expected.next_index)
-            ready.append(entry)
-            expected.next_index += len(entry.token_ids)
-            if entry.finish_reason:
-                del self._expected[entry.request_id]
-                break
-        return ready

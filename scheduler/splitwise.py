@@ -196,6 +196,16 @@ class SplitwiseRank:
     def take_aborts(self) -> list[str]:
         return self.inbox.take_aborts()
 
+    def adopt(self, request: pb.DispatchedRequest) -> None:
+        """A decode rank holds a committed request: from here the reaper answers for it."""
+        self.inbox.adopt(request)
+
+    def unadopt(self, request_id: str) -> None:
+        self.inbox.unadopt(request_id)
+
+    def was_aborted(self, request_id: str) -> bool:
+        return self.inbox.was_aborted(request_id)
+
     def add_result(self, owner: str, entry: pb.ResultEntry) -> None:
         self.results.add(owner, entry)
 

@@ -21,6 +21,7 @@ from pd.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard,
 from pd.api.serving_chat import create_chat_completion
 from pd.api.serving_completion import create_completion
 from pd.api.state import ServerState
+from pd.engine_client import RouteRefused
 
 RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest)
 # The engine reports every 100 ms between steps; silent this long, it is not serving.
@@ -63,15 +64,17 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(raw: Request) -> Response:
+        route = _route(state, raw)
         body = await _parse(raw, CompletionRequest, state.max_body_bytes)
         _admit(state, body.model)
-        return await create_completion(state, body, raw)
+        return await create_completion(state, body, raw, route)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(raw: Request) -> Response:
+        route = _route(state, raw)
         body = await _parse(raw, ChatCompletionRequest, state.max_body_bytes)
         _admit(state, body.model)
-        return await create_chat_completion(state, body, raw)
+        return await create_chat_completion(state, body, raw, route)
 
     if state.args.api_key:
 
@@ -97,6 +100,17 @@ def _unhealthy(state: ServerState) -> str | None:
         if silent_s > HEALTH_STALE_S:
             return f"the engine has not reported for {silent_s:.1f} s"
     return None
+
+
+def _route(state: ServerState, raw: Request) -> object | None:
+    """Where the request runs, as its headers say (a router's pairing), before the body
+    is read: a refused pairing costs nothing."""
+    assert state.engine is not None
+    try:
+        return state.engine.route_for(raw.headers)
+    except RouteRefused as error:
+        kind = "authentication_error" if error.status == 401 else "invalid_request_error"
+        raise APIError(error.status, str(error), type=kind) from error
 
 
 async def _parse(raw: Request, model: type[RequestT], max_bytes: int | None) -> RequestT:

@@ -37,7 +37,7 @@ from pd.api.state import ServerState
 
 
 async def create_chat_completion(
-    state: ServerState, body: ChatCompletionRequest, raw: Request
+    state: ServerState, body: ChatCompletionRequest, raw: Request, route: object | None = None
 ) -> Response:
     try:
         # Off the event loop: a long conversation takes a while to render.
@@ -53,7 +53,7 @@ async def create_chat_completion(
     default = room_left(state, len(token_ids), body.n or 1)
     params = sampling_params(body.to_sampling_params, default)
     await state.engine.wait_dispatchable()  # type: ignore[union-attr]
-    request = open_request(state, text, token_ids, params, body.stream)
+    request = open_request(state, text, token_ids, params, body.stream, route)
     if body.stream:
         events = _stream(body, len(token_ids), outputs(request))
         return StreamingResponse(sse(events), media_type="text/event-stream")

@@ -108,12 +108,13 @@ def open_request(
     prompt_token_ids: list[int],
     params: SamplingParams,
     stream: bool,
+    route: object | None = None,
 ) -> RequestStream:
     """Submit a request now (synchronously, so the waiting bound holds exactly)."""
     assert state.engine is not None
     try:
         return state.engine.open(
-            prompt, prompt_token_ids, params, stream, state.args.max_waiting_requests
+            prompt, prompt_token_ids, params, stream, state.args.max_waiting_requests, route
         )
     except EngineOverloaded as error:
         raise APIError(

@@ -57,14 +57,16 @@ class _Plan:
     params: list[SamplingParams] = field(default_factory=list)
 
 
-async def create_completion(state: ServerState, body: CompletionRequest, raw: Request) -> Response:
+async def create_completion(
+    state: ServerState, body: CompletionRequest, raw: Request, route: object | None = None
+) -> Response:
     if body.echo and body.logprobs is not None:
         raise APIError(
             400, "echo with logprobs is not supported yet (needs prompt logprobs)", param="echo"
         )
     plan = await _plan(state, body)
     await state.engine.wait_dispatchable()  # type: ignore[union-attr]
-    requests = _open(state, plan, body.stream)
+    requests = _open(state, plan, body.stream, route)
     if body.stream:
         events = _stream(state, plan, requests)
         return StreamingResponse(sse(events), media_type="text/event-stream")
@@ -111,12 +113,16 @@ def _echo_text(state: ServerState, prompt: _Prompt) -> str:
     return state.tokenizer.decode(prompt.token_ids)
 
 
-def _open(state: ServerState, plan: _Plan, stream: bool) -> list[RequestStream]:
+def _open(
+    state: ServerState, plan: _Plan, stream: bool, route: object | None
+) -> list[RequestStream]:
     """Submit every prompt now; if one is refused, release the others."""
     requests: list[RequestStream] = []
     try:
         for prompt, params in zip(plan.prompts, plan.params, strict=True):
-            requests.append(open_request(state, prompt.text, prompt.token_ids, params, stream))
+            requests.append(
+                open_request(state, prompt.text, prompt.token_ids, params, stream, route)
+            )
     except APIError:
         for request in requests:
             request.release()

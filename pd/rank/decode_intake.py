@@ -86,13 +86,20 @@ class DecodeIntake:
         lease_s: float,
         secret: bytes | None = None,
         max_num_tokens: int = 1 << 20,
+        on_abort: Callable[[str], None] | None = None,
     ):
+        """``on_abort``: run on the loop for every pd-comm Abort, after its reservation
+        (if any) is released: without Redis, it is how an owner aborts a committed
+        request."""
         self.calls = calls
         self.adopt = adopt
         self.allocator = LoopBlockAllocator(block_manager, calls)
         self.service = PdCommService(
             rank_id, fingerprint, self.allocator, engines, self._on_commit, lease_s=lease_s,
             max_num_tokens=max_num_tokens,
+            on_abort=None if on_abort is None else (
+                lambda request_id: calls.post(lambda: on_abort(request_id))
+            ),
         )  # fmt: skip
         self.server = PdCommServer(self.service, host=host, port=port, secret=secret)
         self.port = self.server.port

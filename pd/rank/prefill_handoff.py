@@ -2,8 +2,9 @@
 prefills for a decode rank:
 
     reserve   (worker thread)  Reserve on the dispatched decode rank; refused or
-                               unreachable -> one other decode rank; no room anywhere ->
-                               wait, bounded
+                               unreachable -> one other decode rank from the registry
+                               (none when the router paired it: PairedDecodes); no room
+                               anywhere -> wait, bounded
     prefill   (engine loop)    the step plans carry the sends: each TP rank writes its
                                heads of each layer's finished blocks into the decode TP
                                rank(s) holding them as soon as the layer's K/V are in
@@ -39,6 +40,7 @@ from engine.step_plan import KVSend, KVTarget
 from pd.cluster_wire import layout_from_proto
 from pd.rank.kv_group import PrefillWrites
 from pd.rank.loop_calls import LoopCalls
+from pd.rank.paired_decodes import PairedDecodes
 from proto import cluster_pb2 as cluster_pb
 from proto import pd_comm_pb2 as pb
 from scheduler.dispatch_policy import RankLoad, pick_decode, transfer_protocol
@@ -106,7 +108,7 @@ class PrefillHandoff:
         writes: PrefillWrites,
         layout: KVCacheLayout,
         fingerprint: pb.KvFingerprint,
-        registry: RegistryReader,
+        registry: RegistryReader | PairedDecodes,
         calls: LoopCalls,
         on_reserved: Callable[[Handoff], None],
         on_reserve_failed: Callable[[cluster_pb.DispatchedRequest, str], None],

@@ -1,5 +1,5 @@
-"""What an engine rank needs to join a splitwise cluster (built by ``pd-serve`` from its
-flags, handed to the spawned engine process)."""
+"""What an engine rank needs to join a splitwise cluster, over Redis or paired by
+pd-router (built by ``pd-serve`` from its flags, handed to the spawned engine process)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,5 @@ class RankSettings:
     lease_s: float = 10.0  # a decode rank's reservation lease
     # The cluster secret (pd/cluster_secret.py): pd-comm calls and KV streams prove it.
     secret: bytes | None = field(default=None, repr=False)
+    # pd-router --splitwise pairs the requests; no Redis (scheduler/direct_rank.py)
+    paired_by_router: bool = False

@@ -1,10 +1,15 @@
-"""The engine loop of a rank in a splitwise (Redis) cluster.
+"""The engine loop of a rank in a splitwise cluster, over Redis or paired by pd-router.
 
 Requests arrive from Redis (the queue of a prefill or mixed rank) or from a prefill
 rank's Commit (a decode rank); results go to each request's API server over Redis, one
 batch per step, indexed so that the first token (prefill's) and the rest (decode's)
 arrive in order. The instance's own API server still says HELLO/SHUTDOWN and reads
 stats over ZMQ, but submits through Redis like any other.
+
+Paired by ``pd-router --splitwise`` (``settings.paired_by_router``), the same loop runs
+without Redis: a prefill rank's requests come from its own API server over ZMQ with the
+decode rank the router chose, and results go straight to their owner
+(``scheduler/direct_rank.py``); the rest is unchanged.
 
     prefill: take -> Reserve (worker) -> prefill, writing each layer's blocks ->
              parked -> writes done + Commit (worker) -> first token out, blocks freed
@@ -31,17 +36,29 @@ from engine.outputs import EngineCoreOutput
 from engine.scheduler import ScheduledSequence
 from engine.sequence import SequenceStatus
 from engine.step_plan import KVSend
-from pd.cluster_wire import check_dispatched, kv_fingerprint, layout_to_proto, output_to_entry
+from pd.cluster_wire import (
+    check_dispatched,
+    kv_fingerprint,
+    layout_to_proto,
+    output_to_entry,
+    params_to_proto,
+)
+from pd.engine_messages import AddRequest
 from pd.engine_process import EngineLoop
 from pd.rank.decode_intake import DecodeIntake
 from pd.rank.kv_group import PrefillWrites, ShardedReceiver, WriteReports
 from pd.rank.loop_calls import LoopCalls
+from pd.rank.paired_decodes import PairedDecodes
 from pd.rank.prefill_handoff import Handoff, PrefillHandoff
 from pd.rank.settings import RankSettings
 from proto import cluster_pb2 as pb
 from proto import pd_comm_pb2 as comm_pb
+from scheduler.config import ID_PATTERN
+from scheduler.direct_rank import DirectRank
+from scheduler.direct_results import OWNER_ADDRESS
+from scheduler.records import MalformedRecord, encode
 from scheduler.redis_link import SchedulerUnavailable
-from scheduler.registry import RegistryReader
+from scheduler.registry import RegistryReader, parse_record
 from scheduler.splitwise import SplitwiseRank
 
 logger = logging.getLogger("pd.engine")
@@ -76,6 +93,8 @@ class SplitwiseLoop(EngineLoop):
         self.handoffs: dict[str, Handoff] = {}
         self.redis_down = False
         self.drain_deadline: float | None = None  # set by SHUTDOWN: finish, take nothing new
+        self.paired = settings.paired_by_router  # no Redis: pd-router paired the requests
+        self.owner_pattern = OWNER_ADDRESS if self.paired else ID_PATTERN
         executor = engine.executor
         layout, tp_size = executor.kv_layout, executor.tp_size
         self.fingerprint = kv_fingerprint(
@@ -101,6 +120,7 @@ class SplitwiseLoop(EngineLoop):
                 self.rank_id, self.fingerprint, engine.block_manager, receivers,
                 self.calls, self._adopt, settings.host, settings.pd_comm_port, settings.lease_s,
                 settings.secret, engine.config.scheduler.max_model_len,
+                on_abort=self._abort_from_owner if self.paired else None,
             )  # fmt: skip
             pd_comm_port = self.intake.port
         data_parallel = engine.config.data_parallel
@@ -110,20 +130,29 @@ class SplitwiseLoop(EngineLoop):
             api_port=settings.api_port, pd_comm_port=pd_comm_port, protocols=settings.protocols,
             rdma_comm_ports=settings.rdma_comm_ports, kv_layout=layout_to_proto(layout),
         )  # fmt: skip
-        self.registry: RegistryReader | None = None
+        self.decodes: RegistryReader | PairedDecodes | None = None  # where prefill finds them
         self.handoff: PrefillHandoff | None = None
         if self.role == "prefill":
-            self.registry = RegistryReader(settings.scheduler, name=f"registry[{self.rank_id}]")
+            self.decodes = PairedDecodes() if self.paired else RegistryReader(
+                settings.scheduler, name=f"registry[{self.rank_id}]"
+            )  # fmt: skip
             reports = WriteReports(tp_size)
             executor.on_notify = reports.add  # each TP rank's word on its writes
             self.handoff = PrefillHandoff(
                 record, PrefillWrites(executor, self.calls, reports), layout, self.fingerprint,
-                self.registry, self.calls, self._on_reserved, self._on_reserve_failed,
+                self.decodes, self.calls, self._on_reserved, self._on_reserve_failed,
                 self._on_handoff_done, settings.handoff_timeout_s, settings.secret,
             )  # fmt: skip
-        self.rank = SplitwiseRank(settings.scheduler, record).start()
-        logger.info("rank %s (%s) registered in topic %r", self.rank_id, self.role,
-                    settings.scheduler.topic)  # fmt: skip
+        self.info.rank_record = encode(record)  # for the router's pairings
+        self.rank: SplitwiseRank | DirectRank
+        if self.paired:
+            beat_s = settings.scheduler.expire_period_s / 3
+            self.rank = DirectRank(self.rank_id, settings.secret, beat_s)
+            logger.info("rank %s (%s) is paired by pd-router", self.rank_id, self.role)
+        else:
+            self.rank = SplitwiseRank(settings.scheduler, record).start()
+            logger.info("rank %s (%s) registered in topic %r", self.rank_id, self.role,
+                        settings.scheduler.topic)  # fmt: skip
 
     # -- the loop --------------------------------------------------------------------
 
@@ -170,7 +199,8 @@ class SplitwiseLoop(EngineLoop):
         Redis queue; otherwise ZMQ messages and posted work wake us."""
         pending = bool(self.reserving or self.handoffs)
         capacity = self._capacity()
-        if self.role != "decode" and not pending and capacity > 0 and not self.redis_down:
+        from_redis = self.role != "decode" and not self.paired
+        if from_redis and not pending and capacity > 0 and not self.redis_down:
             try:
                 self._take(self.rank.take(capacity, block_s=_IDLE_S))
                 return
@@ -244,7 +274,7 @@ class SplitwiseLoop(EngineLoop):
 
     def _add_to_engine(self, request: pb.DispatchedRequest, prefill_only: bool = False) -> bool:
         try:
-            params = check_dispatched(request, self.engine)
+            params = check_dispatched(request, self.engine, self.owner_pattern)
             self.engine.add_request(
                 request.request_id, list(request.prompt_token_ids), params, prefill_only
             )
@@ -282,17 +312,17 @@ class SplitwiseLoop(EngineLoop):
         entry is written takes the entry back, so nothing outlives a refusal."""
         request = commit.request
         request_id = request.request_id
-        if self.rank.inbox.was_aborted(request_id):
+        if self.rank.was_aborted(request_id):
             raise CommitRefused(f"request {request_id} was aborted", aborted=True)
         try:
-            params = check_dispatched(request, self.engine)
+            params = check_dispatched(request, self.engine, self.owner_pattern)
             vocab_size = self.engine.config.model.vocab_size
             if commit.first_token_id >= vocab_size:
                 raise ValueError(f"first_token_id must be below the vocabulary size {vocab_size}")
         except ValueError as e:
             raise CommitRefused(f"{self.rank_id} cannot run {request_id}: {e}") from None
         try:
-            self.rank.inbox.adopt(request)  # from here the reaper answers for it if we die
+            self.rank.adopt(request)  # from here the reaper (or the owner) notices if we die
         except SchedulerUnavailable as e:
             raise CommitRefused(f"{self.rank_id} cannot reach the scheduler: {e}") from None
         try:
@@ -301,7 +331,7 @@ class SplitwiseLoop(EngineLoop):
                 block_ids,
             )  # fmt: skip
         except Exception as e:
-            self.rank.inbox.unadopt(request_id)
+            self.rank.unadopt(request_id)
             raise CommitRefused(f"{self.rank_id} cannot run {request_id}: {e}") from None
         self.owners[request_id] = request.owner
         self.emitted[request_id] = 1
@@ -391,9 +421,41 @@ class SplitwiseLoop(EngineLoop):
 
     # -- the local API server --------------------------------------------------------
 
-    def _add_from_api(self, identity: bytes, request) -> None:  # type: ignore[no-untyped-def]
-        self._send_rejected(identity, request.request_id, "this instance takes requests "
-                            "through the splitwise scheduler, not directly")  # fmt: skip
+    def _add_from_api(self, identity: bytes, request: AddRequest) -> None:
+        """Paired by the router: a prefill rank queues the request for its decode rank.
+        Anything else is refused: requests come through Redis or from a prefill rank."""
+        pairing = request.pairing
+        if not (self.paired and self.role == "prefill" and pairing is not None):
+            how = ("from prefill ranks that pd-router --splitwise pairs it with" if self.paired
+                   else "through the splitwise scheduler")  # fmt: skip
+            message = f"a {self.role} rank takes requests {how}, not directly"
+            self._send_rejected(identity, request.request_id, message)
+            return
+        try:
+            decode = parse_record(pairing.decode_record)
+            if decode.role != "decode":
+                raise ValueError(f"the paired rank {decode.rank_id!r} is a {decode.role} rank")
+            dispatched = pb.DispatchedRequest(
+                request_id=request.request_id, owner=pairing.owner,
+                prompt_token_ids=request.prompt_token_ids,
+                sampling=params_to_proto(request.params), prefill_rank_id=self.rank_id,
+                decode_rank_id=decode.rank_id,
+            )  # fmt: skip
+            self.rank.submit(dispatched)  # type: ignore[union-attr]
+        except (ValueError, MalformedRecord) as e:
+            self._send_rejected(identity, request.request_id, str(e))
+            return
+        self.decodes.learn(decode)  # type: ignore[union-attr]
+
+    def _abort_from_api(self, request_ids: list[str]) -> None:
+        """The API server's aborts reach a paired rank over ZMQ (over Redis they come
+        from the control list)."""
+        for request_id in request_ids:
+            self._abort_from_owner(request_id)
+
+    def _abort_from_owner(self, request_id: str) -> None:
+        if self.paired:
+            self.rank.abort(request_id)  # type: ignore[union-attr]
 
     def close(self) -> None:
         self.rank.close(deregister=True)
@@ -401,6 +463,6 @@ class SplitwiseLoop(EngineLoop):
             self.intake.close()
         if self.handoff is not None:
             self.handoff.close()
-        if self.registry is not None:
-            self.registry.close()
+        if self.decodes is not None:
+            self.decodes.close()
         self.calls.close()

@@ -1,4 +1,4 @@
-"""``pd-serve`` flags: defaults, parsing, one-line errors, "not supported yet", fast --help."""
+"""``pd-serve`` flags: defaults, parsing, one-line errors, fast --help."""
 
 from __future__ import annotations
 
@@ -227,14 +227,6 @@ def test_model_is_required(capsys):
     assert "required: --model" in error_line(capsys, ["--port", "8001"])
 
 
-NOT_SUPPORTED = [
-    (
-        ["--router", "10.0.0.1:30000", "--splitwise-role", "prefill"],
-        "prefill/decode instances behind pd-router (--router with --splitwise-role prefill)",
-    ),
-]
-
-
 def test_the_seeds_splitwise_flags_parse():
     """FastDeploy's prefill/decode example, at one DP rank, is accepted as typed."""
     args = parse_args([
@@ -252,13 +244,17 @@ def test_the_seeds_splitwise_flags_parse():
     assert (config.name, config.topic, config.ttl_s) == ("splitwise", "test", 9000)
 
 
-@pytest.mark.parametrize(("extra", "message"), NOT_SUPPORTED)
-def test_later_features_are_rejected_not_ignored(capsys, extra: list[str], message: str):
-    line = error_line(capsys, ["--model", "/m", *extra])
-    assert line == f"pd-serve: error: not supported yet: {message}"
+def test_a_role_behind_the_router_is_paired_by_it_without_redis(capsys):
+    args = parse_args(["--model", "/m", "--router", "10.0.0.1:30000", "--splitwise-role",
+                       "prefill"])  # fmt: skip
+    assert args.paired_by_router and args.scheduler_name == "local"
+    assert not parse_args(["--model", "/m", "--router", "10.0.0.1:30000"]).paired_by_router
+    line = error_line(capsys, ["--model", "/m", "--router", "h:1", "--splitwise-role", "decode",
+                               "--scheduler-name", "splitwise"])  # fmt: skip
+    assert "without Redis: leave out --scheduler-name splitwise" in line
 
 
-def test_invalid_combinations_are_reported_before_not_supported(capsys):
+def test_combinations_that_can_never_work_are_refused(capsys):
     line = error_line(capsys, ["--model", "/m", "--router", "h:1", "--ports", "1,2"])
     assert "--ports has 2 ports for 1 DP rank" in line
     line = error_line(capsys, ["--model", "/m", "--splitwise-role", "prefill"])

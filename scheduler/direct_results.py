@@ -1,0 +1,229 @@
+"""Results without Redis (``pd-router --splitwise``): a rank sends each step's
+ResultBatch straight to the API server that owns the requests.
+
+    rank: ResultPusher --ZMQ PUSH [mac, batch]--> API server: ResultListener (PULL)
+
+- An owner is its listener's address, ``tcp://host:port`` (``DispatchedRequest.owner``);
+  the listener binds the instance's ``--host`` on a free port.
+- With a cluster secret every frame carries HMAC(derive_key(secret, "results"), batch),
+  and the listener drops a frame without the right one: nothing unauthenticated reaches
+  a stream. Request ids are 128-bit random, so a batch names only its own requests.
+- A rank names the requests it holds for an owner (``held_request_ids``) every beat,
+  whether they produced tokens or not. The listener fails a request that nobody has
+  named, nor sent tokens for, within ``silence_s``: its rank died or lost it. That is
+  the bound Redis's reaper gives in the Redis path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from cache_transfer.auth import derive_key
+from proto import cluster_pb2 as pb
+from scheduler.records import MalformedRecord, encode, parse
+from scheduler.result_channel import Sink
+from scheduler.result_order import ResultOrder
+
+logger = logging.getLogger(__name__)
+
+OWNER_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):\d{1,5}")
+_KEY_PURPOSE = "results"
+_MAX_FRAME_BYTES = 64 << 20
+_SEND_HWM = 100_000  # batches queued per owner before new ones are dropped (owner gone)
+_WATCH_S = 0.5
+
+# (request id, why): a request nobody holds any more
+OnLost = Callable[[str, str], None]
+
+
+def check_owner(owner: str) -> str:
+    if not OWNER_ADDRESS.fullmatch(owner):
+        raise ValueError(f"owner must be a result address tcp://host:port, not {owner[:80]!r}")
+    return owner
+
+
+def _mac(key: bytes | None, payload: bytes) -> bytes:
+    return b"" if key is None else hmac.new(key, payload, hashlib.sha256).digest()
+
+
+class ResultPusher:
+    """A rank's side: collect a step's entries per owner, send each owner one batch
+    (with the requests held for it, when a beat is due). Loop thread only."""
+
+    def __init__(self, rank_id: str, secret: bytes | None, beat_s: float):
+        self.rank_id = rank_id
+        self.beat_s = beat_s
+        self._key = None if secret is None else derive_key(secret, _KEY_PURPOSE)
+        self._context = zmq.Context()
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._pending: dict[str, list[pb.ResultEntry]] = defaultdict(list)
+        self._next_beat = 0.0
+        self.num_dropped = 0
+
+    def add(self, owner: str, entry: pb.ResultEntry) -> None:
+        entry.rank_id = self.rank_id
+        self._pending[owner].append(entry)
+
+    def flush(self, held: Callable[[], dict[str, list[str]]]) -> None:
+        """Send the pending entries; every ``beat_s`` also name the requests ``held()``
+        returns per owner (owners with nothing pending included)."""
+        now = time.monotonic()
+        beat: dict[str, list[str]] = {}
+        if now >= self._next_beat:
+            beat = held()
+            self._next_beat = now + self.beat_s
+        for owner in set(self._pending) | set(beat):
+            batch = pb.ResultBatch(
+                entries=self._pending.get(owner, []), held_request_ids=beat.get(owner, [])
+            )
+            self._send(owner, encode(batch))
+        self._pending.clear()
+
+    def _send(self, owner: str, payload: bytes) -> None:
+        socket = self._sockets.get(owner)
+        if socket is None:
+            socket = self._context.socket(zmq.PUSH)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, _SEND_HWM)
+            socket.connect(owner)
+            self._sockets[owner] = socket
+        try:
+            socket.send_multipart([_mac(self._key, payload), payload], zmq.NOBLOCK)
+        except zmq.Again:  # its listener is gone; the owner fails the requests by silence
+            self.num_dropped += 1
+            if self.num_dropped <= 10 or self.num_dropped % 1000 == 0:
+                logger.warning("%s: results for %s dropped (%d so far): it does not read",
+                               self.rank_id, owner, self.num_dropped)  # fmt: skip
+
+    def close(self) -> None:
+        for socket in self._sockets.values():
+            socket.close()
+        self._sockets.clear()
+        self._context.term()
+
+
+class ResultListener:
+    """An API server's side, on its event loop: entries reach ``sink`` in token order
+    (as from Redis); a request silent for ``silence_s`` goes to ``on_lost``."""
+
+    def __init__(
+        self,
+        bind_host: str,
+        advertised_host: str,
+        secret: bytes | None,
+        sink: Sink,
+        on_lost: OnLost,
+        silence_s: float,
+    ):
+        self.sink = sink
+        self.on_lost = on_lost
+        self.silence_s = silence_s
+        self._key = None if secret is None else derive_key(secret, _KEY_PURPOSE)
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, _MAX_FRAME_BYTES)
+        port = self._socket.bind_to_random_port(f"tcp://{_bracketed(bind_host)}")
+        self.address = f"tcp://{_bracketed(advertised_host)}:{port}"
+        self._order = ResultOrder()
+        self._last_heard: dict[str, float] = {}  # request id -> when a rank last named it
+        self._holder: dict[str, str] = {}  # request id -> the rank that named it last
+        self._tasks: list[asyncio.Task] = []
+        self.num_malformed = 0
+        self.num_unauthenticated = 0
+
+    def start(self) -> ResultListener:
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
+        return self
+
+    def expect(self, request_id: str) -> None:
+        self._order.expect(request_id)
+        self._last_heard[request_id] = time.monotonic()
+
+    def forget(self, request_id: str) -> None:
+        """Stop routing a request (aborted); its late entries are discarded."""
+        self._order.forget(request_id)
+        self._last_heard.pop(request_id, None)
+        self._holder.pop(request_id, None)
+
+    @property
+    def num_expected(self) -> int:
+        return len(self._order)
+
+    def holder(self, request_id: str) -> str | None:
+        return self._holder.get(request_id)
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart()
+            try:
+                batch = self._parse(frames)
+            except MalformedRecord as error:
+                self.num_malformed += 1
+                if self.num_malformed <= 10 or self.num_malformed % 1000 == 0:
+                    logger.warning("dropped a result frame (%d so far): %s",
+                                   self.num_malformed, error)  # fmt: skip
+                continue
+            self._route(batch)
+
+    def _parse(self, frames: list[bytes]) -> pb.ResultBatch:
+        if len(frames) != 2:
+            raise MalformedRecord(f"{len(frames)} frames, not [mac, batch]")
+        mac, payload = frames
+        if self._key is not None and not hmac.compare_digest(mac, _mac(self._key, payload)):
+            self.num_unauthenticated += 1
+            raise MalformedRecord("a batch without the cluster secret's MAC")
+        return parse(pb.ResultBatch, payload)
+
+    def _route(self, batch: pb.ResultBatch) -> None:
+        now = time.monotonic()
+        for request_id in batch.held_request_ids:
+            if request_id in self._last_heard:
+                self._last_heard[request_id] = now
+        ready: dict[str, list[pb.ResultEntry]] = defaultdict(list)
+        for entry in batch.entries:
+            if entry.request_id in self._last_heard:
+                self._last_heard[entry.request_id] = now
+                self._holder[entry.request_id] = entry.rank_id
+            ready[entry.request_id] += self._order.accept(entry)
+        for request_id, entries in ready.items():
+            if not self._order.is_expected(request_id):  # finished or failed: done here
+                self._last_heard.pop(request_id, None)
+                self._holder.pop(request_id, None)
+            if entries:
+                self.sink(request_id, entries)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(_WATCH_S)
+            cutoff = time.monotonic() - self.silence_s
+            for request_id, heard in list(self._last_heard.items()):
+                if heard < cutoff:
+                    holder = self._holder.get(request_id) or "its rank"
+                    self.forget(request_id)
+                    self.on_lost(request_id, f"{holder} stopped answering for request "
+                                 f"{request_id} ({self.silence_s:g} s of silence)")  # fmt: skip
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._socket.close()
+        self._context.term()
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
