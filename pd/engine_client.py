@@ -94,6 +94,8 @@ class RequestTimings:
     # started
     on_engine_totals: Callable[[int, int, int, list[int]], None] = lambda *args: None
     on_rank_up: Callable[[int, bool], None] = lambda dp_rank, up: None
+    # (prompt tokens, of those served from the prefix cache), per finished request
+    on_prefix_cache: Callable[[int, int], None] = lambda prompt, cached: None
 
 
 class EngineClient:
@@ -350,6 +352,9 @@ class EngineClient:
                 elapsed = now - entry.arrival
                 self.timings.on_finished(
                     reason, elapsed, entry.num_prompt_tokens, entry.num_generated
+                )
+                self.timings.on_prefix_cache(
+                    entry.num_prompt_tokens, request_output.num_cached_tokens
                 )
             entry.queue.put_nowait(request_output)
 

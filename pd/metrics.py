@@ -87,6 +87,15 @@ class ServerMetrics:
 
         self._prompt_tokens = counter("pd:prompt_tokens_total", "Prompt tokens processed.")
         self._generation_tokens = counter("pd:generation_tokens_total", "Tokens generated.")
+        self._prefix_queries = counter(
+            "pd:prefix_cache_queries_total",
+            "Prompt tokens of finished requests, each looked up in the prefix cache of the "
+            "rank that prefilled it.",
+        )
+        self._prefix_hits = counter(
+            "pd:prefix_cache_hits_total",
+            "Prompt tokens of finished requests served from a prefix cache (not computed).",
+        )
         success = Counter(
             "pd:request_success_total",
             "Finished requests, by finish reason.",
@@ -209,6 +218,10 @@ class ServerMetrics:
         self._e2e.observe(e2e_seconds)
         self._prompt_tokens.inc(num_prompt_tokens)
         self._generation_tokens.inc(num_generation_tokens)
+
+    def observe_prefix_cache(self, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        self._prefix_queries.inc(num_prompt_tokens)
+        self._prefix_hits.inc(num_cached_tokens)
 
     def set_engine_stats(
         self, dp_rank: int, running: int, waiting: int, free_blocks: int, total_blocks: int

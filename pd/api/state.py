@@ -59,4 +59,5 @@ class ServerState:
             on_workers=self.metrics.set_tp_workers,
             on_engine_totals=self.metrics.set_engine_totals,
             on_rank_up=self.metrics.set_dp_rank_up,
+            on_prefix_cache=self.metrics.observe_prefix_cache,
         )
