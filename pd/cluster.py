@@ -5,19 +5,21 @@ Starts an embedded Redis (unless ``--scheduler-host/--scheduler-port`` name one)
 ``--mixed K`` mixed ones) on one model — SmolLM2-135M-Instruct (``pd.default_model``)
 when ``--model`` is left out, a generated tiny one with ``--model tiny`` — waits until
 every instance is ready, and prints the OpenAI base URL. With ``--router`` it starts
-``pd-router`` on ``--port`` instead of Redis, and ``--mixed N`` instances that register
-with it (no Redis; prefill/decode pairs through the router are not supported yet); the
-base URL is then the router's. ``--ask``
-sends one chat request and prints the answer (``--once``: then stop). Ctrl-C or SIGTERM
-stops the instances (each drains), then Redis. An instance that dies is restarted on
-its port (at most ``--max-restarts`` times each, with a growing pause, every restart
-logged); past that the cluster stops with exit 1. Flags it does not know go to every
-instance (e.g. ``--max-num-seqs 64 --cache-transfer-protocol tcp``). The instances
-share the machine's cores: each engine gets ``--engine-threads`` of an even share,
-unless the flag or ``OMP_NUM_THREADS`` is given.
+``pd-router`` on ``--port`` instead of Redis, and instances that register with it:
+``--mixed N`` ones, or ``--prefill P --decode D`` ones behind ``pd-router --splitwise``
+(which pairs them per request; one router takes one kind); the base URL is then the
+router's. ``--ask`` sends one chat request and prints the answer (``--once``: then
+stop). Ctrl-C or SIGTERM stops the instances (each drains), then Redis. An instance
+that dies is restarted on its port (at most ``--max-restarts`` times each, with a
+growing pause, every restart logged); past that the cluster stops with exit 1. Flags it
+does not know go to every instance
+(e.g. ``--max-num-seqs 64 --cache-transfer-protocol tcp``). The instances share the
+machine's cores: each engine gets ``--engine-threads`` of an even share, unless the
+flag or ``OMP_NUM_THREADS`` is given.
 
     pd-serve cluster --prefill 1 --decode 1 --ask "Hello"
     pd-serve cluster --router --mixed 2 --router-policy least_load
+    pd-serve cluster --router --prefill 1 --decode 1
 """
 
 from __future__ import annotations
@@ -80,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--router",
         action="store_true",
-        help="start pd-router on --port in front of the instances (no Redis)",
+        help="start pd-router on --port in front of the instances (no Redis); with "
+        "--prefill/--decode it pairs them (pd-router --splitwise)",
     )
     parser.add_argument(
         "--router-policy",
         default="round_robin",
         metavar="NAME",
-        help="the router's --policy (default: round_robin)",
+        help="the router's --policy (with --prefill/--decode: for both roles; default: "
+        "round_robin)",
     )
     parser.add_argument("--scheduler-host", help="use this Redis instead of an embedded one")
     parser.add_argument("--scheduler-port", type=int)
@@ -156,11 +160,12 @@ def _check_counts(args: argparse.Namespace) -> None:
     args.decode = default if args.decode is None else args.decode
     if args.prefill < 0 or args.decode < 0 or args.mixed < 0:
         sys.exit("pd-serve cluster: instance counts must be >= 0")
-    if args.router and (args.prefill or args.decode):
-        sys.exit("pd-serve cluster: not supported yet: prefill/decode instances behind "
-                 "pd-router (use --mixed N with --router)")  # fmt: skip
-    if args.router and args.mixed == 0:
-        sys.exit("pd-serve cluster: --router needs --mixed >= 1")
+    if args.router and args.mixed and (args.prefill or args.decode):
+        sys.exit("pd-serve cluster: one router serves mixed instances or prefill/decode "
+                 "pairs, not both (--mixed N, or --prefill P --decode D)")  # fmt: skip
+    if args.router and not (args.mixed or args.prefill or args.decode):
+        sys.exit("pd-serve cluster: --router needs --mixed >= 1, or --prefill >= 1 and "
+                 "--decode >= 1")  # fmt: skip
     if args.mixed == 0 and (args.prefill == 0 or args.decode == 0):
         sys.exit("pd-serve cluster: needs --prefill >= 1 and --decode >= 1 (or --mixed >= 1)")
 
@@ -191,7 +196,8 @@ def _start_router(
     passthrough: list[str],
     log_dir: Path,
 ) -> Instance:
-    command = router_command(port, args.router_policy, secret_flags, passthrough)
+    is_splitwise = args.prefill > 0
+    command = router_command(port, args.router_policy, secret_flags, passthrough, is_splitwise)
     log_path = log_dir / "router.log"
     return Instance("router", port, _spawn(command, log_path, "w"), log_path, command,
                     ready_text="pd-router ready")  # fmt: skip

@@ -11,13 +11,16 @@ import httpx
 _REGISTER_TIMEOUT_S = 60.0
 
 
-def router_command(port: int, policy: str, secret_flags: list[str], passthrough: list[str]
-                   ) -> list[str]:  # fmt: skip
-    """``pd-router`` on ``port`` with the instances' cluster secret (their
-    --cluster-secret-file, or the one the launcher made; else PD_CLUSTER_SECRET, which it
-    inherits) and their --api-key: its own, and the one it presents to them."""
+def router_command(port: int, policy: str, secret_flags: list[str], passthrough: list[str],
+                   is_splitwise: bool = False) -> list[str]:  # fmt: skip
+    """``pd-router`` on ``port`` (``is_splitwise``: pairing prefill and decode instances,
+    ``policy`` for both) with the instances' cluster secret (their --cluster-secret-file,
+    or the one the launcher made; else PD_CLUSTER_SECRET, which it inherits) and their
+    --api-key: its own, and the one it presents to them."""
     command = [sys.executable, "-m", "pd.router", "--host", "127.0.0.1", "--port", str(port),
                "--policy", policy, *secret_flags]  # fmt: skip
+    if is_splitwise:
+        command.append("--splitwise")
     command += flag_values(passthrough, "--cluster-secret-file")
     api_key = flag_values(passthrough, "--api-key")
     if api_key:

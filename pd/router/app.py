@@ -5,6 +5,13 @@ A request: parse just enough of its body (model, prompt), pick an up instance se
 the model with the policy, forward (``forward.py``). An instance that cannot be reached
 is marked failed and the next pick is tried; one that fails while answering fails that
 request only.
+
+With ``--splitwise`` only prefill and decode instances register (each listing its engine
+ranks, ``pairing.py``). A request gets a decode instance (``--decode-policy``) and one
+of its ranks at random, then a prefill instance (``--prefill-policy``, retried as above)
+to which it is forwarded with that rank's record (``wire.py``); the prefill instance
+hands the KV over to that rank and streams the answer back. Both count the request as
+in flight until it ends.
 """
 
 from __future__ import annotations
@@ -23,40 +30,61 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from cache_transfer.auth import check_token
+from cache_transfer.auth import bearer_token, check_token
 from pd.api.errors import APIError, install_error_handlers
 from pd.router.config import RouterConfig
 from pd.router.forward import InstanceUnreachable, open_upstream, relay
 from pd.router.metrics import RouterMetrics
+from pd.router.pairing import check_pd_ranks, pair_headers
 from pd.router.policy import CacheAware, Candidate, Policy, make_policy
 from pd.router.registry import InstanceRecord, RegistrationRefused, Registry
-from pd.router.wire import REGISTER_PATH, TOKEN_PURPOSE, Registration, RegistrationReply
+from pd.router.wire import (
+    PAIR_TOKEN_PURPOSE,
+    REGISTER_PATH,
+    TOKEN_PURPOSE,
+    Registration,
+    RegistrationReply,
+)
 
 logger = logging.getLogger("pd.router")
 
 
 class Router:
-    """The registry, the policy and the metrics of one router."""
+    """The registry, the policies (one per role it serves) and the metrics of one
+    router."""
 
     def __init__(self, config: RouterConfig, rng: random.Random | None = None):
         self.config = config
         self.registry = Registry(config.instance_timeout_s, config.forget_after_s)
-        thresholds = {
-            "max_load_gap": config.cache_aware_max_load_gap,
-            "min_prefix_chars": config.cache_aware_min_prefix_chars,
+        self.rng = rng or random.Random()
+        if config.splitwise:
+            names = {"prefill": config.prefill_policy, "decode": config.decode_policy}
+        else:
+            names = {"mixed": config.policy}
+        self.roles = tuple(names)
+        self.policies: dict[str, Policy] = {
+            role: self._make_policy(name) for role, name in names.items()
         }
-        options = thresholds if config.policy == "cache_aware" else {}
-        self.policy: Policy = make_policy(config.policy, rng, **options)
+        secret = config.cluster_secret
+        self.pair_token = bearer_token(secret, PAIR_TOKEN_PURPOSE) if secret else None
         self.metrics = RouterMetrics()
         self.client: httpx.AsyncClient | None = None
         self._was_up: dict[str, bool] = {}
 
-    def pick(self, model: str, prompt: str, exclude: set[str]) -> InstanceRecord | None:
-        records = [r for r in self.registry.serving(model, "mixed") if r.url not in exclude]
+    def _make_policy(self, name: str) -> Policy:
+        if name != "cache_aware":
+            return make_policy(name, self.rng)
+        return make_policy(name, self.rng, max_load_gap=self.config.cache_aware_max_load_gap,
+                           min_prefix_chars=self.config.cache_aware_min_prefix_chars)  # fmt: skip
+
+    def pick(self, role: str, model: str, prompt: str, exclude: set[str]) -> InstanceRecord | None:
+        """An up ``role`` instance serving ``model``, not one of ``exclude`` (URLs),
+        picked by that role's policy; None when there is none."""
+        records = [r for r in self.registry.serving(model, role) if r.url not in exclude]
         if not records:
             return None
         by_url = {r.url: r for r in records}
-        choice = self.policy.pick([Candidate(r.url, r.load) for r in records], prompt)
+        choice = self.policies[role].pick([Candidate(r.url, r.load) for r in records], prompt)
         return by_url[choice.key]
 
     def refresh(self) -> None:
@@ -67,8 +95,9 @@ class Router:
             self._was_up.pop(gone.url, None)
             with contextlib.suppress(KeyError):
                 self.metrics.forget(gone.url, gone.role)
-            if isinstance(self.policy, CacheAware):
-                self.policy.forget(gone.url)
+            policy = self.policies.get(gone.role)
+            if isinstance(policy, CacheAware):
+                policy.forget(gone.url)
         for record in self.registry.records.values():
             is_up = self.registry.is_up(record, now)
             was_up = self._was_up.get(record.url)
@@ -129,11 +158,13 @@ def build_router_app(router: Router) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        num_up = len(router.registry.up())
-        if num_up == 0:
-            reason = "no instance is registered and up"
+        up = router.registry.up()
+        missing = [role for role in router.roles if all(r.role != role for r in up)]
+        if missing:
+            what = f"{' and no '.join(missing)} instance" if router.config.splitwise else "instance"
+            reason = f"no {what} is registered and up"
             return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
-        return JSONResponse({"status": "ok", "num_instances": num_up})
+        return JSONResponse({"status": "ok", "num_instances": len(up)})
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
@@ -177,10 +208,7 @@ async def _register(router: Router, raw: Request) -> RegistrationReply:
         registration = Registration.model_validate_json(await raw.body())
     except ValidationError as error:
         raise APIError(400, f"invalid registration: {error.errors()[0]['msg']}") from error
-    if registration.role != "mixed":
-        raise APIError(400, f"this router forwards whole requests to mixed instances; a "
-                       f"{registration.role} instance needs a --splitwise router, which is "
-                       "not supported yet")  # fmt: skip
+    _check_role(router, registration)
     try:
         is_new = router.registry.register(registration)
     except RegistrationRefused as refused:
@@ -193,17 +221,56 @@ async def _register(router: Router, raw: Request) -> RegistrationReply:
     return RegistrationReply(heartbeat_s=router.config.health_interval_s)
 
 
+def _check_role(router: Router, registration: Registration) -> None:
+    """A 400 unless this router serves the registration's role (prefill and decode with
+    --splitwise, else mixed) and a prefill or decode one lists valid engine ranks."""
+    role = registration.role
+    if role not in router.roles and router.config.splitwise:
+        raise APIError(400, "this router pairs prefill and decode instances (--splitwise); "
+                       "a mixed instance needs a router without --splitwise")  # fmt: skip
+    if role not in router.roles:
+        raise APIError(400, f"this router forwards whole requests to mixed instances; a {role}"
+                       " instance needs a router started with --splitwise")  # fmt: skip
+    if role != "mixed":
+        try:
+            check_pd_ranks(registration)
+        except ValueError as error:
+            raise APIError(400, f"invalid registration: {error}") from None
+
+
 async def _forward(router: Router, raw: Request, path: str) -> Response:
     body = await raw.body()
     model, prompt = _model_and_prompt(body)
     headers = {"content-type": "application/json"}
     if router.config.instance_api_key:
         headers["authorization"] = f"Bearer {router.config.instance_api_key}"
+    if not router.config.splitwise:
+        upstream, record = await _open(router, "mixed", model, prompt, path, body, headers)
+        return await relay(upstream, record.url, raw, _on_done(router, record))
+    decode = router.pick("decode", model, prompt, set())
+    if decode is None:
+        raise _unserved(router, model, "decode", set())
+    headers |= pair_headers(decode.registration, router.pair_token, router.rng)
+    decode.in_flight += 1
+    try:
+        upstream, prefill = await _open(router, "prefill", model, prompt, path, body, headers)
+    except BaseException:
+        decode.in_flight -= 1
+        raise
+    return await relay(upstream, prefill.url, raw, _on_done(router, prefill, decode))
+
+
+async def _open(
+    router: Router, role: str, model: str, prompt: str, path: str, body: bytes,
+    headers: dict[str, str],
+) -> tuple[httpx.Response, InstanceRecord]:  # fmt: skip
+    """The answer of a ``role`` instance that could be reached (past its status line)
+    and that instance, counted in flight; APIError when none can."""
     tried: set[str] = set()
     while True:
-        record = router.pick(model, prompt, tried)
+        record = router.pick(role, model, prompt, tried)
         if record is None:
-            raise _unserved(router, model, tried)
+            raise _unserved(router, model, role, tried)
         tried.add(record.url)
         record.in_flight += 1
         try:
@@ -217,23 +284,33 @@ async def _forward(router: Router, raw: Request, path: str) -> Response:
         except BaseException:
             record.in_flight -= 1
             raise
-        return await relay(upstream, record.url, raw, _on_done(router, record))
+        return upstream, record
 
 
-def _on_done(router: Router, record: InstanceRecord):  # type: ignore[no-untyped-def]
+def _on_done(router: Router, forwarded: InstanceRecord, paired: InstanceRecord | None = None):  # type: ignore[no-untyped-def]
+    """When the request ends: ``forwarded`` (the instance it went to) and ``paired``
+    (its decode instance, with --splitwise) are released and count its outcome."""
+
     def done(outcome: str) -> None:
-        record.in_flight -= 1
-        router.metrics.observe(record.url, record.role, outcome)
+        for record in (forwarded, paired):
+            if record is not None:
+                record.in_flight -= 1
+                router.metrics.observe(record.url, record.role, outcome)
+        # NOTE: a decode instance's failure reaches us only through the prefill
+        # instance's answer; it is the prefill instance's probes that tell them apart.
         if outcome == "broken":
-            record.failure = "it failed while answering a request"
+            forwarded.failure = "it failed while answering a request"
 
     return done
 
 
-def _unserved(router: Router, model: str, tried: set[str]) -> APIError:
+def _unserved(router: Router, model: str, role: str, tried: set[str]) -> APIError:
+    """The error for a request no ``role`` instance could take (``tried``: those
+    unreachable)."""
     if tried:
         router.metrics.unserved.labels("unreachable").inc()
-        return APIError(502, f"no instance serving {model!r} could be reached (tried "
+        what = "instance" if role == "mixed" else f"{role} instance"
+        return APIError(502, f"no {what} serving {model!r} could be reached (tried "
                         f"{', '.join(sorted(tried))})", type="server_error",
                         code="instance_unreachable")  # fmt: skip
     names = router.registry.model_names()
@@ -242,9 +319,16 @@ def _unserved(router: Router, model: str, tried: set[str]) -> APIError:
         return APIError(503, "no instance is registered and up; start pd-serve with "
                         "--router pointing here", type="server_error",
                         headers={"Retry-After": "1"})  # fmt: skip
-    router.metrics.unserved.labels("unknown_model").inc()
-    return APIError(404, f"the model {model!r} does not exist; served: {', '.join(names)}",
-                    type="not_found_error", param="model", code="model_not_found")  # fmt: skip
+    if model not in names:
+        router.metrics.unserved.labels("unknown_model").inc()
+        return APIError(404, f"the model {model!r} does not exist; served: {', '.join(names)}",
+                        type="not_found_error", param="model", code="model_not_found")  # fmt: skip
+    # --splitwise: instances of one role serve the model, not of both
+    missing = [r for r in router.roles if not router.registry.serving(model, r)] or [role]
+    router.metrics.unserved.labels("no_instance").inc()
+    return APIError(503, f"no {' and no '.join(missing)} instance serving {model!r} is up; "
+                    f"start one with --splitwise-role {missing[0]} --router pointing here",
+                    type="server_error", headers={"Retry-After": "1"})  # fmt: skip
 
 
 def _model_and_prompt(body: bytes) -> tuple[str, str]:

@@ -16,7 +16,10 @@ class RouterConfig:
     api_key: str | None = None  # what clients of the router present
     instance_api_key: str | None = None  # what the router presents to the instances
     cluster_secret: bytes | None = None  # registration needs its token when set
-    policy: str = "round_robin"
+    policy: str = "round_robin"  # how a mixed instance is picked
+    splitwise: bool = False  # pair a prefill and a decode instance per request
+    prefill_policy: str = "round_robin"  # with splitwise (the flag defaults to --policy)
+    decode_policy: str = "round_robin"  # with splitwise (the flag defaults to --policy)
     health_interval_s: float = 1.0  # probes of /health and the instances' heartbeats
     instance_timeout_s: float = 5.0  # silent this long, an instance is not picked
     forget_after_s: float = 60.0  # silent this long, it is forgotten
@@ -29,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="pd-router",
         description="An OpenAI-compatible front for pd-serve instances: they register "
-        "(pd-serve --router HOST:PORT), the router picks one per request and streams its "
-        "answer back.",
+        "(pd-serve --router HOST:PORT), the router picks one per request (with --splitwise "
+        "a prefill and a decode instance) and streams its answer back.",
         allow_abbrev=False,
     )
     parser.add_argument("--host", default="0.0.0.0")
@@ -45,11 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", choices=POLICY_NAMES, default="round_robin",
                         help="how an instance is picked (default: round_robin)")  # fmt: skip
     parser.add_argument("--prefill-policy", choices=POLICY_NAMES,
-                        help="the policy for prefill instances (with --splitwise)")  # fmt: skip
+                        help="how a prefill instance is picked (with --splitwise; "
+                        "default: --policy)")  # fmt: skip
     parser.add_argument("--decode-policy", choices=POLICY_NAMES,
-                        help="the policy for decode instances (with --splitwise)")  # fmt: skip
+                        help="how a decode instance is picked (with --splitwise; "
+                        "default: --policy)")  # fmt: skip
     parser.add_argument("--splitwise", action="store_true",
-                        help="pair a prefill and a decode instance per request")  # fmt: skip
+                        help="pair a prefill and a decode instance per request (they "
+                        "register with --splitwise-role prefill|decode; no Redis)")  # fmt: skip
     parser.add_argument("--health-interval", type=float, default=1.0, metavar="S",
                         help="seconds between health probes and heartbeats "
                         "(default: 1)")  # fmt: skip
@@ -72,11 +78,9 @@ def parse_router_args(argv: list[str]) -> RouterConfig:
 
     parser = build_parser()
     options = parser.parse_args(argv)
-    if options.splitwise:
-        parser.error("not supported yet: prefill/decode pairs through the router (--splitwise)")
     for flag, value in (("--prefill-policy", options.prefill_policy),
                         ("--decode-policy", options.decode_policy)):  # fmt: skip
-        if value is not None:
+        if value is not None and not options.splitwise:
             parser.error(f"{flag} is for prefill/decode pairs (--splitwise)")
     if not 1 <= options.port <= 65535:
         parser.error(f"--port {options.port} is outside 1..65535")
@@ -89,7 +93,10 @@ def parse_router_args(argv: list[str]) -> RouterConfig:
     return RouterConfig(
         host=options.host, port=options.port, api_key=options.api_key,
         instance_api_key=options.instance_api_key, cluster_secret=secret,
-        policy=options.policy, health_interval_s=options.health_interval,
+        policy=options.policy, splitwise=options.splitwise,
+        prefill_policy=options.prefill_policy or options.policy,
+        decode_policy=options.decode_policy or options.policy,
+        health_interval_s=options.health_interval,
         instance_timeout_s=options.instance_timeout,
         forget_after_s=max(60.0, 10 * options.instance_timeout),
         cache_aware_max_load_gap=options.cache_aware_max_load_gap,

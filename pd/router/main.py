@@ -32,8 +32,12 @@ def run_router(config: RouterConfig) -> int:
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port,
                                     log_level=config.log_level, access_log=False)  # fmt: skip
     server = uvicorn.Server(uvicorn_config)
-    logger.info("policy %s; OpenAI API on http://%s:%d/v1", config.policy, config.host,
-                config.port)  # fmt: skip
+    if config.splitwise:
+        policies = (f"prefill/decode pairs, prefill policy {config.prefill_policy}, "
+                    f"decode policy {config.decode_policy}")  # fmt: skip
+    else:
+        policies = f"policy {config.policy}"
+    logger.info("%s; OpenAI API on http://%s:%d/v1", policies, config.host, config.port)
     _announce_when_started(server, config)
     # NOTE: uvicorn captures SIGINT/SIGTERM while serving, then raises them again once
     # it has shut down; no-op handlers make that a clean exit 0 (as pd-serve does).

@@ -1,5 +1,6 @@
 """The router's Prometheus metrics, per instance (``instance``: its URL), in a registry
-of their own."""
+of their own. With --splitwise a request counts on its prefill instance (forwarded to
+it) and on its decode instance (paired with it), with the same outcome."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ class RouterMetrics:
         self.registry = CollectorRegistry()
         labels = ["instance", "role"]
         self.requests = Counter(
-            "pd:router_requests", "Requests forwarded to an instance, by how they ended: ok, "
-            "error_status (the instance answered 4xx/5xx), unreachable (never reached it), "
-            "broken (it failed while answering), aborted (the client left first)",
+            "pd:router_requests", "Requests forwarded to an instance (a decode instance: "
+            "paired with it), by how they ended: ok, error_status (the instance answered "
+            "4xx/5xx), unreachable (never reached it), broken (it failed while answering), "
+            "aborted (the client left first)",
             [*labels, "outcome"], registry=self.registry,
         )  # fmt: skip
         self.in_flight = Gauge("pd:router_in_flight", "Requests open on an instance",

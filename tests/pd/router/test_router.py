@@ -1,6 +1,7 @@
 """``pd-router`` on its own (a real process, the official openai client): OpenAI-style
 errors when nothing can serve, registration authenticated with the cluster secret,
-conflicting or malformed registrations refused, its own API key, and its flags."""
+conflicting or malformed registrations refused (prefill/decode ones without
+--splitwise), its own API key, and its flags."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from cache_transfer.auth import bearer_token
 from pd.args import pick_free_port
+from pd.router.config import parse_router_args
 from pd.router.wire import REGISTER_PATH
 from tests.pd.router.router_process import instances, start_router
 
@@ -117,8 +119,8 @@ def test_a_model_no_instance_serves_is_a_404(router):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--splitwise"], "not supported yet: prefill/decode pairs through the router"),
-    (["--prefill-policy", "random"], "--prefill-policy is for prefill/decode pairs"),
+    (["--decode-policy", "random"], "--decode-policy is for prefill/decode pairs"),
+    (["--splitwise", "--prefill-policy", "fastest"], "invalid choice: 'fastest'"),
     (["--policy", "fastest"], "invalid choice: 'fastest'"),
     (["--health-interval", "2", "--instance-timeout", "1"], "--instance-timeout must exceed"),
 ])  # fmt: skip
@@ -127,3 +129,12 @@ def test_bad_flags_exit_2_with_one_line(flags, message):
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_splitwise_policies_default_to_policy(monkeypatch):
+    monkeypatch.delenv("PD_CLUSTER_SECRET", raising=False)
+    config = parse_router_args(["--splitwise", "--policy", "least_load",
+                                "--decode-policy", "cache_aware"])  # fmt: skip
+    assert (config.splitwise, config.prefill_policy, config.decode_policy) == (
+        True, "least_load", "cache_aware")  # fmt: skip
+    assert not parse_router_args(["--policy", "random"]).splitwise
