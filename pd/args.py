@@ -453,10 +453,15 @@ def _add_scheduler_flags(group: argparse._ArgumentGroup) -> None:
     _add_size(
         group,
         "--scheduler-expire-period",
-        "milliseconds an instance stays registered without a refresh (default: 3000)",
+        "milliseconds an instance stays registered without a refresh; behind pd-router "
+        "--splitwise, a request no rank names for 3 of these has been lost (default: 3000)",
     )
     group.add_argument(
-        "--router", type=parse_host_port, metavar="HOST:PORT", help="register with pd-router"
+        "--router",
+        type=parse_host_port,
+        metavar="HOST:PORT",
+        help="register with pd-router; with --splitwise-role prefill|decode the router pairs "
+        "prefill with decode (pd-router --splitwise), no Redis",
     )
 
 

@@ -16,6 +16,8 @@ import httpx
 import openai
 import pytest
 
+from pd import LLM, SamplingParams
+
 pytestmark = pytest.mark.slow
 
 
@@ -114,10 +116,12 @@ def test_a_killed_instance_is_restarted_and_leaves_no_shared_memory_pool(tiny_mo
     assert code == 0, launcher.stdout.read()
 
 
-def test_cluster_with_router_serves_through_it_without_redis(tiny_model, tmp_path):
+def test_cluster_with_router_pairs_prefill_and_decode_without_redis(tiny_model, tmp_path):
+    """1P1D behind pd-router --splitwise, one command: greedy answers equal offline."""
+    model_dir = tiny_model("qwen2")
     command = [
-        sys.executable, "-m", "pd.serve", "cluster", "--router", "--mixed", "2",
-        "--router-policy", "least_load", "--model", str(tiny_model("qwen2")), "--port", "0",
+        sys.executable, "-m", "pd.serve", "cluster", "--router", "--prefill", "1", "--decode",
+        "1", "--router-policy", "least_load", "--model", str(model_dir), "--port", "0",
         "--log-dir", str(tmp_path), "--ask", "Hello", "--device", "cpu", "--max-model-len",
         "256", "--api-key", "cluster-key",  # the router's, and the instances'
     ]  # fmt: skip
@@ -131,29 +135,34 @@ def test_cluster_with_router_serves_through_it_without_redis(tiny_model, tmp_pat
         assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)
         lines.append(launcher.stdout.readline())
     output = "".join(lines)
-    assert "cluster ready (mixed, mixed" in output and "embedded Redis" not in output
+    assert "cluster ready (prefill, decode" in output and "embedded Redis" not in output
     assert "\nA: " in output
     router_line = next(line for line in lines if line.strip().startswith("router"))
     base_url = next(line.split()[-1] for line in lines if line.startswith("OpenAI base URL"))
     assert base_url == router_line.split()[-1]
     client = openai.AsyncOpenAI(base_url=base_url, api_key="cluster-key", max_retries=0)
 
-    async def ask_many() -> list[int]:
+    texts = [f"Hi {i}" for i in range(8)]
+
+    async def ask_many() -> list[str]:
         model = (await client.models.list()).data[0].id
         replies = await asyncio.gather(*(
-            client.completions.create(model=model, prompt=f"Hi {i}", max_tokens=4)
-            for i in range(8)
+            client.completions.create(model=model, prompt=text, max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+            for text in texts
         ))  # fmt: skip
         await client.close()
-        return [reply.usage.completion_tokens for reply in replies]
+        return [reply.choices[0].text for reply in replies]
 
-    assert asyncio.run(ask_many()) == [4] * 8
+    offline = LLM(model=str(model_dir), dtype="float32", max_model_len=256, device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert asyncio.run(ask_many()) == [o.outputs[0].text for o in offline.generate(texts, params)]
     metrics = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10,
                         headers={"authorization": "Bearer cluster-key"}).text  # fmt: skip
     ok = [line for line in metrics.splitlines()
           if line.startswith("pd:router_requests_total{") and 'outcome="ok"' in line]  # fmt: skip
     taken = [float(line.rsplit(" ", 1)[1]) for line in ok]
-    assert len(taken) == 2 and sum(taken) == 9  # --ask and 8 more, over both instances
+    assert taken == [9, 9]  # --ask and 8 more, each on the prefill and the decode instance
     children = _children(launcher.pid)
     assert len(children) == 3  # the router and two instances
     launcher.send_signal(signal.SIGINT)
