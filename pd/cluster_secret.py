@@ -57,3 +57,11 @@ def engine_channel_key(secret: bytes | None) -> bytes:
     if secret is None:
         return secrets.token_bytes(32)
     return bytes.fromhex(bearer_token(secret, "engine"))
+
+
+def results_key(secret: bytes | None) -> bytes | None:
+    """The MAC key of result frames sent straight to an API server (pd-router
+    --splitwise, ``scheduler/direct_results.py``); None without a cluster secret."""
+    if secret is None:
+        return None
+    return bytes.fromhex(bearer_token(secret, "results"))

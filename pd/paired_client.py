@@ -22,22 +22,19 @@ import base64
 import binascii
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cache_transfer.auth import check_token
 from cache_transfer.pd_comm import PdCommClient, PdCommError
 from engine.sampling_params import SamplingParams
+from pd.cluster_secret import results_key
 from pd.engine_client import EngineClient, EngineInfo, RequestEntry, RequestFailed, RouteRefused
 from pd.engine_link import EngineLink
 from pd.engine_messages import AddRequest, Kind, Pairing, encode
-from pd.router.wire import (
-    DECODE_RANK_HEADER,
-    MAX_RECORD_CHARS,
-    PAIR_TOKEN_HEADER,
-    PAIR_TOKEN_PURPOSE,
-)
+from pd.router.wire import DECODE_RANK_HEADER, MAX_RECORD_CHARS, PAIR_TOKEN_HEADER, check_pair_token
+from scheduler.config import ID_PATTERN
 from scheduler.direct_results import ResultListener
 from scheduler.records import MalformedRecord
 from scheduler.registry import parse_record
@@ -45,6 +42,10 @@ from scheduler.registry import parse_record
 logger = logging.getLogger("pd.api")
 
 _ABORT_TIMEOUT_S = 2.0
+# A decode rank that did not answer an abort is not asked again for this long: aborts
+# of its requests then cost nothing (it is gone, or its requests end by themselves),
+# and those of healthy ranks do not queue behind its time-outs.
+_UNREACHABLE_PAUSE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,15 @@ class PairedEngineClient(EngineClient):
         self._routes: dict[str, tuple[EngineLink, str]] = {}  # child id -> (prefill, decode)
         self._aborts = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode-aborts")
         self._pd_comm: dict[str, PdCommClient] = {}
+        self._unreachable_until: dict[str, float] = {}  # address -> monotonic time
         self._pd_comm_lock = threading.Lock()
 
     async def wait_ready(self, is_alive, timeout: float) -> EngineInfo:  # type: ignore[no-untyped-def]
         info = await super().wait_ready(is_alive, timeout)
         bind_host, advertised_host, silence_s = self._listen
+        key = results_key(self.secret)
         self.results = ResultListener(
-            bind_host, advertised_host, self.secret, self._on_results, self._on_lost, silence_s
+            bind_host, advertised_host, key, self._on_results, self._on_lost, silence_s
         ).start()
         logger.info("results from decode ranks on %s", self.results.address)
         return info
@@ -95,15 +98,17 @@ class PairedEngineClient(EngineClient):
             raise RouteRefused(400, "this prefill instance serves requests that pd-router "
                                "--splitwise paired with a decode instance: send them to "
                                "the router")  # fmt: skip
-        if self.secret is not None and not check_token(
-            self.secret, PAIR_TOKEN_PURPOSE, headers.get(PAIR_TOKEN_HEADER)
+        if self.secret is not None and not check_pair_token(
+            self.secret, encoded, headers.get(PAIR_TOKEN_HEADER)
         ):
-            raise RouteRefused(401, "a pairing needs the cluster secret's token")
+            raise RouteRefused(401, "a pairing needs the cluster secret's token for it")
         try:
             if len(encoded) > MAX_RECORD_CHARS:
                 raise ValueError(f"longer than {MAX_RECORD_CHARS} characters")
             raw = base64.b64decode(encoded, validate=True)
             record = parse_record(raw)
+            if not ID_PATTERN.fullmatch(record.rank_id):
+                raise ValueError("its rank_id is not a plain id")
             if record.role != "decode":
                 raise ValueError(f"rank {record.rank_id!r} is a {record.role} rank")
             if not record.host or not 0 < record.pd_comm_port < 65536:
@@ -169,6 +174,8 @@ class PairedEngineClient(EngineClient):
     def _abort_on_decode(self, address: str, request_id: str) -> None:
         """Off the event loop (a gRPC round trip)."""
         with self._pd_comm_lock:
+            if time.monotonic() < self._unreachable_until.get(address, 0.0):
+                return
             client = self._pd_comm.get(address)
             if client is None:
                 client = self._pd_comm[address] = PdCommClient(address, secret=self.secret)
@@ -176,6 +183,8 @@ class PairedEngineClient(EngineClient):
             client.abort(request_id, timeout_s=_ABORT_TIMEOUT_S)
         except PdCommError as error:  # the rank is gone: nothing holds the request there
             logger.info("abort of %s on %s not delivered: %s", request_id, address, error)
+            with self._pd_comm_lock:
+                self._unreachable_until[address] = time.monotonic() + _UNREACHABLE_PAUSE_S
 
     async def shutdown(self) -> None:
         if self.results is not None:

@@ -281,16 +281,20 @@ def _register_with_router(
     host = advertised_host(args.host)
     url = f"http://{f'[{host}]' if ':' in host else host}:{api_port}"
     digest = model_digest(args.model)
-    # Prefill and decode ranks: what the router pairs requests with (pd/router/wire.py)
-    pd_ranks = [base64.b64encode(link.info.rank_record).decode() for link in state.engine.links
-                if link.info is not None and link.info.rank_record]  # fmt: skip
+
+    def pd_ranks() -> list[str]:
+        """The live prefill or decode ranks: what the router pairs requests with
+        (pd/router/wire.py); a DP rank that died is no longer offered."""
+        return [base64.b64encode(link.info.rank_record).decode() for link in state.engine.links
+                if link.dead_reason is None and link.info is not None
+                and link.info.rank_record]  # fmt: skip
 
     def record() -> Registration:
         return Registration(
             role=args.splitwise_role, url=url, model_names=state.model_names,
             dp_rank=dp_rank, model_digest=digest, max_model_len=state.max_model_len,
             num_open=len(state.engine.streams), num_waiting=state.engine.num_not_started,
-            pd_ranks=pd_ranks,
+            pd_ranks=pd_ranks(),
         )  # fmt: skip
 
     registration = RouterRegistration(args.router, record, args.cluster_secret())

@@ -26,9 +26,10 @@ MAX_REMEMBERED_ABORTS = 10_000
 
 
 class DirectRank:
-    def __init__(self, rank_id: str, secret: bytes | None, beat_s: float):
+    def __init__(self, rank_id: str, key: bytes | None, beat_s: float):
+        """``key``: the result frames' MAC key (``pd.cluster_secret.results_key``)."""
         self.rank_id = rank_id
-        self.results = ResultPusher(rank_id, secret, beat_s)
+        self.results = ResultPusher(rank_id, key, beat_s)
         self._queued: deque[pb.DispatchedRequest] = deque()
         self._held: dict[str, str] = {}  # request id -> owner: queued, taken or adopted
         self._aborts: list[str] = []  # of held requests, for the loop

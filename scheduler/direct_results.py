@@ -5,9 +5,10 @@ ResultBatch straight to the API server that owns the requests.
 
 - An owner is its listener's address, ``tcp://host:port`` (``DispatchedRequest.owner``);
   the listener binds the instance's ``--host`` on a free port.
-- With a cluster secret every frame carries HMAC(derive_key(secret, "results"), batch),
-  and the listener drops a frame without the right one: nothing unauthenticated reaches
-  a stream. Request ids are 128-bit random, so a batch names only its own requests.
+- With a cluster secret every frame carries HMAC(key, batch), the key derived from the
+  secret (``pd.cluster_secret.results_key``), and the listener drops a frame without
+  the right one: nothing unauthenticated reaches a stream. Request ids are 128-bit
+  random, so a batch names only its own requests.
 - A rank names the requests it holds for an owner (``held_request_ids``) every beat,
   whether they produced tokens or not. The listener fails a request that nobody has
   named, nor sent tokens for, within ``silence_s``: its rank died or lost it. That is
@@ -29,7 +30,6 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
-from cache_transfer.auth import derive_key
 from proto import cluster_pb2 as pb
 from scheduler.records import MalformedRecord, encode, parse
 from scheduler.result_channel import Sink
@@ -37,10 +37,15 @@ from scheduler.result_order import ResultOrder
 
 logger = logging.getLogger(__name__)
 
-OWNER_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):\d{1,5}")
-_KEY_PURPOSE = "results"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+OWNER_ADDRESS = re.compile(
+    rf"tcp://(?:\[[0-9A-Fa-f:.]{{2,45}}\]|{_LABEL}(?:\.{_LABEL})*):"
+    r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+)
 _MAX_FRAME_BYTES = 64 << 20
 _SEND_HWM = 100_000  # batches queued per owner before new ones are dropped (owner gone)
+_IDLE_BEATS = 3  # an owner socket with nothing to send for this many beats is closed
+_CLOSE_LINGER_MS = 1000  # a stopping rank's last batches still go out
 _WATCH_S = 0.5
 
 # (request id, why): a request nobody holds any more
@@ -61,12 +66,14 @@ class ResultPusher:
     """A rank's side: collect a step's entries per owner, send each owner one batch
     (with the requests held for it, when a beat is due). Loop thread only."""
 
-    def __init__(self, rank_id: str, secret: bytes | None, beat_s: float):
+    def __init__(self, rank_id: str, key: bytes | None, beat_s: float):
+        """``key``: the result frames' MAC key (None: the cluster has no secret)."""
         self.rank_id = rank_id
         self.beat_s = beat_s
-        self._key = None if secret is None else derive_key(secret, _KEY_PURPOSE)
+        self._key = key
         self._context = zmq.Context()
         self._sockets: dict[str, zmq.Socket] = {}
+        self._idle_beats: dict[str, int] = {}  # owner -> beats with nothing for it
         self._pending: dict[str, list[pb.ResultEntry]] = defaultdict(list)
         self._next_beat = 0.0
         self.num_dropped = 0
@@ -83,6 +90,7 @@ class ResultPusher:
         if now >= self._next_beat:
             beat = held()
             self._next_beat = now + self.beat_s
+            self._close_idle(set(self._pending) | set(beat))
         for owner in set(self._pending) | set(beat):
             batch = pb.ResultBatch(
                 entries=self._pending.get(owner, []), held_request_ids=beat.get(owner, [])
@@ -91,24 +99,36 @@ class ResultPusher:
         self._pending.clear()
 
     def _send(self, owner: str, payload: bytes) -> None:
-        socket = self._sockets.get(owner)
-        if socket is None:
-            socket = self._context.socket(zmq.PUSH)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.SNDHWM, _SEND_HWM)
-            socket.connect(owner)
-            self._sockets[owner] = socket
+        """Never raises: a batch an owner cannot take is dropped (its requests fail there
+        by silence), so no owner address can stop the rank."""
         try:
+            socket = self._sockets.get(owner)
+            if socket is None:
+                socket = self._context.socket(zmq.PUSH)
+                socket.setsockopt(zmq.LINGER, 0)
+                socket.setsockopt(zmq.SNDHWM, _SEND_HWM)
+                self._sockets[owner] = socket
+                socket.connect(owner)
             socket.send_multipart([_mac(self._key, payload), payload], zmq.NOBLOCK)
-        except zmq.Again:  # its listener is gone; the owner fails the requests by silence
+        except zmq.ZMQError as error:  # zmq.Again: its listener is gone or does not read
             self.num_dropped += 1
             if self.num_dropped <= 10 or self.num_dropped % 1000 == 0:
-                logger.warning("%s: results for %s dropped (%d so far): it does not read",
-                               self.rank_id, owner, self.num_dropped)  # fmt: skip
+                logger.warning("%s: results for %s dropped (%d so far): %s", self.rank_id,
+                               owner, self.num_dropped, error)  # fmt: skip
+
+    def _close_idle(self, busy: set[str]) -> None:
+        """Close the sockets of owners that had nothing for ``_IDLE_BEATS`` beats (an
+        API server that restarted listens on a new port: its old address is dead)."""
+        for owner in list(self._sockets):
+            idle = 0 if owner in busy else self._idle_beats.get(owner, 0) + 1
+            self._idle_beats[owner] = idle
+            if idle >= _IDLE_BEATS:
+                self._sockets.pop(owner).close()
+                del self._idle_beats[owner]
 
     def close(self) -> None:
         for socket in self._sockets.values():
-            socket.close()
+            socket.close(linger=_CLOSE_LINGER_MS)
         self._sockets.clear()
         self._context.term()
 
@@ -121,7 +141,7 @@ class ResultListener:
         self,
         bind_host: str,
         advertised_host: str,
-        secret: bytes | None,
+        key: bytes | None,
         sink: Sink,
         on_lost: OnLost,
         silence_s: float,
@@ -129,7 +149,7 @@ class ResultListener:
         self.sink = sink
         self.on_lost = on_lost
         self.silence_s = silence_s
-        self._key = None if secret is None else derive_key(secret, _KEY_PURPOSE)
+        self._key = key
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -160,9 +180,6 @@ class ResultListener:
     @property
     def num_expected(self) -> int:
         return len(self._order)
-
-    def holder(self, request_id: str) -> str | None:
-        return self._holder.get(request_id)
 
     async def _read(self) -> None:
         while True:
@@ -202,7 +219,22 @@ class ResultListener:
                 self._last_heard.pop(request_id, None)
                 self._holder.pop(request_id, None)
             if entries:
-                self.sink(request_id, entries)
+                self._deliver(request_id, entries)
+
+    def _deliver(self, request_id: str, entries: list[pb.ResultEntry]) -> None:
+        """A sink that fails costs its request only, never the reader."""
+        try:
+            self.sink(request_id, entries)
+        except Exception as error:
+            logger.exception("delivering results of %s failed", request_id)
+            self.forget(request_id)
+            self._lost(request_id, f"results of {request_id} could not be delivered: {error}")
+
+    def _lost(self, request_id: str, message: str) -> None:
+        try:
+            self.on_lost(request_id, message)
+        except Exception:
+            logger.exception("failing %s failed", request_id)
 
     async def _watch(self) -> None:
         while True:
@@ -212,8 +244,8 @@ class ResultListener:
                 if heard < cutoff:
                     holder = self._holder.get(request_id) or "its rank"
                     self.forget(request_id)
-                    self.on_lost(request_id, f"{holder} stopped answering for request "
-                                 f"{request_id} ({self.silence_s:g} s of silence)")  # fmt: skip
+                    self._lost(request_id, f"{holder} stopped answering for request "
+                               f"{request_id} ({self.silence_s:g} s of silence)")  # fmt: skip
 
     async def close(self) -> None:
         for task in self._tasks:

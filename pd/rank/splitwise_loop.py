@@ -36,6 +36,7 @@ from engine.outputs import EngineCoreOutput
 from engine.scheduler import ScheduledSequence
 from engine.sequence import SequenceStatus
 from engine.step_plan import KVSend
+from pd.cluster_secret import results_key
 from pd.cluster_wire import (
     check_dispatched,
     kv_fingerprint,
@@ -145,9 +146,11 @@ class SplitwiseLoop(EngineLoop):
             )  # fmt: skip
         self.info.rank_record = encode(record)  # for the router's pairings
         self.rank: SplitwiseRank | DirectRank
+        self.direct: DirectRank | None = None  # paired: what only a direct rank does
         if self.paired:
             beat_s = settings.scheduler.expire_period_s / 3
-            self.rank = DirectRank(self.rank_id, settings.secret, beat_s)
+            key = results_key(settings.secret)
+            self.rank = self.direct = DirectRank(self.rank_id, key, beat_s)
             logger.info("rank %s (%s) is paired by pd-router", self.rank_id, self.role)
         else:
             self.rank = SplitwiseRank(settings.scheduler, record).start()
@@ -308,8 +311,8 @@ class SplitwiseLoop(EngineLoop):
 
     def _adopt(self, commit: comm_pb.CommitRequest, block_ids: list[int]) -> None:
         """A decode rank takes over a prefilled request (on the loop, from pd-comm).
-        Every field is checked before anything is written; a failure after the T:proc
-        entry is written takes the entry back, so nothing outlives a refusal."""
+        Every field is checked before anything is written; a failure after the rank
+        holds it (over Redis: its T:proc entry) lets it go, so nothing outlives a refusal."""
         request = commit.request
         request_id = request.request_id
         if self.rank.was_aborted(request_id):
@@ -337,8 +340,9 @@ class SplitwiseLoop(EngineLoop):
         self.emitted[request_id] = 1
 
     def _abort(self, request_id: str) -> None:
-        """An abort from Redis: the request's stream ends with an error event, whoever
-        sent it (an owner that aborted its own request has stopped reading already)."""
+        """An abort (over Redis, or from a paired request's owner): the request's stream
+        ends with an error event, whoever sent it (an owner that aborted its own request
+        has stopped reading already)."""
         owner = self.owners.get(request_id)
         if owner is not None:
             self.rank.add_result(owner, pb.ResultEntry(
@@ -425,7 +429,9 @@ class SplitwiseLoop(EngineLoop):
         """Paired by the router: a prefill rank queues the request for its decode rank.
         Anything else is refused: requests come through Redis or from a prefill rank."""
         pairing = request.pairing
-        if not (self.paired and self.role == "prefill" and pairing is not None):
+        decodes = self.decodes
+        paired_prefill = self.direct is not None and isinstance(decodes, PairedDecodes)
+        if not (paired_prefill and pairing is not None):
             how = ("from prefill ranks that pd-router --splitwise pairs it with" if self.paired
                    else "through the splitwise scheduler")  # fmt: skip
             message = f"a {self.role} rank takes requests {how}, not directly"
@@ -433,6 +439,8 @@ class SplitwiseLoop(EngineLoop):
             return
         try:
             decode = parse_record(pairing.decode_record)
+            if not ID_PATTERN.fullmatch(decode.rank_id):
+                raise ValueError("the paired rank's id is not a plain id")
             if decode.role != "decode":
                 raise ValueError(f"the paired rank {decode.rank_id!r} is a {decode.role} rank")
             dispatched = pb.DispatchedRequest(
@@ -441,11 +449,11 @@ class SplitwiseLoop(EngineLoop):
                 sampling=params_to_proto(request.params), prefill_rank_id=self.rank_id,
                 decode_rank_id=decode.rank_id,
             )  # fmt: skip
-            self.rank.submit(dispatched)  # type: ignore[union-attr]
+            self.direct.submit(dispatched)
         except (ValueError, MalformedRecord) as e:
             self._send_rejected(identity, request.request_id, str(e))
             return
-        self.decodes.learn(decode)  # type: ignore[union-attr]
+        decodes.learn(decode)
 
     def _abort_from_api(self, request_ids: list[str]) -> None:
         """The API server's aborts reach a paired rank over ZMQ (over Redis they come
@@ -454,8 +462,8 @@ class SplitwiseLoop(EngineLoop):
             self._abort_from_owner(request_id)
 
     def _abort_from_owner(self, request_id: str) -> None:
-        if self.paired:
-            self.rank.abort(request_id)  # type: ignore[union-attr]
+        if self.direct is not None:
+            self.direct.abort(request_id)
 
     def close(self) -> None:
         self.rank.close(deregister=True)

@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from cache_transfer.auth import bearer_token, check_token
+from cache_transfer.auth import check_token
 from pd.api.errors import APIError, install_error_handlers
 from pd.router.config import RouterConfig
 from pd.router.forward import InstanceUnreachable, open_upstream, relay
@@ -39,7 +39,6 @@ from pd.router.pairing import check_pd_ranks, pair_headers
 from pd.router.policy import CacheAware, Candidate, Policy, make_policy
 from pd.router.registry import InstanceRecord, RegistrationRefused, Registry
 from pd.router.wire import (
-    PAIR_TOKEN_PURPOSE,
     REGISTER_PATH,
     TOKEN_PURPOSE,
     Registration,
@@ -65,8 +64,6 @@ class Router:
         self.policies: dict[str, Policy] = {
             role: self._make_policy(name) for role, name in names.items()
         }
-        secret = config.cluster_secret
-        self.pair_token = bearer_token(secret, PAIR_TOKEN_PURPOSE) if secret else None
         self.metrics = RouterMetrics()
         self.client: httpx.AsyncClient | None = None
         self._was_up: dict[str, bool] = {}
@@ -250,7 +247,7 @@ async def _forward(router: Router, raw: Request, path: str) -> Response:
     decode = router.pick("decode", model, prompt, set())
     if decode is None:
         raise _unserved(router, model, "decode", set())
-    headers |= pair_headers(decode.registration, router.pair_token, router.rng)
+    headers |= pair_headers(decode.registration, router.config.cluster_secret, router.rng)
     decode.in_flight += 1
     try:
         upstream, prefill = await _open(router, "prefill", model, prompt, path, body, headers)

@@ -10,7 +10,7 @@ import random
 
 from google.protobuf.message import DecodeError
 
-from pd.router.wire import DECODE_RANK_HEADER, PAIR_TOKEN_HEADER, Registration
+from pd.router.wire import DECODE_RANK_HEADER, PAIR_TOKEN_HEADER, Registration, pair_token
 from proto import cluster_pb2
 
 
@@ -33,12 +33,11 @@ def check_pd_ranks(registration: Registration) -> None:
             raise ValueError(f"pd_ranks[{index}] has no rank_id")
 
 
-def pair_headers(
-    decode: Registration, pair_token: str | None, rng: random.Random
-) -> dict[str, str]:
+def pair_headers(decode: Registration, secret: bytes | None, rng: random.Random) -> dict[str, str]:
     """The headers that send a request's decode to one of ``decode``'s engine ranks
-    (at random); ``pair_token``: the cluster secret's token for pairings, if any."""
-    headers = {DECODE_RANK_HEADER: rng.choice(decode.pd_ranks)}
-    if pair_token is not None:
-        headers[PAIR_TOKEN_HEADER] = pair_token
+    (at random), with the pairing's token when the cluster has a ``secret``."""
+    record = rng.choice(decode.pd_ranks)
+    headers = {DECODE_RANK_HEADER: record}
+    if secret is not None:
+        headers[PAIR_TOKEN_HEADER] = pair_token(secret, record)
     return headers

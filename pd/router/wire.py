@@ -18,7 +18,8 @@ InstanceRecord``, one per DP rank behind the API server: pd-comm address, transf
 protocols, KV layout). The router picks a prefill instance and a decode instance per
 request, picks one of the decode instance's ranks, and forwards the request to the
 prefill instance with that rank's record in ``x-pd-decode-rank`` and, when the cluster
-has a secret, ``x-pd-pair-token: <bearer_token(secret, "router-pair")>``. The prefill
+has a secret, ``x-pd-pair-token: <pair_token(secret, record)>``: an HMAC of that very
+record, so a token seen on the wire pairs nothing but the same rank again. The prefill
 instance refuses a pairing without the token (401) or with a record that is not a
 decode rank's (400); it reserves, writes the KV and commits on that decode rank as in
 the Redis path, and streams the answer back to the router.
@@ -26,9 +27,13 @@ the Redis path, and streams the answer back to the router.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from cache_transfer.auth import derive_key
 
 REGISTER_PATH = "/router/register"
 TOKEN_PURPOSE = "router"  # the cluster secret's derived key for registration
@@ -38,6 +43,18 @@ PAIR_TOKEN_HEADER = "x-pd-pair-token"
 PAIR_TOKEN_PURPOSE = "router-pair"  # the cluster secret's derived key for pairings
 MAX_PD_RANKS = 256
 MAX_RECORD_CHARS = 8192  # one base64 InstanceRecord
+
+
+def pair_token(secret: bytes, decode_record: str) -> str:
+    """The token of a pairing with ``decode_record`` (the header's value)."""
+    key = derive_key(secret, PAIR_TOKEN_PURPOSE)
+    return hmac.new(key, decode_record.encode(), hashlib.sha256).hexdigest()
+
+
+def check_pair_token(secret: bytes, decode_record: str, presented: str | None) -> bool:
+    if presented is None:
+        return False
+    return hmac.compare_digest(presented, pair_token(secret, decode_record))
 
 
 class Registration(BaseModel):

@@ -615,25 +615,30 @@ def _long_prompt_body(model: str, i: int) -> dict:
 
 
 def test_full_waiting_queue_answers_503_with_retry_after(busy_server, model):
+    """With the engine paused (SIGSTOP) no request gets its first token: the first one
+    waits, later ones are refused at once, and the first is answered once it resumes."""
+    engine_pid = busy_server.engine_pid()
+
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=busy_server.root_url, timeout=120) as http:
+            first = asyncio.create_task(http.post("/v1/completions",
+                                                  json=_long_prompt_body(model, 0)))  # fmt: skip
+            await asyncio.sleep(0.5)  # it is open, waiting for the paused engine
+            refused = [await http.post("/v1/completions", json=_long_prompt_body(model, i))
+                       for i in range(1, 4)]  # fmt: skip
+            os.kill(engine_pid, signal.SIGCONT)
+            return [await first, *refused]
 
-            async def post(i: int) -> httpx.Response:
-                # NOTE: 10 ms apart, so that each arrives after the one before has
-                # joined the engine's queue (same-instant arrivals: the xfail below).
-                await asyncio.sleep(0.01 * i)
-                return await http.post("/v1/completions", json=_long_prompt_body(model, i))
-
-            return await asyncio.gather(*(post(i) for i in range(16)))
-
-    responses = asyncio.run(fire())
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
-    for response in responses:
-        if response.status_code == 503:
-            assert response.headers["retry-after"].isdigit()
-            error = assert_openai_error(response, 503, "busy")
-            assert error["type"] == "overloaded_error"
+    os.kill(engine_pid, signal.SIGSTOP)
+    try:
+        responses = asyncio.run(fire())
+    finally:
+        os.kill(engine_pid, signal.SIGCONT)
+    assert [r.status_code for r in responses] == [200, 503, 503, 503]
+    for response in responses[1:]:
+        assert response.headers["retry-after"].isdigit()
+        error = assert_openai_error(response, 503, "busy")
+        assert error["type"] == "overloaded_error"
     assert httpx.get(f"{busy_server.root_url}/health", timeout=10).status_code == 200
     after = httpx.post(
         f"{busy_server.root_url}/v1/completions", json=_long_prompt_body(model, 99), timeout=60

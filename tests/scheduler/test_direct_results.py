@@ -13,7 +13,7 @@ from proto import cluster_pb2 as pb
 from scheduler.direct_rank import DirectRank
 from scheduler.direct_results import ResultListener, ResultPusher, check_owner
 
-SECRET = b"s" * 32
+KEY = b"k" * 32  # the MAC key the cluster secret gives result frames
 
 
 def entry(request_id: str, index: int, tokens: list[int], finish: str = "") -> pb.ResultEntry:
@@ -44,17 +44,17 @@ async def until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-unt
         await asyncio.sleep(0.01)
 
 
-def listener(received: Received, secret: bytes | None, silence_s: float = 30.0) -> ResultListener:
-    return ResultListener("127.0.0.1", "127.0.0.1", secret, received.sink, received.on_lost,
+def listener(received: Received, key: bytes | None, silence_s: float = 30.0) -> ResultListener:
+    return ResultListener("127.0.0.1", "127.0.0.1", key, received.sink, received.on_lost,
                           silence_s).start()  # fmt: skip
 
 
 def test_tokens_of_two_ranks_arrive_in_order_and_a_finished_request_is_let_go():
     async def run() -> None:
         received = Received()
-        results = listener(received, SECRET)
-        prefill = ResultPusher("prefill.dp0", SECRET, beat_s=60)
-        decode = ResultPusher("decode.dp0", SECRET, beat_s=60)
+        results = listener(received, KEY)
+        prefill = ResultPusher("prefill.dp0", KEY, beat_s=60)
+        decode = ResultPusher("decode.dp0", KEY, beat_s=60)
         try:
             results.expect("r1")
             decode.add(results.address, entry("r1", 1, [11, 12]))
@@ -67,7 +67,7 @@ def test_tokens_of_two_ranks_arrive_in_order_and_a_finished_request_is_let_go():
             prefill.flush(dict)
             await until(lambda: received.finished == ["r1"])
             assert received.tokens == {"r1": [10, 11, 12, 13]}
-            assert results.num_expected == 0 and results.holder("r1") is None
+            assert results.num_expected == 0
         finally:
             prefill.close()
             decode.close()
@@ -79,7 +79,7 @@ def test_tokens_of_two_ranks_arrive_in_order_and_a_finished_request_is_let_go():
 def test_frames_without_the_secrets_mac_or_malformed_are_dropped():
     async def run() -> None:
         received = Received()
-        results = listener(received, SECRET)
+        results = listener(received, KEY)
         forger = ResultPusher("forger", b"x" * 32, beat_s=60)
         context = zmq.Context()
         raw = context.socket(zmq.PUSH)
@@ -124,6 +124,41 @@ def test_a_request_its_rank_keeps_naming_lives_and_one_nobody_names_is_lost():
     asyncio.run(run())
 
 
+def test_a_sink_that_fails_costs_its_request_only():
+    async def run() -> None:
+        received = Received()
+
+        def sink(request_id: str, entries: list[pb.ResultEntry]) -> None:
+            if request_id == "bad":
+                raise RuntimeError("boom")
+            received.sink(request_id, entries)
+
+        results = ResultListener("127.0.0.1", "127.0.0.1", None, sink, received.on_lost, 30.0)
+        results.start()
+        rank = ResultPusher("decode.dp0", None, beat_s=60)
+        try:
+            for request_id in ("bad", "good"):
+                results.expect(request_id)
+                rank.add(results.address, entry(request_id, 0, [1], "stop"))
+            rank.flush(dict)
+            await until(lambda: received.finished == ["good"])
+            assert "could not be delivered: boom" in received.lost["bad"]
+        finally:
+            rank.close()
+            await results.close()
+
+    asyncio.run(run())
+
+
+def test_an_owner_nobody_can_reach_never_stops_the_rank():
+    rank = ResultPusher("decode.dp0", None, beat_s=60)
+    try:
+        rank.add("tcp://no-such-host.invalid:1", entry("r", 0, [1]))
+        rank.flush(dict)  # queued for a peer that never comes, or dropped: never raised
+    finally:
+        rank.close()
+
+
 def paired(request_id: str, owner: str = "tcp://127.0.0.1:5555") -> pb.DispatchedRequest:
     return pb.DispatchedRequest(request_id=request_id, owner=owner, prompt_token_ids=[1, 2],
                                 prefill_rank_id="p.dp0", decode_rank_id="d.dp0")  # fmt: skip
@@ -153,6 +188,7 @@ def test_a_direct_rank_queues_refuses_duplicates_and_routes_aborts():
 def test_check_owner_takes_only_result_addresses():
     assert check_owner("tcp://10.0.0.5:41000") == "tcp://10.0.0.5:41000"
     assert check_owner("tcp://[::1]:41000") == "tcp://[::1]:41000"
-    for bad in ("api-1", "ipc:///tmp/x", "tcp://host:1/x", "tcp://a b:1"):
+    for bad in ("api-1", "ipc:///tmp/x", "tcp://host:1/x", "tcp://a b:1", "tcp://-:1",
+                "tcp://.:1", "tcp://a:0", "tcp://a:65536"):  # fmt: skip
         with pytest.raises(ValueError):
             check_owner(bad)

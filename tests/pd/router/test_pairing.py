@@ -10,11 +10,10 @@ from collections import Counter
 
 import pytest
 
-from cache_transfer.auth import bearer_token
 from pd.router.app import Router
 from pd.router.config import RouterConfig
 from pd.router.pairing import check_pd_ranks, pair_headers
-from pd.router.wire import DECODE_RANK_HEADER, PAIR_TOKEN_HEADER, Registration
+from pd.router.wire import DECODE_RANK_HEADER, PAIR_TOKEN_HEADER, Registration, check_pair_token
 from proto import cluster_pb2
 
 
@@ -48,9 +47,16 @@ def test_pair_headers_name_a_rank_at_random_and_carry_the_token():
     ranks = [rank(rank_id="d.dp0"), rank(rank_id="d.dp1")]
     decode = registration("http://d:1", pd_ranks=ranks)
     rng = random.Random(0)
-    seen = Counter(pair_headers(decode, "t0k", rng)[DECODE_RANK_HEADER] for _ in range(200))
+    secret = b"a-cluster-secret-of-32-bytes...."
+    seen = Counter(pair_headers(decode, secret, rng)[DECODE_RANK_HEADER] for _ in range(200))
     assert set(seen) == set(ranks) and min(seen.values()) > 60, seen
-    assert pair_headers(decode, "t0k", rng)[PAIR_TOKEN_HEADER] == "t0k"
+    headers = pair_headers(decode, secret, rng)
+    # the token is bound to the rank it pairs with: it proves nothing for another one
+    record, token = headers[DECODE_RANK_HEADER], headers[PAIR_TOKEN_HEADER]
+    assert check_pair_token(secret, record, token)
+    other = next(r for r in ranks if r != record)
+    assert not check_pair_token(secret, other, token)
+    assert not check_pair_token(b"another-secret-of-32-bytes......", record, token)
     assert PAIR_TOKEN_HEADER not in pair_headers(decode, None, rng)
 
 
@@ -60,7 +66,6 @@ def test_splitwise_picks_each_role_with_its_own_policy():
                           decode_policy="round_robin", cluster_secret=secret)  # fmt: skip
     router = Router(config, random.Random(0))
     assert router.roles == ("prefill", "decode")
-    assert router.pair_token == bearer_token(secret, "router-pair")
     for url, role in [("http://p:1", "prefill"), ("http://p:2", "prefill"),
                       ("http://d:1", "decode"), ("http://d:2", "decode")]:  # fmt: skip
         router.registry.register(registration(url, role))

@@ -24,9 +24,8 @@ import httpx
 import openai
 import pytest
 
-from cache_transfer.auth import bearer_token
 from pd import LLM, SamplingParams
-from pd.router.wire import DECODE_RANK_HEADER, PAIR_TOKEN_HEADER, PAIR_TOKEN_PURPOSE
+from pd.router.wire import DECODE_RANK_HEADER, PAIR_TOKEN_HEADER, pair_token
 from tests.cluster.test_pd_parity import prompts
 from tests.pd.router.router_process import (
     instances,
@@ -141,22 +140,23 @@ def test_a_prefill_instance_refuses_pairings_that_are_not_the_routers(cluster, m
     _, prefills, decodes = cluster
     record = instances(cluster[0])[decodes[0].root_url]["pd_ranks"][0]
     prefill_record = instances(cluster[0])[prefills[0].root_url]["pd_ranks"][0]
-    token = bearer_token(SECRET.encode(), PAIR_TOKEN_PURPOSE)
+    secret = SECRET.encode()
     body = {"model": str(model_dir), "prompt": "Hello", "max_tokens": 2}
+
+    def paired(encoded: str, token_for: str | None = None) -> dict[str, str]:
+        token = pair_token(secret, encoded if token_for is None else token_for)
+        return {DECODE_RANK_HEADER: encoded, PAIR_TOKEN_HEADER: token}
+
+    junk = base64.b64encode(b"\x08\x07junk").decode()
     cases = [
         ({}, 400, "send them to the router"),
         ({DECODE_RANK_HEADER: record}, 401, "cluster secret's token"),
         ({DECODE_RANK_HEADER: record, PAIR_TOKEN_HEADER: "0" * 64}, 401, "token"),
-        ({DECODE_RANK_HEADER: "%%%", PAIR_TOKEN_HEADER: token}, 400, "not a decode rank's"),
-        (
-            {
-                DECODE_RANK_HEADER: base64.b64encode(b"\x08\x07junk").decode(),
-                PAIR_TOKEN_HEADER: token,
-            },
-            400,
-            "not a decode rank's",
-        ),
-        ({DECODE_RANK_HEADER: prefill_record, PAIR_TOKEN_HEADER: token}, 400, "prefill rank"),
+        # a token seen on the wire pairs with nothing but its own rank
+        (paired(prefill_record, token_for=record), 401, "token"),
+        (paired("%%%"), 400, "not a decode rank's"),
+        (paired(junk), 400, "not a decode rank's"),
+        (paired(prefill_record), 400, "prefill rank"),
     ]
     for headers, status, message in cases:
         reply = httpx.post(f"{prefills[0].base_url}/completions", json=body, headers=headers,
@@ -165,7 +165,7 @@ def test_a_prefill_instance_refuses_pairings_that_are_not_the_routers(cluster, m
         assert message in reply.json()["error"]["message"]
     # With the router's token and a decode rank's record, it serves.
     reply = httpx.post(f"{prefills[0].base_url}/completions", json=body, timeout=30,
-                       headers={DECODE_RANK_HEADER: record, PAIR_TOKEN_HEADER: token})  # fmt: skip
+                       headers=paired(record))  # fmt: skip
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from cache_transfer.auth import bearer_token
 from pd.args import pick_free_port
-from pd.router.wire import DECODE_RANK_HEADER, PAIR_TOKEN_HEADER, REGISTER_PATH
+from pd.router.wire import DECODE_RANK_HEADER, PAIR_TOKEN_HEADER, REGISTER_PATH, check_pair_token
 from tests.pd.router.router_process import instances, requests_by_instance, start_router
 from tests.pd.router.test_pairing import rank
 
@@ -118,7 +118,8 @@ def test_a_missing_role_is_a_503_naming_it_then_pairs_go_to_the_prefill(router, 
     assert [path for path, _ in prefill.received] == ["/v1/completions", "/v1/chat/completions"]
     for _, headers in prefill.received:
         assert headers[DECODE_RANK_HEADER] in ranks
-        assert headers[PAIR_TOKEN_HEADER] == bearer_token(SECRET.encode(), "router-pair")
+        assert check_pair_token(SECRET.encode(), headers[DECODE_RANK_HEADER],
+                                headers[PAIR_TOKEN_HEADER])  # fmt: skip
     assert decode.received == []  # the prefill instance hands the decode over
     assert complete(router, model="other").status_code == 404
     known = instances(router)
