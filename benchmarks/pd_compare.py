@@ -169,18 +169,24 @@ def measure(
 ) -> dict[str, Any]:
     """Start the setup's cluster, warm it up, run the load, stop it; the result JSON."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    result_path = run_dir / "result.json"
     with Cluster(setup, args.model, serve_args, run_dir) as cluster:
-        base_url = cluster.wait_base_url()
-        tokenizer = served_model_folder(base_url)
-        common = ["--tokenizer", tokenizer] if tokenizer else []
-        if args.num_warmup:
-            warmup = [*common, "--num-prompts", str(args.num_warmup), "--seed", str(WARMUP_SEED)]
-            warmup += ["--input-len", str(load.input_len), "--output-len", str(load.output_len)]
-            run_bench(base_url, warmup, run_dir / "warmup.txt")
-        bench_args = [*common, *load.bench_args(), "--result-json", str(result_path)]
-        print(f"  {setup.name}: {load.num_prompts} prompts at {load.request_rate:g}/s", flush=True)
-        run_bench(base_url, bench_args, run_dir / "bench.txt")
+        return run_load(cluster.wait_base_url(), load, args.num_warmup, run_dir, setup.name)
+
+
+def run_load(
+    base_url: str, load: Load, num_warmup: int, run_dir: Path, name: str
+) -> dict[str, Any]:
+    """``num_warmup`` requests, then ``load``, against ``base_url``; the result JSON."""
+    result_path = run_dir / "result.json"
+    tokenizer = served_model_folder(base_url)
+    common = ["--tokenizer", tokenizer] if tokenizer else []
+    if num_warmup:
+        warmup = [*common, "--num-prompts", str(num_warmup), "--seed", str(WARMUP_SEED)]
+        warmup += ["--input-len", str(load.input_len), "--output-len", str(load.output_len)]
+        run_bench(base_url, warmup, run_dir / "warmup.txt")
+    bench_args = [*common, *load.bench_args(), "--result-json", str(result_path)]
+    print(f"  {name}: {load.num_prompts} prompts at {load.request_rate:g}/s", flush=True)
+    run_bench(base_url, bench_args, run_dir / "bench.txt")
     return json.loads(result_path.read_text())
 
 
