@@ -11,25 +11,35 @@ is over Redis, without Redis.
 - Aborts come from the owner: over ZMQ for the prefill rank, as a pd-comm Abort for
   the decode rank. One that arrives before its request (a Commit still in flight) is
   remembered, so the Commit is refused.
+- An owner this rank cannot reach for ``owner_timeout_s`` is gone (it failed its
+  requests after as long a silence): its requests are stopped here, freeing their KV.
 
 Loop thread only, like the rest of the rank's state.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict, deque
 
 from proto import cluster_pb2 as pb
 from scheduler.direct_results import ResultPusher, check_owner
 
+logger = logging.getLogger(__name__)
+
 MAX_REMEMBERED_ABORTS = 10_000
 
 
 class DirectRank:
-    def __init__(self, rank_id: str, key: bytes | None, beat_s: float):
+    def __init__(self, rank_id: str, key: bytes | None, beat_s: float, owner_timeout_s: float):
         """``key``: the result frames' MAC key (``pd.cluster_secret.results_key``)."""
         self.rank_id = rank_id
         self.results = ResultPusher(rank_id, key, beat_s)
+        self.beat_s = beat_s
+        self.owner_timeout_s = owner_timeout_s
+        self._next_owner_check = 0.0
+        self._stopping: set[str] = set()  # held requests of gone owners, being aborted
         self._queued: deque[pb.DispatchedRequest] = deque()
         self._held: dict[str, str] = {}  # request id -> owner: queued, taken or adopted
         self._aborts: list[str] = []  # of held requests, for the loop
@@ -74,6 +84,7 @@ class DirectRank:
         if queued:
             self._queued.remove(queued[0])
             del self._held[request_id]
+            self._stopping.discard(request_id)
             return
         self._aborts.append(request_id)
 
@@ -93,7 +104,24 @@ class DirectRank:
         """Send the step's results (and, on a beat, what is held); release the finished."""
         for request_id in finished_request_ids:
             self._held.pop(request_id, None)
+            self._stopping.discard(request_id)
         self.results.flush(self._held_by_owner)
+        self._stop_requests_of_gone_owners()
+
+    def _stop_requests_of_gone_owners(self) -> None:
+        now = time.monotonic()
+        if now < self._next_owner_check:
+            return
+        self._next_owner_check = now + self.beat_s
+        gone = set(self.results.unreachable(self.owner_timeout_s))
+        if not gone:
+            return
+        for request_id, owner in list(self._held.items()):
+            if owner in gone and request_id not in self._stopping:
+                logger.warning("%s: stopping %s: its owner %s is unreachable", self.rank_id,
+                               request_id, owner)  # fmt: skip
+                self._stopping.add(request_id)
+                self.abort(request_id)
 
     def _held_by_owner(self) -> dict[str, list[str]]:
         by_owner: dict[str, list[str]] = {}

@@ -13,6 +13,9 @@ ResultBatch straight to the API server that owns the requests.
   whether they produced tokens or not. The listener fails a request that nobody has
   named, nor sent tokens for, within ``silence_s``: its rank died or lost it. That is
   the bound Redis's reaper gives in the Redis path.
+- The other way round, a rank whose connection to an owner has been down for as long
+  (``ResultPusher.unreachable``) takes that owner for gone and stops its requests,
+  which would otherwise hold their KV blocks until they end by themselves.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from proto import cluster_pb2 as pb
 from scheduler.records import MalformedRecord, encode, parse
@@ -62,9 +66,44 @@ def _mac(key: bytes | None, payload: bytes) -> bytes:
     return b"" if key is None else hmac.new(key, payload, hashlib.sha256).digest()
 
 
+class _OwnerLink:
+    """A rank's socket to one owner, and whether it is connected (a monitor's word):
+    ``down_since`` is when it last lost (or never had) a connection, None while up."""
+
+    def __init__(self, context: zmq.Context, owner: str, beat_s: float):
+        self.socket = context.socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, _SEND_HWM)
+        # ZMTP pings: a host that vanished without closing its connections counts as
+        # disconnected after a few beats, as one that closed them does at once.
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(beat_s * 1000)))
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(3 * beat_s * 1000)))
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.down_since: float | None = time.monotonic()
+        self.idle_beats = 0
+        self.socket.connect(owner)
+
+    def poll(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_CONNECTED:
+                self.down_since = None
+            elif self.down_since is None:
+                self.down_since = time.monotonic()
+
+    def close(self, linger_ms: int = 0) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
+        self.socket.close(linger=linger_ms)
+
+
 class ResultPusher:
     """A rank's side: collect a step's entries per owner, send each owner one batch
-    (with the requests held for it, when a beat is due). Loop thread only."""
+    (with the requests held for it, when a beat is due), and say which owners have
+    been unreachable for long. Loop thread only."""
 
     def __init__(self, rank_id: str, key: bytes | None, beat_s: float):
         """``key``: the result frames' MAC key (None: the cluster has no secret)."""
@@ -72,8 +111,7 @@ class ResultPusher:
         self.beat_s = beat_s
         self._key = key
         self._context = zmq.Context()
-        self._sockets: dict[str, zmq.Socket] = {}
-        self._idle_beats: dict[str, int] = {}  # owner -> beats with nothing for it
+        self._links: dict[str, _OwnerLink] = {}
         self._pending: dict[str, list[pb.ResultEntry]] = defaultdict(list)
         self._next_beat = 0.0
         self.num_dropped = 0
@@ -98,18 +136,25 @@ class ResultPusher:
             self._send(owner, encode(batch))
         self._pending.clear()
 
+    def unreachable(self, for_s: float) -> list[str]:
+        """Owners whose connection has been down (or never up) for ``for_s``: gone,
+        since they fail their requests after as long a silence."""
+        now = time.monotonic()
+        gone = []
+        for owner, link in self._links.items():
+            link.poll()
+            if link.down_since is not None and now - link.down_since >= for_s:
+                gone.append(owner)
+        return gone
+
     def _send(self, owner: str, payload: bytes) -> None:
         """Never raises: a batch an owner cannot take is dropped (its requests fail there
         by silence), so no owner address can stop the rank."""
         try:
-            socket = self._sockets.get(owner)
-            if socket is None:
-                socket = self._context.socket(zmq.PUSH)
-                socket.setsockopt(zmq.LINGER, 0)
-                socket.setsockopt(zmq.SNDHWM, _SEND_HWM)
-                self._sockets[owner] = socket
-                socket.connect(owner)
-            socket.send_multipart([_mac(self._key, payload), payload], zmq.NOBLOCK)
+            link = self._links.get(owner)
+            if link is None:
+                link = self._links[owner] = _OwnerLink(self._context, owner, self.beat_s)
+            link.socket.send_multipart([_mac(self._key, payload), payload], zmq.NOBLOCK)
         except zmq.ZMQError as error:  # zmq.Again: its listener is gone or does not read
             self.num_dropped += 1
             if self.num_dropped <= 10 or self.num_dropped % 1000 == 0:
@@ -119,17 +164,16 @@ class ResultPusher:
     def _close_idle(self, busy: set[str]) -> None:
         """Close the sockets of owners that had nothing for ``_IDLE_BEATS`` beats (an
         API server that restarted listens on a new port: its old address is dead)."""
-        for owner in list(self._sockets):
-            idle = 0 if owner in busy else self._idle_beats.get(owner, 0) + 1
-            self._idle_beats[owner] = idle
-            if idle >= _IDLE_BEATS:
-                self._sockets.pop(owner).close()
-                del self._idle_beats[owner]
+        for owner, link in list(self._links.items()):
+            link.idle_beats = 0 if owner in busy else link.idle_beats + 1
+            if link.idle_beats >= _IDLE_BEATS:
+                del self._links[owner]
+                link.close()
 
     def close(self) -> None:
-        for socket in self._sockets.values():
-            socket.close(linger=_CLOSE_LINGER_MS)
-        self._sockets.clear()
+        for link in self._links.values():
+            link.close(linger_ms=_CLOSE_LINGER_MS)
+        self._links.clear()
         self._context.term()
 
 

@@ -148,9 +148,10 @@ class SplitwiseLoop(EngineLoop):
         self.rank: SplitwiseRank | DirectRank
         self.direct: DirectRank | None = None  # paired: what only a direct rank does
         if self.paired:
-            beat_s = settings.scheduler.expire_period_s / 3
+            # Beats three times a period; three silent periods end a request either way.
+            period_s = settings.scheduler.expire_period_s
             key = results_key(settings.secret)
-            self.rank = self.direct = DirectRank(self.rank_id, key, beat_s)
+            self.rank = self.direct = DirectRank(self.rank_id, key, period_s / 3, 3 * period_s)
             logger.info("rank %s (%s) is paired by pd-router", self.rank_id, self.role)
         else:
             self.rank = SplitwiseRank(settings.scheduler, record).start()

@@ -165,7 +165,7 @@ def paired(request_id: str, owner: str = "tcp://127.0.0.1:5555") -> pb.Dispatche
 
 
 def test_a_direct_rank_queues_refuses_duplicates_and_routes_aborts():
-    rank = DirectRank("p.dp0", None, beat_s=60)
+    rank = DirectRank("p.dp0", None, beat_s=60, owner_timeout_s=600)
     try:
         for request_id in ("a", "b", "c"):
             rank.submit(paired(request_id))
@@ -183,6 +183,36 @@ def test_a_direct_rank_queues_refuses_duplicates_and_routes_aborts():
         assert rank.num_queued == 0
     finally:
         rank.close()
+
+
+def test_requests_of_an_owner_the_rank_cannot_reach_are_stopped():
+    """A decode rank adopts requests of two owners; one listens, the other is gone (its
+    API server died): only the gone one's request is aborted, after the bound."""
+    context = zmq.Context()
+    live = context.socket(zmq.PULL)
+    port = live.bind_to_random_port("tcp://127.0.0.1")
+    gone_port = live.bind_to_random_port("tcp://127.0.0.1")
+    live.unbind(f"tcp://127.0.0.1:{gone_port}")  # a port nothing listens on any more
+    rank = DirectRank("d.dp0", None, beat_s=0.05, owner_timeout_s=0.5)
+    try:
+        rank.adopt(paired("kept", owner=f"tcp://127.0.0.1:{port}"))
+        rank.adopt(paired("orphan", owner=f"tcp://127.0.0.1:{gone_port}"))
+        aborted: list[str] = []
+        deadline = time.monotonic() + 5
+        while not aborted and time.monotonic() < deadline:
+            rank.end_step([])
+            aborted += rank.take_aborts()
+            time.sleep(0.02)
+        assert aborted == ["orphan"]
+        for _ in range(20):  # the loop is stopping it: asked once, not every beat
+            rank.end_step([])
+            time.sleep(0.02)
+        assert rank.take_aborts() == []
+        rank.end_step(["orphan"])
+    finally:
+        rank.close()
+        live.close(linger=0)
+        context.term()
 
 
 def test_check_owner_takes_only_result_addresses():
