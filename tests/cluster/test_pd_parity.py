@@ -1,6 +1,6 @@
 """Disaggregated serving gives the same greedy tokens as the offline engine: 1P1D over
-ipc (shared memory) and tcp, 2P2D, 1P1D with TP 2 -> 2, 2 -> 1 and 1 -> 2 over ipc and
-tcp, and a mixed rank behind the splitwise scheduler;
+ipc (shared memory) and tcp, 2P2D, 1P1D with TP 2 -> 2 (ipc), 2 -> 1 (ipc, tcp) and
+1 -> 2 (tcp), and a mixed rank behind the splitwise scheduler;
 32 concurrent requests of mixed lengths through the official openai client, sent to
 prefill and decode instances alike; streaming keeps token order; every KV block is
 free again afterwards on every rank."""
@@ -73,7 +73,7 @@ LAYOUTS = {
     "mixed": ([("mixed",)], []),
     # Each TP rank writes its heads into the decode TP rank(s) that need them.
     "1P1D-tp2-ipc": ([("prefill", *TP2), ("decode", *TP2)], []),
-    "1P1D-tp2-tcp": ([("prefill", *TP2), ("decode", *TP2)], ["--cache-transfer-protocol", "tcp"]),
+    # (TP 2 -> 2 over tcp: the sharded writes of 2 -> 1 and 1 -> 2 over tcp cover it)
     "1P1D-tp2to1-ipc": ([("prefill", *TP2), ("decode",)], []),
     "1P1D-tp1to2-tcp": ([("prefill",), ("decode", *TP2)], ["--cache-transfer-protocol", "tcp"]),
     # (TP 2 -> 1 over tcp: test_unequal_tp_over_tcp_with_the_cluster_secret below)

@@ -175,8 +175,10 @@ def test_a_killed_decode_rank_fails_its_request_and_later_ones_avoid_it(cluster,
     model = client.models.list().data[0].id
     # round_robin over the decode instances: two streams, one on each
     streams = [stream_in_background(client, model, f"Crash {i}", 480) for i in range(2)]
-    running = [d.metric("pd:num_requests_running") for d in decodes]
-    assert running == [1.0, 1.0], running
+    deadline = time.monotonic() + 10
+    while (running := [d.metric("pd:num_requests_running") for d in decodes]) != [1.0, 1.0]:
+        assert time.monotonic() < deadline, running  # stats come every 100 ms
+        time.sleep(0.05)
     victim, survivor = decodes
     os.kill(victim.engine_pid(), signal.SIGKILL)
     killed_at = time.monotonic()
