@@ -217,7 +217,7 @@ async def serve(args: ServeArgs, launcher: Launcher | None = None) -> int:
         info = await client.wait_ready(alive, _READY_TIMEOUT_S)
     except (EngineDeadError, ValueError, OSError, SchedulerUnavailable) as error:
         logger.error("start-up failed: %s", error)
-        _stop_engines(engines)
+        _stop_engines(engines, starting=True)
         return 1
     state.max_model_len = info.max_model_len
     servers = _make_servers(args, api_port, build_app(state), state, uvicorn)
@@ -375,8 +375,14 @@ def _exit_reason(exitcode: int | None) -> str:
     return f"engine process exited with code {exitcode}"
 
 
-def _stop_engines(engines: list[EngineProcess]) -> None:
-    """Wait for the engines to exit (one bound for all of them), then kill the rest."""
+def _stop_engines(engines: list[EngineProcess], starting: bool = False) -> None:
+    """Wait for the engines to exit (one bound for all of them), then kill the rest.
+    ``starting``: start-up failed, so nothing told them to stop and they serve nothing
+    yet (some may wait for the others in the DP group): SIGTERM them first."""
+    if starting:
+        for engine in engines:
+            if engine.process.is_alive():
+                engine.process.terminate()
     deadline = time.monotonic() + _ENGINE_STOP_TIMEOUT_S
     for engine in engines:
         engine.process.join(max(0.0, deadline - time.monotonic()))
