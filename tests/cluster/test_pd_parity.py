@@ -1,6 +1,7 @@
 """Disaggregated serving gives the same greedy tokens as the offline engine: 1P1D over
-ipc (shared memory) and tcp, 2P2D, 1P1D with TP 2 -> 2 (ipc), 2 -> 1 (ipc, tcp) and
-1 -> 2 (tcp), and a mixed rank behind the splitwise scheduler;
+ipc (shared memory) and tcp, 2 prefill and 2 decode ranks (DP 2 each), 1P1D with TP
+2 -> 2 (ipc), 2 -> 1 (ipc, tcp) and 1 -> 2 (tcp), and a mixed rank behind the splitwise
+scheduler;
 32 concurrent requests of mixed lengths through the official openai client, sent to
 prefill and decode instances alike; streaming keeps token order; every KV block is
 free again afterwards on every rank."""
@@ -69,7 +70,7 @@ TP2 = ("--tensor-parallel-size", "2")
 LAYOUTS = {
     "1P1D-ipc": ([("prefill",), ("decode",)], []),
     "1P1D-tcp": ([("prefill",), ("decode",)], ["--cache-transfer-protocol", "tcp"]),
-    "2P2D-ipc": ([("prefill",), ("prefill",), ("decode",), ("decode",)], []),
+    # (2 prefill and 2 decode ranks: test_dp2_prefill_and_dp2_decode_equal_offline...)
     "mixed": ([("mixed",)], []),
     # Each TP rank writes its heads into the decode TP rank(s) that need them.
     "1P1D-tp2-ipc": ([("prefill", *TP2), ("decode", *TP2)], []),
