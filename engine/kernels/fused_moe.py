@@ -127,6 +127,20 @@ def _align_kernel(
 
 
 @triton.jit
+def _tile(sorted_rows_ptr, block_expert_ptr, num_rows, width, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr):  # fmt: skip
+    """This program's tile of a grouped GEMM: its block's expert (past the last one: an
+    empty block), the block's sorted rows (num_rows: padding) with their mask, and its
+    BLOCK_N output columns of ``width`` with their mask."""
+    num_n = tl.cdiv(width, BLOCK_N)
+    block = tl.program_id(0) // num_n
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    rows = tl.load(sorted_rows_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    n = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, rows, rows < num_rows, n, n < width
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, out_ptr, sorted_rows_ptr, block_expert_ptr,
     num_rows, num_experts, hidden_size, intermediate_size,
@@ -135,15 +149,11 @@ def _gate_up_kernel(
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # out[r, n] = silu(x[r // K] . w[e, n]) * (x[r // K] . w[e, I + n]) for one block's rows.
-    num_n = tl.cdiv(intermediate_size, BLOCK_N)
-    block = tl.program_id(0) // num_n
-    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    expert, rows, row_mask, n, n_mask = _tile(
+        sorted_rows_ptr, block_expert_ptr, num_rows, intermediate_size, BLOCK_M, BLOCK_N
+    )
     if expert >= num_experts:
         return
-    rows = tl.load(sorted_rows_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = rows < num_rows
-    n = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < intermediate_size
     k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + (rows // TOP_K)[:, None] * stride_x + k[None, :]
     # NOTE: int64 offsets: expert * stride_we passes 2^31 elements in large models.
@@ -179,15 +189,11 @@ def _down_kernel(
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # out[r, n] = weight[r] * (h[r] . w[e, n]) for one block's rows; n over hidden_size.
-    num_n = tl.cdiv(hidden_size, BLOCK_N)
-    block = tl.program_id(0) // num_n
-    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    expert, rows, row_mask, n, n_mask = _tile(
+        sorted_rows_ptr, block_expert_ptr, num_rows, hidden_size, BLOCK_M, BLOCK_N
+    )
     if expert >= num_experts:
         return
-    rows = tl.load(sorted_rows_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = rows < num_rows
-    n = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < hidden_size
     k = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows[:, None] * stride_h + k[None, :]
     w_ptrs = w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn + k[:, None]
