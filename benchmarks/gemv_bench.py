@@ -22,16 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemm_bench import L2_ROTATION_BYTES, NUM_LAYERS, WEIGHTS, graph_seconds
+from benchmarks.roofline import copy_rate
 from engine.kernels.gemv import GemvConfig, config_for, gemv
-
-
-def copy_rate() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (benchmarks/roofline.py
-    measures the same way)."""
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    seconds = graph_seconds([lambda: dst.copy_(src)] * 4)
-    return 2 * src.numel() * 2 / seconds
 
 
 def weights_for(size_in: int, size_out: int) -> list[torch.Tensor]:
@@ -73,7 +65,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gemv_bench needs CUDA")
     torch.manual_seed(0)
-    rate = copy_rate()
+    rate = copy_rate(1 << 30)  # the roofline benchmark's reference: reads + writes
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {_triton()}")
     print(f"HBM copy rate: {rate / 1e12:.2f} TB/s\n")
     configs = SWEEP if args.sweep else []

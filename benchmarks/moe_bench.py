@@ -29,7 +29,7 @@ from triton.runtime.errors import OutOfResources
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemm_bench import graph_seconds
-from benchmarks.gemv_bench import copy_rate
+from benchmarks.roofline import copy_rate
 from engine.distributed import ParallelGroup
 from engine.kernels.fused_moe import MoeTileConfig, choose_config, fused_experts
 from engine.layers.fused_moe import FusedMoE
@@ -142,7 +142,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("moe_bench needs CUDA")
     torch.manual_seed(0)
-    rate = copy_rate()
+    rate = copy_rate(1 << 30)  # the roofline benchmark's reference: reads + writes
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"HBM copy rate: {rate / 1e12:.2f} TB/s")
     print(f"layer: hidden {args.hidden}, {args.experts} experts, top-{args.top_k}, expert "
