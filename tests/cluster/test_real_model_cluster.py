@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import openai
@@ -17,6 +13,7 @@ import pytest
 
 from pd.default_model import DEFAULT_MODEL_NAME
 from tests.pd.real_model import MAX_TOKENS, QUESTIONS, messages, offline_answers, smollm2_path
+from tests.pd.server_process import ClusterLauncher
 
 pytestmark = pytest.mark.slow
 
@@ -29,39 +26,24 @@ CAPITAL = "What is the capital of France?"
 def test_default_model_answers_as_offline(protocol: str, tmp_path: Path):
     smollm2_path()  # skips where the model is not installed
     expected = [text for _, text in offline_answers()]
-    command = [
-        sys.executable, "-m", "pd.serve", "cluster", "--port", "0", "--log-dir", str(tmp_path),
-        "--ask", CAPITAL, "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
-        "--cache-transfer-protocol", protocol,
-    ]  # fmt: skip
     # NOTE: one torch thread per process: four processes share CI's two cores, and
     # oversubscribed torch threads make each step many times slower.
-    launcher = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    launcher = ClusterLauncher([
+        "--port", "0", "--log-dir", str(tmp_path), "--ask", CAPITAL, "--device", "cpu",
+        "--dtype", "float32", "--max-model-len", "256", "--cache-transfer-protocol", protocol,
+    ], env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
     try:
-        lines = _read_until(launcher, "Ctrl-C stops", timeout_s=300)
-        output = "".join(lines)
+        launcher.read_until("Ctrl-C stops", timeout_s=300)
+        output = launcher.output
         assert f"A: {expected[QUESTIONS.index(CAPITAL)]!r}" in output, output
-        urls = [line.split()[-1] for line in lines if line.startswith(("  prefill", "  decode"))]
+        urls = [launcher.url("prefill"), launcher.url("decode")]
         assert asyncio.run(_chat_all(urls)) == expected
         for role in ("prefill", "decode"):
             log = (tmp_path / f"{role}-{0 if role == 'prefill' else 1}.log").read_text()
             assert f"KV transfer engines ({role}): {protocol}\n" in log, log[-3000:]
     finally:
-        launcher.send_signal(signal.SIGINT)
-        code = launcher.wait(60)
-    assert code == 0, launcher.stdout.read()
-
-
-def _read_until(process: subprocess.Popen, prefix: str, timeout_s: float) -> list[str]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while not any(line.startswith(prefix) for line in lines):
-        assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
-        lines.append(process.stdout.readline())
-    return lines
+        code = launcher.interrupt()
+    assert code == 0, launcher.process.stdout.read()
 
 
 async def _chat_all(base_urls: list[str]) -> list[str]:

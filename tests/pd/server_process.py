@@ -1,4 +1,4 @@
-"""Start a real ``pd-serve`` process for tests and stop it."""
+"""Start a real ``pd-serve`` process (or ``pd-serve cluster``) for tests and stop it."""
 
 from __future__ import annotations
 
@@ -19,15 +19,17 @@ from pd.args import pick_free_port
 _READY_TIMEOUT_S = 120.0
 
 
+def child_pids(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
 def spawned_children(pid: int) -> list[int]:
     """``pid``'s children started by multiprocessing's spawn (an API server's engine, an
     engine's TP workers), not its resource tracker, which is a child too."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    if not path.exists():
-        return []
     return [
         child
-        for child in map(int, path.read_text().split())
+        for child in child_pids(pid)
         if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes()
     ]
 
@@ -104,6 +106,44 @@ def start_server(
         *extra,
     ]  # fmt: skip
     return start_command(command, log_path, port, env)
+
+
+class ClusterLauncher:
+    """``pd-serve cluster`` with ``flags``, its output read line by line as it comes."""
+
+    def __init__(self, flags: list[str], env: Mapping[str, str] | None = None):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pd.serve", "cluster", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ if env is None else env, PYTHONUNBUFFERED="1"),
+        )  # fmt: skip
+        self.lines: list[str] = []
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def read_until(self, text: str, timeout_s: float) -> str:
+        """Read until a line contains ``text`` (the launcher must keep running); that line."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert time.monotonic() < deadline and self.process.poll() is None, self.output
+            self.lines.append(self.process.stdout.readline())  # type: ignore[union-attr]
+            if text in self.lines[-1]:
+                return self.lines[-1]
+
+    def url(self, name: str) -> str:
+        """The URL printed on the line that starts with ``name`` ("OpenAI base URL",
+        "router", "prefill", ...)."""
+        return next(line.split()[-1] for line in self.lines if line.strip().startswith(name))
+
+    def children(self) -> list[int]:
+        return child_pids(self.process.pid)
+
+    def interrupt(self, timeout_s: float = 60) -> int:
+        """Ctrl-C, as a user stops it; its exit code."""
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout_s)
 
 
 def start_command(

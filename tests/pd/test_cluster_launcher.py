@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,86 +15,51 @@ import openai
 import pytest
 
 from pd import LLM, SamplingParams
+from tests.pd.server_process import ClusterLauncher, spawned_children
 
 pytestmark = pytest.mark.slow
 
 
 def test_cluster_answers_then_stops_cleanly_on_ctrl_c(tiny_model, tmp_path):
-    command = [
-        sys.executable, "-m", "pd.serve", "cluster", "--model", str(tiny_model("qwen2")),
-        "--port", "0", "--log-dir", str(tmp_path), "--ask", "Hello", "--device", "cpu",
-        "--max-model-len", "256",
-    ]  # fmt: skip
-    launcher = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )  # fmt: skip
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    while not any(line.startswith("Ctrl-C stops") for line in lines):
-        assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)
-        lines.append(launcher.stdout.readline())
-    output = "".join(lines)
-    assert "cluster ready (prefill, decode" in output
-    assert "\nA: " in output
-    base_url = next(line.split()[-1] for line in lines if line.startswith("OpenAI base URL"))
-    client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0)
+    launcher = ClusterLauncher([
+        "--model", str(tiny_model("qwen2")), "--port", "0", "--log-dir", str(tmp_path),
+        "--ask", "Hello", "--device", "cpu", "--max-model-len", "256",
+    ])  # fmt: skip
+    launcher.read_until("Ctrl-C stops", 120)
+    assert "cluster ready (prefill, decode" in launcher.output
+    assert "\nA: " in launcher.output
+    client = openai.OpenAI(base_url=launcher.url("OpenAI base URL"), api_key="x", max_retries=0)
     reply = client.completions.create(model=client.models.list().data[0].id, prompt="Hi",
                                       max_tokens=4)  # fmt: skip
     assert reply.usage.completion_tokens == 4
-    children_file = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
-    children = [int(pid) for pid in children_file.read_text().split()]
+    children = launcher.children()
     assert len(children) == 3  # redis-server, prefill, decode
-    launcher.send_signal(signal.SIGINT)
-    assert launcher.wait(60) == 0, launcher.stdout.read()
+    assert launcher.interrupt() == 0, launcher.process.stdout.read()
     for pid in children:  # the instances and Redis are gone too
         assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the launcher"
-
-
-def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def test_a_killed_instance_is_restarted_and_leaves_no_shared_memory_pool(tiny_model, tmp_path):
     """Issue 17: kill -9 of one engine under ``pd-serve cluster`` tore the whole cluster
     down and left the dead engine's KV pool in /dev/shm."""
-    command = [
-        sys.executable, "-m", "pd.serve", "cluster", "--model", str(tiny_model("qwen2")),
-        "--port", "0", "--log-dir", str(tmp_path), "--device", "cpu",
-        "--max-model-len", "256", "--cache-transfer-protocol", "ipc",
-    ]  # fmt: skip
-    launcher = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )  # fmt: skip
-    lines: list[str] = []
-
-    def read_until(prefix: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)
-            lines.append(launcher.stdout.readline())
-            if prefix in lines[-1]:
-                return lines[-1]
-
+    launcher = ClusterLauncher([
+        "--model", str(tiny_model("qwen2")), "--port", "0", "--log-dir", str(tmp_path),
+        "--device", "cpu", "--max-model-len", "256", "--cache-transfer-protocol", "ipc",
+    ])  # fmt: skip
     try:
-        read_until("Ctrl-C stops", 120)
-        decode_url = next(line.split()[-1] for line in lines if line.strip().startswith("decode"))
-        base_url = next(line.split()[-1] for line in lines if line.startswith("OpenAI base URL"))
-        decode_port = int(decode_url.rsplit(":", 1)[1].split("/")[0])
+        launcher.read_until("Ctrl-C stops", 120)
+        base_url = launcher.url("OpenAI base URL")
+        decode_port = int(launcher.url("decode").rsplit(":", 1)[1].split("/")[0])
         decode_pid = next(
-            pid for pid in _children(launcher.pid)
+            pid for pid in launcher.children()
             if f"--port {decode_port} ".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
             .replace(b"\0", b" ")
         )  # fmt: skip
-        engine_pid = next(
-            pid for pid in _children(decode_pid)
-            if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        )  # fmt: skip
+        engine_pid = spawned_children(decode_pid)[0]
         pools = list(Path("/dev/shm").glob(f"pd-kv-{engine_pid}-*"))
         assert pools, "the decode engine keeps its KV pool in shared memory"
         os.kill(engine_pid, signal.SIGKILL)
-        read_until("restarted (1 of at most 3)", 60)
+        launcher.read_until("restarted (1 of at most 3)", 60)
         client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=30)
         model = client.models.list().data[0].id
         deadline = time.monotonic() + 90
@@ -105,41 +68,30 @@ def test_a_killed_instance_is_restarted_and_leaves_no_shared_memory_pool(tiny_mo
                 reply = client.completions.create(model=model, prompt="Hi", max_tokens=4)
                 break
             except openai.APIError:
-                assert time.monotonic() < deadline, "".join(lines)
+                assert time.monotonic() < deadline, launcher.output
                 time.sleep(0.5)
         assert reply.usage.completion_tokens == 4
         assert not any(p.exists() for p in pools), "the dead engine's pool was removed"
-        assert launcher.poll() is None, "the cluster kept running"
+        assert launcher.process.poll() is None, "the cluster kept running"
     finally:
-        launcher.send_signal(signal.SIGINT)
-        code = launcher.wait(60)
-    assert code == 0, launcher.stdout.read()
+        code = launcher.interrupt()
+    assert code == 0, launcher.process.stdout.read()
 
 
 def test_cluster_with_router_pairs_prefill_and_decode_without_redis(tiny_model, tmp_path):
     """1P1D behind pd-router --splitwise, one command: greedy answers equal offline."""
     model_dir = tiny_model("qwen2")
-    command = [
-        sys.executable, "-m", "pd.serve", "cluster", "--router", "--prefill", "1", "--decode",
-        "1", "--router-policy", "least_load", "--model", str(model_dir), "--port", "0",
-        "--log-dir", str(tmp_path), "--ask", "Hello", "--device", "cpu", "--max-model-len",
-        "256", "--api-key", "cluster-key",  # the router's, and the instances'
-    ]  # fmt: skip
-    launcher = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )  # fmt: skip
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    while not any(line.startswith("Ctrl-C stops") for line in lines):
-        assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)
-        lines.append(launcher.stdout.readline())
-    output = "".join(lines)
-    assert "cluster ready (prefill, decode" in output and "embedded Redis" not in output
-    assert "\nA: " in output
-    router_line = next(line for line in lines if line.strip().startswith("router"))
-    base_url = next(line.split()[-1] for line in lines if line.startswith("OpenAI base URL"))
-    assert base_url == router_line.split()[-1]
+    launcher = ClusterLauncher([
+        "--router", "--prefill", "1", "--decode", "1", "--router-policy", "least_load",
+        "--model", str(model_dir), "--port", "0", "--log-dir", str(tmp_path), "--ask", "Hello",
+        "--device", "cpu", "--max-model-len", "256",
+        "--api-key", "cluster-key",  # the router's, and the instances'
+    ])  # fmt: skip
+    launcher.read_until("Ctrl-C stops", 120)
+    assert "cluster ready (prefill, decode" in launcher.output
+    assert "embedded Redis" not in launcher.output and "\nA: " in launcher.output
+    base_url = launcher.url("OpenAI base URL")
+    assert base_url == launcher.url("router")
     client = openai.AsyncOpenAI(base_url=base_url, api_key="cluster-key", max_retries=0)
 
     texts = [f"Hi {i}" for i in range(8)]
@@ -163,9 +115,8 @@ def test_cluster_with_router_pairs_prefill_and_decode_without_redis(tiny_model, 
           if line.startswith("pd:router_requests_total{") and 'outcome="ok"' in line]  # fmt: skip
     taken = [float(line.rsplit(" ", 1)[1]) for line in ok]
     assert taken == [9, 9]  # --ask and 8 more, each on the prefill and the decode instance
-    children = _children(launcher.pid)
+    children = launcher.children()
     assert len(children) == 3  # the router and two instances
-    launcher.send_signal(signal.SIGINT)
-    assert launcher.wait(60) == 0, launcher.stdout.read()
+    assert launcher.interrupt() == 0, launcher.process.stdout.read()
     for pid in children:
         assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived the launcher"

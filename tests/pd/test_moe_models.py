@@ -12,10 +12,15 @@ from pathlib import Path
 import pytest
 
 from engine.tokenizer import load_tokenizer
-from pd import LLM
 from tests.pd.hf_reference import hf_greedy
 from tests.pd.server_process import start_server
-from tests.pd.test_tensor_parallel import GREEDY, MAX_NEW, PROMPTS, check_answers_match_hf
+from tests.pd.test_tensor_parallel import (
+    GREEDY,
+    MAX_NEW,
+    PROMPTS,
+    check_answers_match_hf,
+    stress_llm,
+)
 
 ARCHS = ["qwen3_moe", "mixtral", "granitemoe", "ernie4_5_moe"]
 
@@ -39,15 +44,7 @@ def moe_case(request, tiny_model) -> tuple[Path, list[list[int]], list[list[int]
 
 
 def check_stress_batch(model_dir: Path, token_ids, reference, **llm_kwargs) -> None:  # type: ignore[no-untyped-def]
-    with LLM(
-        model=str(model_dir),
-        dtype="float32",
-        max_model_len=64,
-        block_size=4,
-        num_gpu_blocks_override=24,
-        max_num_batched_tokens=16,
-        **llm_kwargs,
-    ) as llm:
+    with stress_llm(model_dir, **llm_kwargs) as llm:
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], GREEDY)
         assert [o.outputs[0].token_ids for o in outputs] == reference
         engine = llm.engine

@@ -42,7 +42,7 @@ def is_running(pid: int) -> bool:
     return state != "Z"
 
 
-def stress_llm(model_dir: Path, tensor_parallel_size: int) -> LLM:
+def stress_llm(model_dir: Path, **llm_kwargs) -> LLM:
     """Small blocks, a small pool and a small token budget: the batch below preempts,
     prefills in chunks and hits the prefix cache."""
     return LLM(
@@ -52,7 +52,7 @@ def stress_llm(model_dir: Path, tensor_parallel_size: int) -> LLM:
         block_size=4,
         num_gpu_blocks_override=24,
         max_num_batched_tokens=16,
-        tensor_parallel_size=tensor_parallel_size,
+        **llm_kwargs,
     )
 
 
@@ -75,7 +75,7 @@ def check_stress_batch(llm: LLM, model_dir: Path) -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_tp2_matches_hf(tiny_model, arch):
     model_dir = tiny_model(arch)
-    with stress_llm(model_dir, 2) as llm:
+    with stress_llm(model_dir, tensor_parallel_size=2) as llm:
         workers = llm.engine.executor.processes
         assert [p.is_alive() for p in workers] == [True]
         check_stress_batch(llm, model_dir)
@@ -86,7 +86,7 @@ def test_tp2_matches_hf(tiny_model, arch):
 def test_tp4_replicates_kv_heads_and_matches_hf(tiny_model):
     """4 ranks over 2 KV heads: each head lives on two ranks."""
     model_dir = tiny_model("llama")
-    with stress_llm(model_dir, 4) as llm:
+    with stress_llm(model_dir, tensor_parallel_size=4) as llm:
         assert llm.engine.executor.kv_layout.num_kv_heads == 1
         check_stress_batch(llm, model_dir)
 
