@@ -20,6 +20,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def run_ranks(target, num_ranks: int, arg, timeout_s: float):  # type: ignore[no-untyped-def]
+    """Run ``target(rank, num_ranks, port, arg, results)`` in one spawned process per
+    rank (a group on a free local port); what rank 0 puts in ``results``."""
+    from pd.args import pick_free_port
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = pick_free_port()
+    processes = [
+        context.Process(target=target, args=(rank, num_ranks, port, arg, results))
+        for rank in range(num_ranks)
+    ]
+    for process in processes:
+        process.start()
+    result = results.get(timeout=timeout_s)
+    for process in processes:
+        process.join()
+    return result
+
+
 def rank_main(rank: int, size: int, port: int, iterations: int, results) -> None:  # type: ignore[no-untyped-def]
     import torch
     import torch.distributed as dist
@@ -69,20 +89,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=2000)
     args = parser.parse_args()
-    from pd.args import pick_free_port
-
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = pick_free_port()
-    processes = [
-        context.Process(target=rank_main, args=(r, args.ranks, port, args.iterations, results))
-        for r in range(args.ranks)
-    ]
-    for process in processes:
-        process.start()
-    check = results.get(timeout=300)
-    for process in processes:
-        process.join()
+    check = run_ranks(rank_main, args.ranks, args.iterations, timeout_s=300)
     bare = tcp_round_trip(args.iterations)
     print("| measure | median us | p99 us |\n|---|---:|---:|")
     for name, times in ((f"any_busy over {args.ranks} ranks (gloo)", check),

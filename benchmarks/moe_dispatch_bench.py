@@ -13,13 +13,14 @@ process holding every expert, the no-communication reference.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.lockstep_bench import run_ranks
 
 HIDDEN, EXPERTS, TOP_K, INTERMEDIATE = 1024, 64, 8, 256  # a Qwen3-MoE-like layer, scaled down
 
@@ -98,20 +99,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 256])
     parser.add_argument("--iterations", type=int, default=20)
     args = parser.parse_args()
-    from pd.args import pick_free_port
-
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = pick_free_port()
-    processes = [
-        context.Process(target=rank_main, args=(r, args.ranks, port, args, results))
-        for r in range(args.ranks)
-    ]
-    for process in processes:
-        process.start()
-    rows = results.get(timeout=600)
-    for process in processes:
-        process.join()
+    rows = run_ranks(rank_main, args.ranks, args, timeout_s=600)
     print(f"MoE layer: hidden {HIDDEN}, {EXPERTS} experts, top-{TOP_K}, width "
           f"{INTERMEDIATE}, float32, {args.ranks} DP ranks (gloo), 1 thread each")  # fmt: skip
     print("| layout | tokens per rank | layer ms | experts ms | dispatch + combine ms | "
