@@ -270,19 +270,21 @@ def main() -> int:
         for setup in SETUPS:
             run_dir = out_dir / f"rate{rate:g}-{setup.name.replace(' ', '-')}"
             lines.append(table_row(setup, load, measure(setup, load, args, serve_args, run_dir)))
-    span = (
-        args.input_len * (1 - args.input_len_range),
-        args.input_len * (1 + args.input_len_range),
-    )
-    caption = (
-        f"{args.num_prompts} prompts, input {span[0]:.0f}-{span[1]:.0f} tokens, output "
-        f"{args.output_len}, Poisson arrivals, max concurrency {args.max_concurrency or 'none'}, "
-        f"model {args.model or 'tiny llama'}, instance flags: {' '.join(serve_args)}"
-    )
+    caption = f"{args.num_prompts} prompts, Poisson arrivals, {load_caption(args, serve_args)}"
     table = "\n".join([caption, "", *lines])
     (out_dir / "table.md").write_text(table + "\n")
     print("\n" + table)
     return 0
+
+
+def load_caption(args: argparse.Namespace, serve_args: list[str]) -> str:
+    """The load and the instances, as a table's caption says them."""
+    low, high = (args.input_len * (1 + sign * args.input_len_range) for sign in (-1, 1))
+    return (
+        f"input {low:.0f}-{high:.0f} tokens, output {args.output_len}, max concurrency "
+        f"{args.max_concurrency or 'none'}, model {args.model or 'tiny llama'}, instance "
+        f"flags: {' '.join(serve_args)}"
+    )
 
 
 if __name__ == "__main__":

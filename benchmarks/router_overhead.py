@@ -49,7 +49,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.pd_compare import DEFAULT_SERVE_ARGS, Cluster, Load, Setup, run_load
+from benchmarks.pd_compare import (
+    DEFAULT_SERVE_ARGS,
+    Cluster,
+    Load,
+    Setup,
+    load_caption,
+    run_load,
+)
 
 SLO_TTFT_MS = 1000.0  # pd-bench wants objectives; this table does not show goodput
 SLO_TPOT_MS = 50.0
@@ -222,13 +229,10 @@ def main() -> int:
     runs: list[Run] = []
     for pair in args.pairs:
         runs += run_pair(PAIRS[pair], load, args, serve_args, out_dir / pair)
-    low, high = (args.input_len * (1 + sign * args.input_len_range) for sign in (-1, 1))
     caption = (
-        f"{args.num_prompts} prompts at {args.request_rate:g} req/s (Poisson), input "
-        f"{low:.0f}-{high:.0f} tokens, output {args.output_len}, max concurrency "
-        f"{args.max_concurrency or 'none'}, model {args.model or 'tiny llama'}, instance "
-        f"flags: {' '.join(serve_args)}. Runs in the order shown, each on a fresh cluster; "
-        "added: minus the mean of the reference runs before and after."
+        f"{args.num_prompts} prompts at {args.request_rate:g} req/s (Poisson), "
+        f"{load_caption(args, serve_args)}. Runs in the order shown, each on a fresh "
+        "cluster; added: minus the mean of the reference runs before and after."
     )
     notes = failure_notes(runs)
     table = "\n".join([caption, "", *table_lines(runs), *(["", *notes] if notes else [])])
