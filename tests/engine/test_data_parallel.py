@@ -24,8 +24,8 @@ def config(model_dir, rank: int, port: int):  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-def test_two_ranks_meet(tiny_model):
-    model_dir, port = tiny_model(), pick_free_port()
+def join_two_ranks(model_dir, port: int) -> dict[int, object]:  # type: ignore[no-untyped-def]
+    """DP ranks 0 and 1 join at ``port`` at once (one thread each); rank -> its group."""
     groups: dict[int, object] = {}
 
     def join(rank: int) -> None:
@@ -36,6 +36,11 @@ def test_two_ranks_meet(tiny_model):
         thread.start()
     for thread in threads:
         thread.join(60)
+    return groups
+
+
+def test_two_ranks_meet(tiny_model):
+    groups = join_two_ranks(tiny_model(), pick_free_port())
     assert sorted((g.rank, g.size) for g in groups.values()) == [(0, 2), (1, 2)]
 
 
@@ -56,20 +61,11 @@ def test_a_rank_without_rank_0_says_where_it_looked(tiny_model):
 def test_rank_0_hosts_the_group_on_the_dp_address_only(tiny_model):
     """DESIGN: internal ports bind the address peers use (TCPStore alone binds every
     interface). Rank 0 at 127.0.0.1: nothing answers on this host's other addresses."""
-    model_dir, port = tiny_model(), pick_free_port()
+    port = pick_free_port()
     outward = _outward_address()
     if outward is None:
         pytest.skip("this host has no address but loopback")
-    groups: dict[int, object] = {}
-
-    def join(rank: int) -> None:
-        groups[rank] = join_data_parallel_group(config(model_dir, rank, port), SHORT * 10)
-
-    threads = [threading.Thread(target=join, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    groups = join_two_ranks(tiny_model(), port)
     assert len(groups) == 2
     with socket.create_connection(("127.0.0.1", port), timeout=5):
         pass  # the store listens here...

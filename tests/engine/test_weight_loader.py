@@ -110,8 +110,9 @@ def test_rope_parameters_of_transformers_5_are_read(tiny_model, tmp_path):
         ModelConfig.from_pretrained(tmp_path)
 
 
-def test_dummy_weights_fill_every_parameter(tiny_model):
-    _, model = build(tiny_model("qwen3"))
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "mixtral", "granitemoe", "ernie4_5_moe"])
+def test_dummy_weights_fill_every_parameter(tiny_model, arch):
+    _, model = build(tiny_model(arch))
     for param in model.parameters():
         param.data.fill_(float("nan"))
     init_dummy_weights(model, seed=0)
