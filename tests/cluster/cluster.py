@@ -62,6 +62,16 @@ class Cluster:
         return [(server, server.stop()) for server in self.live()]
 
 
+def wait_both_ranks_took_work(servers: Iterable[ServerProcess], num_requests: int) -> None:
+    """Each server's two DP ranks took ``num_requests`` between them, each some."""
+    for server in servers:
+        deadline = time.monotonic() + 5  # stats come every 100 ms
+        while sum(taken := server.metric_samples("pd:dp_rank_requests_total")) < num_requests:
+            assert time.monotonic() < deadline, taken
+            time.sleep(0.1)
+        assert len(taken) == 2 and min(taken) > 0, f"{server.root_url}: {taken}"
+
+
 def wait_blocks_free(servers: Iterable[ServerProcess], timeout_s: float = _BLOCKS_WAIT_S) -> None:
     """Every server's KV blocks free again (none used, none reserved)."""
     deadline = time.monotonic() + timeout_s

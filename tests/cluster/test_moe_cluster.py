@@ -7,12 +7,11 @@ again afterwards."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from pd import LLM, SamplingParams
-from tests.cluster.cluster import Cluster, wait_blocks_free
+from tests.cluster.cluster import Cluster, wait_blocks_free, wait_both_ranks_took_work
 from tests.cluster.test_pd_parity import MAX_TOKENS, complete_all, prompts
 
 
@@ -30,10 +29,5 @@ def test_dp2_ep_prefill_and_decode_equal_offline(make_cluster, tiny_model):
     prefill = cluster.start("prefill", *layout, model_dir=model_dir)
     decode = cluster.start("decode", *layout, model_dir=model_dir)
     assert asyncio.run(complete_all([prefill.base_url, decode.base_url], texts)) == expected
-    for server in (prefill, decode):
-        deadline = time.monotonic() + 5  # stats come every 100 ms
-        while sum(taken := server.metric_samples("pd:dp_rank_requests_total")) < len(texts):
-            assert time.monotonic() < deadline, taken
-            time.sleep(0.1)
-        assert len(taken) == 2 and min(taken) > 0, f"{server.root_url}: {taken}"
+    wait_both_ranks_took_work([prefill, decode], len(texts))
     wait_blocks_free([prefill, decode])

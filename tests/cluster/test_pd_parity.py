@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pd import LLM, SamplingParams
-from tests.cluster.cluster import Cluster, wait_blocks_free
+from tests.cluster.cluster import Cluster, wait_blocks_free, wait_both_ranks_took_work
 
 MAX_TOKENS = 12
 WORDS = "prefill decode cache block layer token stream rank queue redis".split()  # noqa: SIM905
@@ -140,12 +140,7 @@ def test_dp2_prefill_and_dp2_decode_equal_offline_over_all_four_ranks(make_clust
     texts = prompts()
     got = asyncio.run(complete_all([prefill.base_url, decode.base_url], texts))
     assert got == [reference[p] for p in texts]
-    for server in (prefill, decode):
-        deadline = time.monotonic() + 5  # stats come every 100 ms
-        while sum(taken := server.metric_samples("pd:dp_rank_requests_total")) < len(texts):
-            assert time.monotonic() < deadline, taken
-            time.sleep(0.1)
-        assert len(taken) == 2 and min(taken) > 0, f"{server.root_url}: {taken}"
+    wait_both_ranks_took_work([prefill, decode], len(texts))
     wait_blocks_free([prefill, decode])
 
 
